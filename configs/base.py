@@ -1,0 +1,99 @@
+"""Shared defaults for every blockprune_jax experiment.
+
+Every other config starts from `get_config()` here and changes a few keys.
+Any key can be overridden on the command line, e.g.
+
+    python -m blockprune_jax.main --config=configs/eval.py --workdir=runs/x \
+        --config.model.name_or_path=gpt2-medium --config.eval.batch_size=4
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, data order, dropout, random pruning, calibration picks
+
+  # --- model -------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.init = "pretrained"  # pretrained (hub id or local HF dir) | scratch (random init)
+  m.name_or_path = "gpt2"  # hub id, or a directory with config.json + model.safetensors/pytorch_model.bin
+  m.n_layer = 12  # shape of a scratch model (a checkpoint brings its own)
+  m.n_embd = 768
+  m.n_head = 12
+  m.n_positions = 1024
+  m.dropout = 0.1  # embd / resid / attn dropout during training (GPT-2's 0.1)
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  m.attention = "auto"  # auto (cuDNN on GPU when possible, else XLA) | cudnn | xla
+
+  # --- data --------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "hf"  # hf (datasets.load_dataset) | text (local files) | builtin (offline corpus)
+  d.hf_path = "wikitext"
+  d.hf_name = "wikitext-2-raw-v1"
+  d.text_dir = ""  # for source=text: wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt
+  d.seq_len = 1024  # tokens per sequence
+  d.cache_dir = ""  # token stream cache; "" = ~/.cache/blockprune_jax (or $BLOCKPRUNE_CACHE)
+  d.tokenizer = ""  # "" = the checkpoint's own tokenizer, else the offline GPT-2 BPE
+
+  # --- evaluation ----------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.splits = ("validation", "test")
+  e.stride = 0  # window step; 0 means seq_len (non-overlapping blocks)
+  e.batch_size = 8  # windows per evaluation step, global (padded to a multiple of devices)
+  e.max_tokens = 0  # >0: evaluate only the first max_tokens tokens of each split (quick checks)
+
+  # --- fine-tuning -----------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 0  # > 0 wins over epochs
+  t.epochs = 0.0  # float; steps and epochs both 0 means no fine-tuning
+  t.batch_size = 8  # global batch in sequences, split across all devices
+  t.grad_accum = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+  t.learning_rate = 5e-5
+  t.warmup_steps = 0  # 0 = 5 % of the steps
+  t.schedule = "cosine"  # cosine | linear | constant (decay after warmup)
+  t.weight_decay = 0.01  # not applied to biases, LayerNorm and embeddings
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.grad_clip = 1.0  # global-norm clipping; 0 disables
+  t.log_every = 10  # steps between log lines
+  t.eval_every = 0  # steps between validation evaluations; 0 = only at the end
+  t.eval_max_tokens = 0  # >0: periodic evaluations use only this many tokens of validation
+
+  # --- distillation ----------------------------------------------------------
+  c.distill = ds = ml_collections.ConfigDict()
+  ds.teacher = ""  # "" = off; a HF hub id / directory, or a workdir (its export/ is used)
+  ds.temperature = 2.0
+  ds.alpha = 0.5  # loss = (1-alpha) CE + alpha T^2 KL(teacher || student)
+
+  # --- checkpoints -----------------------------------------------------------
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  ck.every_steps = 500  # also saved at the end and on SIGTERM
+  ck.keep = 2  # last N kept (plus the best by validation perplexity)
+
+  # --- pruning -----------------------------------------------------------
+  c.prune = p = ml_collections.ConfigDict()
+  p.method = "none"  # none | magnitude | random | wanda | neurons
+  p.targets = "mlp"  # mlp (c_fc, c_proj) | attn (c_attn, c_proj) | all
+  p.blocks = 3  # contiguous layer blocks (3 = front / middle / back)
+  p.allocation = "uniform"  # explicit | layer | uniform | linear | exponential | owl
+  p.ratios = ()  # one ratio per block (explicit) or per layer (layer)
+  p.target = 0.5  # overall sparsity of the targeted weights for generated allocations
+  p.spread = 0.2  # linear: last block ratio minus first
+  p.growth = 1.5  # exponential: ratio factor from one block to the next
+  p.direction = "increasing"  # increasing (front to back) | decreasing
+  p.owl_threshold = 5.0  # owl: outlier when |W|*||X|| > M * layer mean
+  p.owl_lambda = 0.08  # owl: per-layer ratios within target +- lambda
+  p.scope = "matrix"  # magnitude threshold taken per matrix | block | global
+  p.schedule = "oneshot"  # oneshot | gradual (GMP, cubic)
+  p.when = "before_finetune"  # oneshot: before_finetune | after_finetune (no recovery)
+  p.start = 0.0  # gradual: first step as a fraction of training (<=1) or a step count (>1)
+  p.end = 0.5  # gradual: last step where sparsity still grows (same units)
+  p.every = 0.01  # gradual: mask update interval (same units)
+  p.initial = 0.0  # gradual: starting sparsity s_i
+  p.calib_batches = 8  # wanda / owl: train-split sequences used for activation norms
+
+  # --- export ------------------------------------------------------------
+  c.export = ex = ml_collections.ConfigDict()
+  ex.hf = False  # write the final model in Hugging Face format to workdir/export/
+
+  return c
