@@ -25,6 +25,14 @@ def get_config():
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   m.attention = "auto"  # auto (cuDNN on GPU when possible, else XLA) | cudnn | xla
 
+  # --- base model trained from scratch (offline studies) --------------------------
+  c.base = b = ml_collections.ConfigDict()
+  b.steps = 0  # > 0 with model.init=scratch: first train a dense base for this many steps,
+  # export it and prune/fine-tune that instead (a sweep trains it once for all its runs)
+  b.dir = ""  # where the base run lives; "" = <workdir>/base (a sweep sets <sweep>/base)
+  b.learning_rate = 1e-3  # base training uses its own (higher) learning rate
+  b.batch_size = 0  # 0 = train.batch_size
+
   # --- data --------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "hf"  # hf (datasets.load_dataset) | text (local files) | builtin (offline corpus)

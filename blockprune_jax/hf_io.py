@@ -1,0 +1,182 @@
+"""Hugging Face GPT-2 checkpoints in and out: a name table plus shape checks.
+
+HF's Conv1D stores weights as [in, out], the layout of a Flax Dense kernel, so no transposes.
+transformers 5 has no Flax classes, so the files (safetensors or a torch .bin) are read directly.
+"""
+import json
+import os
+import re
+
+import numpy as np
+
+from blockprune_jax import model as model_lib
+from blockprune_jax.errors import UserError
+
+# HF name suffix -> (our module path inside a block or at the top, leaf name)
+_LEAF = {"weight": "kernel", "bias": "bias"}
+_LN_LEAF = {"weight": "scale", "bias": "bias"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json")
+
+
+def resolve_dir(name_or_path: str) -> str:
+  """A local HF directory for `model.name_or_path`: the directory itself, a workdir's
+  `export/`, or a hub snapshot (downloaded once, then cached by huggingface_hub)."""
+  if os.path.isdir(name_or_path):
+    for d in (name_or_path, os.path.join(name_or_path, "export")):
+      if os.path.isfile(os.path.join(d, "config.json")):
+        return d
+    raise UserError(f"model.name_or_path={name_or_path!r} is a directory without config.json "
+                    "(nor export/config.json): point it at a Hugging Face GPT-2 directory")
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+    return snapshot_download(name_or_path, allow_patterns=[
+        "config.json", "model.safetensors", "model.safetensors.index.json",
+        "model-*.safetensors", "pytorch_model.bin", *_TOKENIZER_FILES])
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(
+        f"model.name_or_path={name_or_path!r}: not a local directory and the Hugging Face hub "
+        f"could not provide it ({type(e).__name__}). Offline, pass a local HF directory or "
+        "--config.model.init=scratch") from None
+
+
+def load_config(ckpt_dir: str, **overrides) -> model_lib.GPT2Config:
+  """GPT2Config from an HF config.json (dtype / dropout / attention come from overrides)."""
+  with open(os.path.join(ckpt_dir, "config.json")) as f:
+    hf = json.load(f)
+  if hf.get("model_type", "gpt2") != "gpt2":
+    raise UserError(f"{ckpt_dir}/config.json: model_type={hf.get('model_type')!r}, "
+                    "only GPT-2 checkpoints are supported")
+  act = hf.get("activation_function", "gelu_new")
+  if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise UserError(f"{ckpt_dir}/config.json: activation_function={act!r}; this port uses "
+                    "GPT-2's tanh GELU (gelu_new)")
+  n_inner = hf.get("n_inner") or 4 * hf["n_embd"]
+  widths = None if n_inner == 4 * hf["n_embd"] else (n_inner,) * hf["n_layer"]
+  return model_lib.GPT2Config(
+      vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
+      n_layer=hf["n_layer"], n_head=hf["n_head"],
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), mlp_widths=widths, **overrides)
+
+
+def _read_tensors(ckpt_dir: str) -> dict:
+  """All tensors of a checkpoint as float32 numpy arrays, keyed by HF name."""
+  st = os.path.join(ckpt_dir, "model.safetensors")
+  index = st + ".index.json"
+  binf = os.path.join(ckpt_dir, "pytorch_model.bin")
+  if os.path.isfile(st) or os.path.isfile(index):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    files = [st] if os.path.isfile(st) else sorted(
+        {os.path.join(ckpt_dir, v) for v in json.load(open(index))["weight_map"].values()})
+    out = {}
+    for fn in files:
+      out.update(load_file(fn))
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+  if os.path.isfile(binf):
+    import torch  # pylint: disable=import-outside-toplevel
+    sd = torch.load(binf, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+  raise UserError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin found")
+
+
+def _our_path(hf_name: str):
+  """'transformer.h.3.mlp.c_fc.weight' -> ('h_3', 'mlp', 'c_fc', 'kernel'); None to skip."""
+  name = hf_name.removeprefix("transformer.")
+  if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+    return None  # causal-mask buffers; the LM head is tied to wte
+  if name in ("wte.weight", "wpe.weight"):
+    return (name.split(".")[0], "embedding")
+  m = re.fullmatch(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", name)
+  if m:
+    layer, mod, leaf = m.groups()
+    leaf = (_LN_LEAF if mod.startswith("ln") else _LEAF)[leaf]
+    return (f"h_{layer}", *mod.split("."), leaf)
+  m = re.fullmatch(r"ln_f\.(weight|bias)", name)
+  if m:
+    return ("ln_f", _LN_LEAF[m.group(1)])
+  raise UserError(f"unexpected tensor {hf_name!r} in checkpoint: not a GPT-2 parameter")
+
+
+def load_params(ckpt_dir: str, cfg: model_lib.GPT2Config) -> dict:
+  """Reads an HF GPT-2 checkpoint into our nested-dict parameter tree (float32 numpy)."""
+  expected = model_lib.init_shapes(cfg)
+  params, seen = {}, set()
+  for hf_name, arr in _read_tensors(ckpt_dir).items():
+    path = _our_path(hf_name)
+    if path is None:
+      continue
+    want = _get(expected, path)
+    if want is None or tuple(want.shape) != arr.shape:
+      raise UserError(f"{ckpt_dir}: tensor {hf_name} has shape {arr.shape}, the config.json "
+                      f"implies {None if want is None else tuple(want.shape)}")
+    _set(params, path, arr)
+    seen.add(path)
+  missing = [p for p in _paths(expected) if p not in seen]
+  if missing:
+    raise UserError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {'.'.join(missing[0])}")
+  return params
+
+
+def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> str:
+  """Writes config.json + model.safetensors (+ tokenizer files) loadable by
+  transformers.GPT2LMHeadModel.from_pretrained. Dense parameters only (no compacted MLPs)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = {}
+  for path in _paths(params):
+    tensors[_hf_name(path)] = np.ascontiguousarray(np.asarray(_get(params, path), np.float32))
+  n_inner = cfg.mlp_width(0)
+  if cfg.mlp_widths and len(set(cfg.mlp_widths)) > 1:
+    raise ValueError("export needs one MLP width for all layers; export the masked dense model")
+  hf_config = {
+      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions,
+      "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+      "n_inner": None if n_inner == 4 * cfg.n_embd else n_inner,
+      "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_epsilon,
+      "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
+      "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
+      "tie_word_embeddings": True, "torch_dtype": "float32",
+  }
+  # Write to temporary names, then rename: a killed export never looks complete.
+  tmp = os.path.join(out_dir, ".tmp")
+  save_file(tensors, tmp + ".safetensors", metadata={"format": "pt"})
+  with open(tmp + ".json", "w") as f:
+    json.dump(hf_config, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  os.replace(tmp + ".safetensors", os.path.join(out_dir, "model.safetensors"))
+  os.replace(tmp + ".json", os.path.join(out_dir, "config.json"))
+  return out_dir
+
+
+def _hf_name(path) -> str:
+  if path[0] in ("wte", "wpe"):
+    return f"transformer.{path[0]}.weight"
+  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+  if path[0] == "ln_f":
+    return f"transformer.ln_f.{leaf}"
+  layer = path[0].removeprefix("h_")
+  return f"transformer.h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
+
+
+def _paths(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
+
+
+def _get(tree, path):
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
