@@ -146,7 +146,8 @@ class GPT2(nn.Module):
       x = Block(cfg, i, name=f"h_{i}")(x, train)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, name="ln_f")(x)
     # Tied LM head: logits = x @ wte^T.
-    return wte.attend(x.astype(jnp.dtype(cfg.dtype)))
+    dt = jnp.dtype(cfg.dtype)
+    return jnp.dot(x.astype(dt), wte.embedding.astype(dt).T)
 
 
 def init_params(cfg: GPT2Config, seed: int):

@@ -1,0 +1,33 @@
+"""Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dir(tmp_path_factory):
+  """A tiny random GPT-2 saved by transformers (PyTorch), with every parameter perturbed so
+  biases and LayerNorms are not trivially 0 / 1."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=50257)
+  model = transformers.GPT2LMHeadModel(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "wte" not in name:
+        p.add_(0.05 * torch.randn_like(p))
+  d = tmp_path_factory.mktemp("hf_tiny")
+  model.save_pretrained(d)
+  return str(d)
+
+
+@pytest.fixture
+def rng():
+  return np.random.RandomState(0)
