@@ -1,0 +1,128 @@
+"""Exact perplexity over sliding windows, data-parallel over every device.
+
+Windows follow DESIGN.md: length L start at 0, S, 2S, ... until one reaches the end of the
+N-token stream; in the window starting at s the scored targets are the tokens t with
+max(s + 1, prev_end) <= t < min(s + L, N). Each device returns sums (NLL, tokens); the host
+adds them in float64 and divides once, so neither padding nor the device count changes the result.
+"""
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from blockprune_jax import parallel
+
+
+def eval_windows(stream: np.ndarray, seq_len: int, stride: int):
+  """Builds every window of a token stream.
+
+  Returns (inputs, labels, weights), each [num_windows, seq_len]: position j of a window
+  starting at s reads token s + j and is scored on label s + j + 1 when weights[w, j] == 1.
+  """
+  n, L, S = len(stream), seq_len, stride
+  if not 0 < S <= L:
+    raise ValueError(f"eval.stride must be in [1, seq_len={L}], got {S}")
+  starts, s = [], 0
+  while True:
+    starts.append(s)
+    if s + L >= n:
+      break
+    s += S
+  inputs = np.zeros((len(starts), L), np.int32)
+  labels = np.zeros((len(starts), L), np.int32)
+  weights = np.zeros((len(starts), L), np.float32)
+  prev_end = 0
+  for w, s in enumerate(starts):
+    end = min(s + L, n)
+    inputs[w, :end - s] = stream[s:end]
+    labels[w, :end - s - 1] = stream[s + 1:end]
+    first = max(s + 1, prev_end)  # first scored target token
+    weights[w, first - s - 1:end - s - 1] = 1.0
+    prev_end = end
+  return inputs, labels, weights
+
+
+def token_nll(logits, labels):
+  """Per-position negative log-likelihood in float32. logits [..., V], labels [...] -> [...]."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def make_eval_step(apply_fn, mesh):
+  """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
+
+  apply_fn(params, inputs) -> logits. Inputs are sharded over the 'data' axis, params replicated.
+  """
+  def per_device(params, inputs, labels, weights):
+    nll = token_nll(apply_fn(params, inputs), labels)
+    return (jax.lax.psum(jnp.sum(nll * weights), parallel.AXIS),
+            jax.lax.psum(jnp.sum(weights), parallel.AXIS))
+
+  spec = P(parallel.AXIS)
+  return jax.jit(parallel.shard_map(per_device, mesh, (P(), spec, spec, spec), (P(), P())))
+
+
+def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None,
+             desc="eval", progress=True, step_fn=None):
+  """Perplexity of `stream` (1-D int array). Returns a dict with loss, perplexity,
+  tokens_scored, tokens_per_s (input tokens of the windows per second, compile excluded)."""
+  mesh = mesh or parallel.data_mesh()
+  inputs, labels, weights = eval_windows(np.asarray(stream), seq_len, stride)
+  n_dev = mesh.devices.size
+  batch = parallel.round_up(max(1, min(batch_size, len(inputs))), n_dev)
+  n_win = len(inputs)
+  total = parallel.round_up(n_win, batch)
+  pad = total - n_win
+  if pad:  # padded windows carry weight 0, so they add nothing to either sum
+    inputs, labels, weights = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
+                               for a in (inputs, labels, weights))
+  step = step_fn or make_eval_step(apply_fn, mesh)
+  params = parallel.replicate(params, mesh)
+
+  def shard(i):
+    return parallel.shard_batch((inputs[i:i + batch], labels[i:i + batch], weights[i:i + batch]), mesh)
+
+  t_compile = time.time()
+  compiled = step.lower(params, *shard(0)).compile()
+  t_compile = time.time() - t_compile
+  bar = _progress(total // batch, desc, progress)
+  nll_sum, count = 0.0, 0.0
+  t0 = time.time()
+  pending = []
+  for i in range(0, total, batch):
+    pending.append(compiled(params, *shard(i)))
+    if len(pending) > 2:  # keep the device busy but read results back as we go
+      nll_sum, count = _add(pending.pop(0), nll_sum, count)
+    bar.update(1)
+    if bar.n % 10 == 0:
+      bar.set_postfix(tok_s=f"{(bar.n * batch * seq_len) / max(time.time() - t0, 1e-9):,.0f}")
+  for r in pending:
+    nll_sum, count = _add(r, nll_sum, count)
+  seconds = time.time() - t0
+  bar.close()
+  loss = nll_sum / max(count, 1.0)
+  return {
+      "loss": loss,
+      "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+      "tokens_scored": int(round(count)),
+      "tokens": int(len(stream)),
+      "windows": n_win,
+      "tokens_per_s": n_win * seq_len / max(seconds, 1e-9),
+      "seconds": seconds,
+      "compile_s": t_compile,
+  }
+
+
+def _add(result, nll_sum, count):
+  s, c = jax.device_get(result)
+  return nll_sum + float(s), count + float(c)
+
+
+def _progress(total, desc, enabled):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, unit="batch", leave=False,
+              disable=not enabled or jax.process_index() != 0 or total < 2)

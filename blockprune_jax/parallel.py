@@ -1,0 +1,71 @@
+"""Data parallelism: one mesh axis named 'data' over every device, and per-device steps.
+
+Both evaluation and training write their step for ONE device and map it over the mesh with
+`shard_map`, reducing with explicit collectives (`psum` of metric sums, `pmean` of gradients).
+We use shard_map rather than pmap because JAX >= 0.8 implements pmap on top of it and
+recommends it for new code; the same function then also runs on a multi-host pod slice.
+"""
+import functools
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def maybe_initialize_distributed():
+  """Joins a multi-host job when the environment describes one (Cloud TPU pod, SLURM)."""
+  if jax.process_count() > 1 or getattr(maybe_initialize_distributed, "done", False):
+    return
+  multi = (os.environ.get("SLURM_NTASKS", "1") not in ("", "1")
+           or os.environ.get("JAX_COORDINATOR_ADDRESS")
+           or os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0)
+  if multi:
+    jax.distributed.initialize()
+  maybe_initialize_distributed.done = True
+
+
+def data_mesh() -> Mesh:
+  """All devices of the job on one 'data' axis."""
+  return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def shard_map(fn, mesh, in_specs, out_specs):
+  """jax.shard_map across JAX versions (new top-level API, or the experimental one)."""
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  from jax.experimental.shard_map import shard_map as old  # pylint: disable=import-outside-toplevel
+  return old(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def replicate(tree, mesh):
+  """Places a pytree (params, optimizer state, masks) on every device of the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch, mesh, axis=0):
+  """Splits host arrays along their batch `axis` over the 'data' mesh axis.
+
+  Every process holds the whole global batch in this codebase (data is cheap to recompute), so
+  each one hands over only its own slice; this also works unchanged on a single host.
+  """
+  n_proc, pid = jax.process_count(), jax.process_index()
+  sharding = NamedSharding(mesh, P(*([None] * axis), AXIS))
+
+  def put(x):
+    x = np.asarray(x)
+    per = x.shape[axis] // n_proc
+    local = np.take(x, np.arange(pid * per, (pid + 1) * per), axis=axis)
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+  return jax.tree.map(put, batch)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=None)
+def n_devices() -> int:
+  return jax.device_count()
