@@ -15,16 +15,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
-def maybe_initialize_distributed():
-  """Joins a multi-host job when the environment describes one (Cloud TPU pod, SLURM)."""
-  if jax.process_count() > 1 or getattr(maybe_initialize_distributed, "done", False):
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` (cluster autodetected) when this is a multi-process job.
+
+  Multi-process means: `BLOCKPRUNE_DISTRIBUTED=1` (the TPU pod launcher sets it), or SLURM /
+  Open MPI reporting more than one task, or `JAX_COORDINATOR_ADDRESS` set. `BLOCKPRUNE_DISTRIBUTED=0`
+  turns it off. Must run before anything uses JAX; safe to call twice.
+  """
+  flag = os.environ.get("BLOCKPRUNE_DISTRIBUTED", "")
+  if flag == "0":
     return
-  multi = (os.environ.get("SLURM_NTASKS", "1") not in ("", "1")
-           or os.environ.get("JAX_COORDINATOR_ADDRESS")
-           or os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0)
-  if multi:
+  def _count(*names):
+    for n in names:
+      try:
+        return int(os.environ[n])
+      except (KeyError, ValueError):
+        continue
+    return 1
+  multi = (flag == "1" or _count("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") > 1
+           or _count("OMPI_COMM_WORLD_SIZE") > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ)
+  if not multi:
+    return
+  if not jax.distributed.is_initialized():
     jax.distributed.initialize()
-  maybe_initialize_distributed.done = True
 
 
 def data_mesh() -> Mesh:
@@ -33,9 +46,14 @@ def data_mesh() -> Mesh:
 
 
 def shard_map(fn, mesh, in_specs, out_specs):
-  """jax.shard_map across JAX versions (new top-level API, or the experimental one)."""
+  """jax.shard_map across JAX versions (new top-level API, or the experimental one).
+
+  Replication checking is off: with it on, JAX differentiates a replicated input by summing
+  its gradient over devices implicitly; we want the per-device gradient and an explicit
+  `pmean`, so that the step reads the same as the math and as a pmap step would.
+  """
   if hasattr(jax, "shard_map"):
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   from jax.experimental.shard_map import shard_map as old  # pylint: disable=import-outside-toplevel
   return old(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 

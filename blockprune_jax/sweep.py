@@ -1,0 +1,520 @@
+r"""Run a grid of experiments, one workdir each, then write the report.
+
+    python -m blockprune_jax.sweep --config=configs/blocks.py --workdir=runs/grid \
+        --sweep=prune.ratios=0,0.3,0.6:0,0.3,0.6:0,0.3,0.6 --sweep=seed=0,1 \
+        [--config.train.steps=200 ...]
+
+`--sweep=KEY=SPEC` (repeatable; the flags' cartesian product is taken, first flag slowest):
+
+* scalar key: comma-separated values, `prune.target=0.3,0.5,0.7` (3 runs);
+* tuple key: colon-separated positions, each a comma-separated list of choices whose product is
+  taken, `prune.ratios=0,0.3,0.6:0,0.3,0.6:0,0.3,0.6` (27 tuples). `|` joins alternatives that are
+  not a product: `prune.ratios=.1:.2:.3|.1:.18:.32` (2 tuples).
+
+Values are parsed to the type of the key's value in the config (bool, int, float, str, tuple).
+
+Without `--sweep`, a config file may list its runs itself (big_vision's `get_hyper` idea):
+
+    def get_sweep(arg=None):  # arg: what follows ':' in --config=path.py:arg
+      return [{"prune.ratios": (0.1, 0.18, 0.32), "seed": s} for s in range(3)]
+
+`--sweep` flags, when given, replace `get_sweep` (they are not crossed with it). With neither, the
+sweep is one run with the config as it is.
+
+Each run lives in `<workdir>/<name>/` (the name spells its overrides, e.g.
+`prune.ratios=0.0,0.3,0.6__seed=1`) with an `overrides.json`. Runs go one after another in the
+order listed; a run whose `results.json` exists is skipped, so re-running a killed sweep continues
+it (an interrupted run resumes from its own checkpoint). `<workdir>/sweep.json` lists every run
+and its status. Every run shares one from-scratch base model in `<workdir>/base` (`base.dir`)
+unless the config sets `base.dir`. At the end, `report.write_report(workdir)` writes the tables and
+plots.
+"""
+import copy
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from blockprune_jax import parallel
+from blockprune_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+SWEEP_JSON = "sweep.json"
+OVERRIDES_JSON = "overrides.json"
+MAX_NAME_LEN = 120  # keeps paths well below filesystem limits (255 per component)
+
+# ----------------------------------------------------------------------------------------------
+# Parsing values to the type of the config key
+# ----------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "t", "yes", "y", "on", "1"}
+_FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value at dotted `key`; UserError naming the key (and a near miss) if it is absent."""
+  node = config
+  parts = key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(parts[:i]) or "<top level>"
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      hint = _close_match(part, known)
+      raise UserError(
+          f"sweep: unknown config key '{key}' ('{part}' is not in {where}"
+          + (f"; did you mean '{'.'.join(parts[:i] + [hint])}'?" if hint else "")
+          + (f"; keys there: {', '.join(known)})" if known and not hint else ")"))
+    node = node[part]
+  if isinstance(node, ml_collections.ConfigDict):
+    raise UserError(f"sweep: config key '{key}' is a group, not a value; sweep one of its "
+                    f"keys ({', '.join(sorted(node.keys()))})")
+  return node
+
+
+def _close_match(word: str, choices: Sequence[str]) -> str | None:
+  import difflib  # pylint: disable=g-import-not-at-top
+  found = difflib.get_close_matches(word, choices, n=1)
+  return found[0] if found else None
+
+
+def _parse_scalar(key: str, text: str, like: Any) -> Any:
+  """Parses `text` to the type of `like` (the key's current value)."""
+  text = text.strip()
+  try:
+    if isinstance(like, bool):
+      low = text.lower()
+      if low in _TRUE:
+        return True
+      if low in _FALSE:
+        return False
+      raise ValueError("not a boolean")
+    if isinstance(like, int):
+      try:
+        return int(text)
+      except ValueError:
+        as_float = float(text)
+        if not as_float.is_integer():
+          raise
+        return int(as_float)
+    if isinstance(like, float):
+      return float(text)
+    if isinstance(like, str):
+      return text
+    if like is None:  # untyped key: take Python literals, else the string
+      import ast  # pylint: disable=g-import-not-at-top
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        return text
+  except ValueError:
+    raise UserError(f"sweep: cannot parse '{text}' for config key '{key}' as "
+                    f"{type(like).__name__} (its current value is {like!r})") from None
+  raise UserError(f"sweep: config key '{key}' holds a {type(like).__name__} ({like!r}); "
+                  "only bool, int, float, str and tuple keys can be swept")
+
+
+def _element_like(current: tuple) -> Any:
+  """A sample element for a tuple key: its first element, or a float for an empty tuple."""
+  return current[0] if len(current) else 0.0
+
+
+def _coerce_value(key: str, value: Any, like: Any) -> Any:
+  """Checks/converts a Python value (from get_sweep or a parsed spec) to the key's type."""
+  if isinstance(value, str) and not isinstance(like, (str, tuple, list)):
+    return _parse_scalar(key, value, like)
+  if isinstance(like, (tuple, list)):
+    if isinstance(value, str):
+      text = value.strip().strip("()[]")
+      value = [v for v in text.split(",") if v.strip()] if text else []
+    if not isinstance(value, (tuple, list)):
+      raise UserError(f"sweep: config key '{key}' holds a tuple ({like!r}); got {value!r}")
+    elem = _element_like(tuple(like))
+    if len(like):
+      return tuple(_parse_scalar(key, v, elem) if isinstance(v, str)
+                   else _coerce_value(key, v, elem) for v in value)
+    # Empty default (e.g. prune.ratios=()): numbers become floats, so 0 and 0.0 name one run.
+    return tuple(_float_or_str(v) if isinstance(v, str)
+                 else float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                 for v in value)
+  if like is None:
+    return value
+  if isinstance(like, bool):
+    if isinstance(value, bool):
+      return value
+  elif isinstance(like, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+  elif isinstance(like, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif isinstance(like, str):
+    if isinstance(value, str):
+      return value
+  raise UserError(f"sweep: config key '{key}' holds a {type(like).__name__} ({like!r}); "
+                  f"cannot use {value!r} ({type(value).__name__})")
+
+
+def _float_or_str(text: str) -> Any:
+  try:
+    return float(text)
+  except ValueError:
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Expanding specs into runs
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_spec(config: ml_collections.ConfigDict, spec: str) -> tuple[str, list[Any]]:
+  """`KEY=SPEC` -> (key, values typed like the key). See the module docstring for SPEC."""
+  if "=" not in spec:
+    raise UserError(f"sweep: '--sweep={spec}' needs the form KEY=VALUES, "
+                    "e.g. --sweep=prune.target=0.3,0.5")
+  key, text = spec.split("=", 1)
+  key = key.strip()
+  if key.startswith("config."):  # accept the spelling of --config.a.b overrides
+    key = key[len("config."):]
+  current = _lookup(config, key)
+  if isinstance(current, (tuple, list)):
+    elem = _element_like(tuple(current))
+    values = []
+    for alternative in text.split("|"):
+      if not alternative.strip():
+        values.append(())
+        continue
+      positions = [[c for c in pos.split(",") if c.strip()] for pos in alternative.split(":")]
+      for i, choices in enumerate(positions):
+        if not choices:
+          raise UserError(f"sweep: '--sweep={spec}': position {i} of '{alternative}' is empty")
+      for combo in itertools.product(*positions):
+        values.append(tuple(_parse_tuple_element(key, c, elem, bool(len(current)))
+                            for c in combo))
+  else:
+    values = [_parse_scalar(key, v, current) for v in text.split(",")]
+  if not values:
+    raise UserError(f"sweep: '--sweep={spec}' lists no values")
+  return key, values
+
+
+def _parse_tuple_element(key: str, text: str, elem: Any, typed: bool) -> Any:
+  if typed:
+    return _parse_scalar(key, text, elem)
+  return _float_or_str(text)  # empty tuple default: numbers become floats (ratios)
+
+
+def load_get_sweep(config_path: str) -> list[dict] | None:
+  """Calls `get_sweep(arg)` of the config file `path.py[:arg]`; None if the file has none."""
+  path, _, arg = config_path.partition(":")
+  if not os.path.exists(path):
+    raise UserError(f"sweep: config file '{path}' not found")
+  spec = importlib.util.spec_from_file_location("_blockprune_sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_sweep = getattr(module, "get_sweep", None)
+  if get_sweep is None:
+    return None
+  runs = get_sweep(arg) if arg else get_sweep()
+  if not isinstance(runs, (list, tuple)) or not all(isinstance(r, dict) for r in runs):
+    raise UserError(f"sweep: get_sweep() in '{path}' must return a list of dicts "
+                    "(dotted config key -> value)")
+  return list(runs)
+
+
+def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
+                 sweep_fn_list: Sequence[dict] | None) -> list[dict]:
+  """The runs of a sweep, each a dict {dotted key: typed value}.
+
+  Args:
+    config: the base config (its values give the types).
+    specs: `--sweep` strings `KEY=SPEC`; if any, their cartesian product is the sweep and
+      `sweep_fn_list` is ignored.
+    sweep_fn_list: what the config file's `get_sweep()` returned, or None.
+
+  Returns:
+    The runs in order, duplicates removed; `[{}]` (one run, no overrides) when there is nothing
+    to sweep.
+  """
+  if specs:
+    if sweep_fn_list:
+      log.info("sweep: --sweep flags given; the config file's get_sweep() is not used")
+    parsed = [parse_spec(config, s) for s in specs]
+    keys = [k for k, _ in parsed]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+      raise UserError(f"sweep: key(s) {', '.join(sorted(dup))} given in more than one --sweep; "
+                      "list all values in one flag")
+    runs = [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in parsed))]
+  elif sweep_fn_list:
+    runs = []
+    for overrides in sweep_fn_list:
+      run = {}
+      for key, value in overrides.items():
+        key = key[len("config."):] if key.startswith("config.") else key
+        run[key] = _coerce_value(key, value, _lookup(config, key))
+      runs.append(run)
+  else:
+    runs = [{}]
+  unique, seen = [], set()
+  for run in runs:
+    sig = json.dumps(_jsonable(run), sort_keys=True)
+    if sig in seen:
+      log.warning("sweep: dropping a duplicate run %s", run)
+      continue
+    seen.add(sig)
+    unique.append(run)
+  return unique
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with `overrides` ({dotted key: value}) set, type checked, locked.
+
+  Raises UserError naming the key for an unknown key or a value of the wrong type.
+  """
+  new = copy.deepcopy(config)
+  with new.unlocked():
+    for key, value in overrides.items():
+      key = key[len("config."):] if key.startswith("config.") else key
+      value = _coerce_value(key, value, _lookup(new, key))
+      *parents, leaf = key.split(".")
+      node = new
+      for p in parents:
+        node = node[p]
+      try:
+        node[leaf] = value
+      except (TypeError, ValueError) as e:
+        raise UserError(f"sweep: cannot set config key '{key}' to {value!r}: {e}") from None
+  new.lock()
+  return new
+
+
+# ----------------------------------------------------------------------------------------------
+# Run names and bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+def _format_value(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(_format_value(v) for v in value)
+  if isinstance(value, float):
+    return repr(value)  # 0.3 -> "0.3", 0 -> "0.0": stable and readable
+  return str(value)
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  """A readable, filesystem-safe directory name for a run, e.g. `prune.target=0.5__seed=1`.
+
+  Characters outside [A-Za-z0-9._,=+-] become '-'; names longer than MAX_NAME_LEN are cut and get
+  an 8-character hash of the full name so distinct runs never share a directory.
+  """
+  if not overrides:
+    return "default"
+  full = "__".join(f"{k}={_format_value(v)}" for k, v in overrides.items())
+  name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", full)
+  if name != full or len(name) > MAX_NAME_LEN:
+    # Sanitizing or cutting could merge two names; the hash of the full name keeps them apart.
+    digest = hashlib.sha1(full.encode()).hexdigest()[:8]
+    name = f"{name[:MAX_NAME_LEN - 9]}_{digest}"
+  return name
+
+
+def run_names(runs: Sequence[dict]) -> list[str]:
+  """`run_name` for every run, made unique with a hash suffix where two would collide."""
+  names = [run_name(r) for r in runs]
+  counts = {n: names.count(n) for n in names}
+  out = []
+  for name, run in zip(names, runs):
+    if counts[name] > 1:
+      digest = hashlib.sha1(json.dumps(_jsonable(run), sort_keys=True).encode()).hexdigest()[:8]
+      name = f"{name}_{digest}"
+    out.append(name)
+  return out
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)  # a killed sweep never leaves half a file
+
+
+def _multihost() -> tuple[int, int]:
+  """(process_index, process_count); (0, 1) unless jax.distributed is up.
+
+  Checked without touching JAX otherwise, so tests and a CPU run never start a backend here.
+  """
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized():
+    return 0, 1
+  return jax.process_index(), jax.process_count()
+
+
+def _all_agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (their workdirs may be local disks that differ)."""
+  index, count = _multihost()
+  if count == 1:
+    return flag
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[dict],
+              run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+              fail_fast: bool = False, report: bool = True) -> list[dict]:
+  """Runs `runs` one after another, each in `workdir/<run_name>`; returns their status rows.
+
+  A run whose results.json exists is skipped. A run that raises is recorded as `failed` and the
+  sweep goes on (unless `fail_fast`); Ctrl-C / SIGTERM-as-KeyboardInterrupt marks the run
+  `interrupted`, writes sweep.json and re-raises. `workdir/sweep.json` is rewritten after every
+  change. At the end `report.write_report(workdir)` is called (if `report`).
+
+  Args:
+    config: the base config (already holding any --config.* overrides).
+    workdir: the sweep's directory.
+    runs: from `expand_sweep`.
+    run_fn: `run_fn(config, run_workdir)`; default `blockprune_jax.pipeline.run`.
+    fail_fast: re-raise the first failure instead of continuing.
+    report: write the report at the end.
+  """
+  if run_fn is None:
+    from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
+    run_fn = pipeline.run
+  workdir = os.path.abspath(workdir)
+  primary = _multihost()[0] == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  # Every run shares one base model trained from scratch once (see base.dir in configs/base.py).
+  if "base" in config and "dir" in config.base and not config.base.dir:
+    config = apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
+
+  names = run_names(runs)
+  configs = [apply_overrides(config, r) for r in runs]  # all type errors before any work
+  rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": _jsonable(r),
+           "status": "pending"} for n, r in zip(names, runs)]
+  for row in rows:
+    if os.path.exists(os.path.join(row["workdir"], RESULTS)):
+      row.update(status="done", reused=True)
+
+  def save():
+    if primary:
+      _write_json(os.path.join(workdir, SWEEP_JSON),
+                  {"workdir": workdir, "n_runs": len(rows),
+                   "counts": {s: sum(r["status"] == s for r in rows)
+                              for s in ("done", "failed", "interrupted", "running", "pending")},
+                   "runs": rows})
+
+  save()
+  todo = sum(r["status"] != "done" for r in rows)
+  log.info("sweep: %d runs in %s, %d already done, %d to run", len(rows), workdir,
+           len(rows) - todo, todo)
+  for i, (row, cfg) in enumerate(zip(rows, configs)):
+    if _all_agree(row["status"] == "done"):
+      log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
+      continue
+    os.makedirs(row["workdir"], exist_ok=True)
+    if primary:
+      _write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
+    log.info("sweep [%d/%d] %s", i + 1, len(rows), row["name"])
+    row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    row.pop("error", None)
+    save()
+    start = time.time()
+    try:
+      run_fn(cfg, row["workdir"])
+    except (KeyboardInterrupt, SystemExit):
+      row.update(status="interrupted", seconds=round(time.time() - start, 1))
+      save()
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      row.update(status="failed", seconds=round(time.time() - start, 1),
+                 error=f"{type(e).__name__}: {e}")
+      save()
+      if fail_fast:
+        raise
+      log.error("sweep: run %s failed, continuing:\n%s", row["name"], traceback.format_exc())
+      continue
+    row["seconds"] = round(time.time() - start, 1)
+    if primary and not os.path.exists(os.path.join(row["workdir"], RESULTS)):
+      row.update(status="failed", error=f"the run returned without writing {RESULTS}")
+    else:
+      row["status"] = "done"
+    save()
+
+  if report and primary:
+    from blockprune_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+    try:
+      report_lib.write_report(workdir)
+    except Exception:  # pylint: disable=broad-except
+      # The runs are the expensive part; a plotting problem must not hide that they finished.
+      log.error("sweep: writing the report failed:\n%s", traceback.format_exc())
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  del argv
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    parallel.maybe_initialize_distributed()
+    config = FLAGS.config
+    config_path = config_flags.get_config_filename(FLAGS["config"])
+    fn_list = None if FLAGS.sweep else load_get_sweep(config_path)
+    runs = expand_sweep(config, FLAGS.sweep, fn_list)
+    rows = run_sweep(config, FLAGS.workdir, runs, fail_fast=FLAGS.fail_fast)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  failed = [r["name"] for r in rows if r["status"] == "failed"]
+  if failed:
+    print(f"{len(failed)} of {len(rows)} runs failed (see sweep.json): {', '.join(failed)}",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per run.")
+  flags.DEFINE_multi_string("sweep", [], "KEY=SPEC, e.g. prune.target=0.3,0.5 or "
+                            "prune.ratios=0,0.5:0,0.5:0,0.5 (repeat for a product).")
+  flags.DEFINE_bool("fail_fast", False, "Stop at the first failed run instead of continuing.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
