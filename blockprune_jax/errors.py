@@ -7,3 +7,10 @@ config key, file or value at fault and say what would fix it.
 
 class UserError(Exception):
   """A bad config value, missing file or unreachable hub; str(e) is the whole story."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived during training; a checkpoint of the current step was written first.
+
+  Not a failure: the same command resumes. Sweeps stop (rather than go on to the next run).
+  """

@@ -41,7 +41,7 @@ def get_config():
   d.text_dir = ""  # for source=text: wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt
   d.seq_len = 1024  # tokens per sequence
   d.cache_dir = ""  # token stream cache; "" = ~/.cache/blockprune_jax (or $BLOCKPRUNE_CACHE)
-  d.tokenizer = ""  # "" = the checkpoint's own tokenizer, else the offline GPT-2 BPE
+  d.tokenizer = ""  # "" = the checkpoint's own (offline GPT-2 BPE if none); "gpt2-offline"; or a dir / hub id
 
   # --- evaluation ----------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()

