@@ -128,6 +128,8 @@ def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> s
   n_inner = cfg.mlp_width(0)
   if cfg.mlp_widths and len(set(cfg.mlp_widths)) > 1:
     raise ValueError("export needs one MLP width for all layers; export the masked dense model")
+  eos = getattr(tokenizer, "eos_token_id", None)
+  eos = 50256 if eos is None else eos
   hf_config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
       "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions,
@@ -135,7 +137,7 @@ def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> s
       "n_inner": None if n_inner == 4 * cfg.n_embd else n_inner,
       "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_epsilon,
       "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
-      "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
+      "initializer_range": 0.02, "bos_token_id": eos, "eos_token_id": eos,
       "tie_word_embeddings": True, "torch_dtype": "float32",
   }
   # Write to temporary names, then rename: a killed export never looks complete.

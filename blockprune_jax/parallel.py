@@ -58,8 +58,15 @@ def shard_map(fn, mesh, in_specs, out_specs):
   return old(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def replicate(tree, mesh):
-  """Places a pytree (params, optimizer state, masks) on every device of the mesh."""
+def replicate(tree, mesh, donatable=False):
+  """Places a pytree (params, optimizer state, masks) on every device of the mesh.
+
+  donatable=True first copies every leaf to fresh host memory: a state that a jitted step
+  donates must share no buffer with anything else (an input that is both donated and alive
+  elsewhere, e.g. a teacher equal to the student, is undefined behaviour in XLA).
+  """
+  if donatable:
+    tree = jax.tree.map(lambda x: np.array(x, copy=True), tree)
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 

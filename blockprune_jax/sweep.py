@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from blockprune_jax import parallel
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     start = time.time()
     try:
       run_fn(cfg, row["workdir"])
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Preempted):
       row.update(status="interrupted", seconds=round(time.time() - start, 1))
       save()
       raise

@@ -10,6 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.py")
+
+
 @pytest.fixture(scope="session")
 def hf_tiny_dir(tmp_path_factory):
   """A tiny random GPT-2 saved by transformers (PyTorch), with every parameter perturbed so
@@ -31,3 +34,19 @@ def hf_tiny_dir(tmp_path_factory):
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+def tiny_config(**overrides):
+  """tests/tiny.py's config with dotted keys given as '__', e.g. tiny_config(train__steps=5)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

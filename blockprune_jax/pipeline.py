@@ -1,0 +1,267 @@
+"""One experiment, top to bottom: config -> data -> model -> pruning -> fine-tuning -> evaluation
+-> results.json (-> Hugging Face export).
+
+`run(config, workdir)` is what `python -m blockprune_jax.main` calls and what tests call. It is
+idempotent: a finished workdir (results.json present) is only reported; an interrupted one resumes
+from its latest checkpoint.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from blockprune_jax import data as data_lib
+from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import hf_io
+from blockprune_jax import model as model_lib
+from blockprune_jax import parallel
+from blockprune_jax import tokenizer as tok_lib
+from blockprune_jax.errors import UserError
+from blockprune_jax.logs import RunLog
+
+_CHOICES = {
+    "model.init": ("pretrained", "scratch"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "cudnn", "xla"),
+    "data.source": ("hf", "text", "builtin"),
+    "prune.method": ("none", "magnitude", "random", "wanda", "neurons"),
+    "prune.targets": ("mlp", "attn", "all"),
+    "prune.allocation": ("explicit", "layer", "uniform", "linear", "exponential", "owl"),
+    "prune.scope": ("matrix", "block", "global"),
+    "prune.schedule": ("oneshot", "gradual"),
+    "prune.when": ("before_finetune", "after_finetune"),
+    "prune.direction": ("increasing", "decreasing"),
+    "train.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes, or just reports) one experiment; returns the results dict."""
+  results_path = os.path.join(workdir, "results.json")
+  if os.path.isfile(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    print(summary_table(results))
+    return results
+  validate(config)
+  parallel.maybe_initialize_distributed()
+  t_start = time.time()
+  log = RunLog(workdir)
+  mesh = parallel.data_mesh()
+  dev = jax.devices()[0]
+  log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
+            f"{jax.process_count()} process(es)", config=config.to_dict(),
+            devices=[str(d) for d in jax.devices()])
+
+  # --- base model (offline studies train one from scratch, once) ---------------------
+  role = "experiment"
+  if config.base.steps > 0 and config.model.init == "scratch":
+    base_dir = config.base.dir or os.path.join(workdir, "base")
+    run(base_config(config), base_dir)
+    config = _override(config, {"model.init": "pretrained",
+                                "model.name_or_path": os.path.join(base_dir, "export")})
+  elif config.get("role"):
+    role = config.role
+
+  # --- tokenizer, data and model ------------------------------------------------------
+  ckpt_dir = hf_io.resolve_dir(config.model.name_or_path) if config.model.init == "pretrained" else None
+  tok = tok_lib.load_tokenizer(ckpt_dir or "", config.data.tokenizer)
+  streams = Streams(config, tok)
+  model_cfg, params = load_model(config, ckpt_dir, vocab_size=len(tok))
+  if config.data.seq_len > model_cfg.n_positions:
+    raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's n_positions="
+                    f"{model_cfg.n_positions}: lower --config.data.seq_len")
+  n_params = model_lib.count_params(params)
+  log.event("model", f"GPT-2 {model_cfg.n_layer} layers x {model_cfg.n_embd} wide, "
+            f"{n_params / 1e6:.1f}M parameters, compute {model_cfg.dtype}",
+            model=dataclasses.asdict(model_cfg), params=n_params)
+  apply_fn = make_apply_fn(model_cfg)
+
+  # --- pruning plan, masked fine-tuning, late pruning -----------------------------
+  from blockprune_jax import prune_plan  # pylint: disable=import-outside-toplevel
+  plan = prune_plan.make_plan(config, model_cfg, params, streams, log)
+  masks = {}
+  if plan and config.prune.schedule == "oneshot" and config.prune.when == "before_finetune":
+    params, masks = plan.prune(params, plan.ratios_per_layer)
+  train_summary = {}
+  if train_steps(config, streams) > 0:
+    from blockprune_jax import train  # pylint: disable=import-outside-toplevel
+    params, masks, train_summary = train.fit(
+        config, model_cfg, params, masks, plan=plan, streams=streams, mesh=mesh,
+        workdir=workdir, log=log)
+  if plan and config.prune.schedule == "oneshot" and config.prune.when == "after_finetune":
+    params, masks = plan.prune(params, plan.ratios_per_layer)
+
+  # --- evaluation -------------------------------------------------------------------
+  evals = {}
+  for split in config.eval.splits:
+    r = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
+                          stride=config.eval.stride or config.data.seq_len,
+                          batch_size=config.eval.batch_size, mesh=mesh, desc=split)
+    evals[split] = r
+    log.event("eval", f"{split}: perplexity {r['perplexity']:.3f} over {r['tokens_scored']} "
+              f"tokens ({r['tokens_per_s']:,.0f} tokens/s)", split=split, **r)
+
+  # --- results ----------------------------------------------------------------------
+  results = {
+      "role": role,
+      "config": config.to_dict(),
+      "model": {"n_layer": model_cfg.n_layer, "n_embd": model_cfg.n_embd,
+                "n_head": model_cfg.n_head, "params_total": n_params,
+                "params_nonzero": int(sum(int(np.count_nonzero(np.asarray(x)))
+                                          for x in jax.tree.leaves(params)))},
+      "perplexity": {s: r["perplexity"] for s, r in evals.items()},
+      "eval": evals,
+      "pruning": plan.describe() if plan else {"method": "none"},
+      "sparsity": prune_plan.measure(params, model_cfg, config),
+      "train": train_summary,
+      "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
+                  "processes": jax.process_count(), "device_kind": dev.device_kind,
+                  "seconds": time.time() - t_start},
+  }
+  if config.export.hf and jax.process_index() == 0:
+    out = hf_io.export(jax.device_get(params), model_cfg, os.path.join(workdir, "export"), tok)
+    results["export"] = out
+    log.event("export", f"exported Hugging Face model to {out}")
+  if jax.process_index() == 0:
+    _write_json_atomic(results_path, results)
+  log.event("done", f"results in {results_path}")
+  log.close()
+  print(summary_table(results))
+  return results
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+def validate(config):
+  """Fails early, in one line naming the key, on values that no code path accepts."""
+  for key, allowed in _CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+  if config.data.seq_len < 2:
+    raise UserError(f"data.seq_len={config.data.seq_len} must be at least 2")
+  stride = config.eval.stride or config.data.seq_len
+  if not 0 < stride <= config.data.seq_len:
+    raise UserError(f"eval.stride={config.eval.stride} must be in 1..data.seq_len "
+                    f"({config.data.seq_len}); 0 means seq_len")
+  if config.train.batch_size < 1 or config.eval.batch_size < 1:
+    raise UserError("train.batch_size and eval.batch_size must be positive")
+
+
+def load_model(config, ckpt_dir, vocab_size):
+  """(GPT2Config, params): the checkpoint in ckpt_dir (model.init=pretrained), or a random
+  model of the model.* shape with the tokenizer's vocabulary (model.init=scratch)."""
+  m = config.model
+  overrides = dict(dtype=m.dtype, dropout=m.dropout, attention=m.attention)
+  if ckpt_dir:
+    model_cfg = hf_io.load_config(ckpt_dir, **overrides)
+    if vocab_size > model_cfg.vocab_size:
+      raise UserError(f"the tokenizer has {vocab_size} tokens, the model at {ckpt_dir} only "
+                      f"{model_cfg.vocab_size}: check data.tokenizer")
+    return model_cfg, hf_io.load_params(ckpt_dir, model_cfg)
+  if m.n_embd % m.n_head:
+    raise UserError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+  model_cfg = model_lib.GPT2Config(vocab_size=vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
+                                   n_head=m.n_head, n_positions=m.n_positions, **overrides)
+  return model_cfg, model_lib.init_params(model_cfg, config.seed)
+
+
+def make_apply_fn(model_cfg, train=False):
+  """(params, input_ids [B, T]) -> logits [B, T, V]; dropout keys come through `rngs`."""
+  model = model_lib.GPT2(model_cfg)
+
+  def apply_fn(params, ids, rngs=None):
+    return model.apply({"params": params}, ids, train=train, rngs=rngs)
+  return apply_fn
+
+
+class Streams:
+  """Token streams of the splits, tokenized (or read from the cache) on first use."""
+
+  def __init__(self, config, tok):
+    self.config, self.tok, self._cache = config, tok, {}
+
+  def get(self, split: str) -> np.ndarray:
+    if split not in self._cache:
+      s = data_lib.token_stream(self.config.data, split, self.tok)
+      if self.config.eval.max_tokens and split != "train":
+        s = s[:self.config.eval.max_tokens]
+      self._cache[split] = s
+    return self._cache[split]
+
+
+def train_steps(config, streams) -> int:
+  """train.steps if > 0, else epochs over the train split's sequences, else 0."""
+  t = config.train
+  if t.steps > 0:
+    return int(t.steps)
+  if t.epochs <= 0:
+    return 0
+  n_seq = (len(streams.get("train")) - 1) // config.data.seq_len
+  per_step = t.batch_size * t.grad_accum
+  if n_seq < per_step:
+    raise UserError(f"the train split has {n_seq} sequences of data.seq_len={config.data.seq_len}, "
+                    f"fewer than one step needs ({per_step}); lower train.batch_size")
+  return max(1, int(math.ceil(t.epochs * (n_seq // per_step))))
+
+
+def base_config(config):
+  """The config of the dense base model a from-scratch study prunes (trained once)."""
+  b = config.base
+  return _override(config, {
+      "base.steps": 0, "role": "base", "prune.method": "none", "distill.teacher": "",
+      "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
+      "train.batch_size": b.batch_size or config.train.batch_size,
+      "train.warmup_steps": max(1, b.steps // 20), "eval.splits": ("validation",),
+      "export.hf": True})
+
+
+def summary_table(results) -> str:
+  """A short human-readable table of a results dict."""
+  lines = []
+  pr = results.get("pruning", {})
+  sp = results.get("sparsity", {})
+  lines.append(f"method {pr.get('method', 'none')}  allocation {pr.get('allocation', '-')}  "
+               f"ratios/block {_fmt_list(pr.get('ratios_per_block'))}")
+  lines.append(f"sparsity overall {sp.get('overall', 0):.4f}  per block "
+               f"{_fmt_list(sp.get('per_block'))}")
+  lines.append(f"{'split':<12}{'perplexity':>12}{'tokens':>10}{'tokens/s':>12}")
+  for split, r in results.get("eval", {}).items():
+    lines.append(f"{split:<12}{r['perplexity']:>12.3f}{r['tokens_scored']:>10d}"
+                 f"{r['tokens_per_s']:>12,.0f}")
+  return "\n".join(lines)
+
+
+def _fmt_list(xs):
+  return "-" if not xs else "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"
+
+
+def _get(config, dotted):
+  for k in dotted.split("."):
+    config = config[k]
+  return config
+
+
+def _override(config, updates: dict):
+  """A copy of `config` with dotted keys replaced (new keys allowed)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in updates.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _write_json_atomic(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+  os.replace(tmp, path)

@@ -1,0 +1,282 @@
+"""Masked fine-tuning with optax, data-parallel over every device, resumable with Orbax.
+
+Sections: optimizer, data order, the per-device update, the loop (checkpoints, gradual pruning,
+periodic evaluation, preemption). The update is one jitted shard_map'd function with the state
+donated; gradients are `pmean`ed over the 'data' axis; pruned weights stay exactly 0.0 because
+gradients, updates and parameters are all multiplied by the masks.
+"""
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from blockprune_jax import checkpoint as ckpt_lib
+from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import model as model_lib
+from blockprune_jax import parallel
+from blockprune_jax import pruning
+from blockprune_jax.errors import Preempted, UserError
+
+
+class Diverged(UserError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# --- optimizer ---------------------------------------------------------------------------
+
+def learning_rate_schedule(t_cfg, total_steps: int):
+  """Linear warmup, then cosine / linear decay to 0 (or constant)."""
+  warmup = t_cfg.warmup_steps or max(1, int(0.05 * total_steps))
+  warmup = min(warmup, total_steps)
+  peak = t_cfg.learning_rate
+  decay_steps = max(1, total_steps - warmup)
+  if t_cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps)
+  elif t_cfg.schedule == "linear":
+    decay = optax.linear_schedule(peak, 0.0, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: not on biases, LayerNorm or embeddings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(t_cfg, total_steps: int):
+  schedule = learning_rate_schedule(t_cfg, total_steps)
+  parts = [optax.clip_by_global_norm(t_cfg.grad_clip)] if t_cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, b1=t_cfg.b1, b2=t_cfg.b2, weight_decay=t_cfg.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+# --- data order --------------------------------------------------------------------------
+
+def train_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:
+  """Non-overlapping sequences [n, seq_len + 1]: inputs are [:, :-1], labels [:, 1:]."""
+  n = (len(stream) - 1) // seq_len
+  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+  return stream[idx]
+
+
+def batch_at(sequences, position: int, batch_size: int, seed: int):
+  """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`.
+
+  A pure function of (position, seed): a resumed run sees exactly the batches it would have.
+  """
+  per_epoch = len(sequences) // batch_size
+  epoch, i = divmod(position, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(len(sequences))
+  return sequences[order[i * batch_size:(i + 1) * batch_size]]
+
+
+# --- the update --------------------------------------------------------------------------
+
+def make_train_step(model_cfg, optimizer, mesh, *, teacher_cfg=None, alpha=0.0, temperature=1.0):
+  """jit(shard_map(per-device update)) with the state donated.
+
+  state: {params, opt_state, masks, step, data_position, rng}; batch: [accum, B, T + 1] int32
+  sharded over B; teacher: teacher params or None. Returns (state, {loss, ce, kl, grad_norm}).
+  """
+  model = model_lib.GPT2(model_cfg)
+  teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
+
+  def loss_fn(params, teacher_params, seq, key):
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+    logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
+    ce = jnp.mean(eval_lib.token_nll(logits, labels))
+    kl = jnp.zeros((), jnp.float32)
+    if teacher is not None:
+      t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
+      kl = jnp.mean(distill_kl(t_logits, logits, temperature))
+      loss = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl
+    else:
+      loss = ce
+    return loss, (ce, kl)
+
+  def per_device(state, batch, teacher_params):
+    params, masks = state["params"], state["masks"]
+    # Different dropout on every device and micro-batch, derived from the step: a resumed run
+    # replays the same dropout.
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.wrap_key_data(state["rng"]), state["step"]), jax.lax.axis_index(parallel.AXIS))
+
+    def micro(carry, xs):
+      grads_acc, sums = carry
+      seq, i = xs
+      (loss, (ce, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, teacher_params, seq, jax.random.fold_in(key, i))
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, sums + jnp.stack([loss, ce, kl])), None
+
+    accum = batch.shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(3)), (batch, jnp.arange(accum)))
+    grads = jax.lax.pmean(jax.tree.map(lambda g: g / accum, grads), parallel.AXIS)
+    sums = jax.lax.pmean(sums / accum, parallel.AXIS)
+    grads = pruning.apply_masks(grads, masks)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    updates = pruning.apply_masks(updates, masks)
+    params = pruning.apply_masks(optax.apply_updates(params, updates), masks)
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
+                     data_position=state["data_position"] + accum)
+    metrics = {"loss": sums[0], "ce": sums[1], "kl": sums[2],
+               "grad_norm": _global_norm(grads)}
+    return new_state, metrics
+
+  rep = P()
+  step = parallel.shard_map(per_device, mesh, (rep, P(None, parallel.AXIS), rep), (rep, rep))
+  return jax.jit(step, donate_argnums=0)
+
+
+def _global_norm(tree):
+  """optax.tree.norm where it exists (optax >= 0.2.5), else the older optax.global_norm."""
+  tree_api = getattr(optax, "tree", None)
+  return tree_api.norm(tree) if hasattr(tree_api, "norm") else optax.global_norm(tree)
+
+
+def distill_kl(teacher_logits, student_logits, temperature):
+  """Per-token KL(teacher || student) of temperature-softened distributions, [..., V] -> [...]."""
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+def fit(config, model_cfg, params, masks, *, plan, streams, mesh, workdir, log, teacher=None):
+  """Fine-tunes `params` (with `masks` held at zero, and GMP if planned) and returns
+  (params, masks, summary). Resumes from `workdir/checkpoints` when it holds a checkpoint."""
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  t_cfg = config.train
+  total = pipeline.train_steps(config, streams)
+  seq_len = config.data.seq_len
+  sequences = train_sequences(streams.get("train"), seq_len)
+  n_dev = mesh.devices.size
+  if t_cfg.batch_size % n_dev:
+    raise UserError(f"train.batch_size={t_cfg.batch_size} must be a multiple of the "
+                    f"{n_dev} devices")
+  if len(sequences) < t_cfg.batch_size:
+    raise UserError(f"the train split has {len(sequences)} sequences of data.seq_len={seq_len}, "
+                    f"fewer than train.batch_size={t_cfg.batch_size}")
+  optimizer, schedule = make_optimizer(t_cfg, total)
+  teacher_params, teacher_cfg = load_teacher(config, model_cfg)
+  step_fn = make_train_step(model_cfg, optimizer, mesh, teacher_cfg=teacher_cfg,
+                            alpha=config.distill.alpha, temperature=config.distill.temperature)
+  gradual = plan is not None and config.prune.schedule == "gradual"
+  if gradual and not masks:
+    masks = plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
+  state = {
+      "params": params, "opt_state": optimizer.init(params), "masks": masks,
+      "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
+      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed + 1)), np.uint32),
+  }
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               every_steps=config.checkpoint.every_steps)
+  meta = {"best_perplexity": None, "final_loss": None}
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    log.event("resume", f"resumed from step {int(state['step'])} of {total}",
+              step=int(state["step"]))
+  state = parallel.replicate(state, mesh, donatable=True)
+  teacher_params = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
+  accum, tokens_per_step = t_cfg.grad_accum, t_cfg.batch_size * t_cfg.grad_accum * seq_len
+  apply_fn = _eval_apply(model_cfg)
+  eval_step = eval_lib.make_eval_step(apply_fn, mesh)
+
+  def evaluate_validation():
+    stream = streams.get("validation")
+    if t_cfg.eval_max_tokens:
+      stream = stream[:t_cfg.eval_max_tokens]
+    return eval_lib.evaluate(apply_fn, state["params"], stream, seq_len=seq_len,
+                             stride=seq_len, batch_size=config.eval.batch_size, mesh=mesh,
+                             progress=False, step_fn=eval_step)
+
+  step = int(state["step"])
+  t0, t_last, step_last = time.time(), time.time(), step
+  t_first, step_first = None, step  # throughput excludes the first (compiling) step
+  metrics = None
+  with ckpt_lib.PreemptionFlag() as preemption:
+    while step < total:
+      if gradual and plan.gmp_update(step, total):
+        params_now, masks_now = plan.prune(state["params"], plan.gmp_ratios(step, total),
+                                           old_masks=state["masks"])
+        state = dict(state, params=params_now, masks=masks_now)
+      position = int(state["data_position"])
+      batch = np.stack([batch_at(sequences, position + a, t_cfg.batch_size, config.seed)
+                        for a in range(accum)])
+      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1), teacher_params)
+      step += 1
+      if t_first is None:
+        jax.block_until_ready(metrics)
+        t_first, step_first = time.time(), step
+      if step % t_cfg.log_every == 0 or step == total:
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+          raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
+                         f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
+                         "train.warmup_steps, then run the same command again")
+        now = time.time()
+        tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+        eta = (total - step) * (now - t_last) / max(step - step_last, 1)
+        lr = float(schedule(step - 1))
+        log.metric(step, "train", loss=loss, ce=float(m["ce"]), kl=float(m["kl"]),
+                   grad_norm=float(m["grad_norm"]), learning_rate=lr, tokens_per_s=tok_s)
+        log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
+                  f"{tok_s:,.0f} tok/s  eta {eta:,.0f}s")
+        meta["final_loss"] = loss
+        t_last, step_last = now, step
+      metric = None
+      if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
+        r = evaluate_validation()
+        metric = r["perplexity"]
+        log.metric(step, "validation", loss=r["loss"], perplexity=metric)
+        log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
+        if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
+          meta["best_perplexity"] = metric
+      ckpt.save(step, state, meta, metric=metric, force=step == total)
+      if preemption.check(step):
+        ckpt.save(step, state, meta, force=True)
+        ckpt.wait()
+        ckpt.close()
+        log.event("preempted", f"SIGTERM: saved step {step}; run the same command to resume")
+        raise Preempted(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
+                        "run the same command to resume")
+  ckpt.wait()
+  ckpt.close()
+  jax.block_until_ready(state)
+  now = time.time()
+  tok_s = ((step - step_first) * tokens_per_step / (now - t_first)
+           if t_first is not None and step > step_first else None)
+  state = jax.device_get(state)
+  summary = {"steps": total, "tokens": total * tokens_per_step,
+             "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
+             "tokens_per_s": tok_s, "seconds": now - t0}
+  return state["params"], state["masks"], summary
+
+
+def _eval_apply(model_cfg):
+  model = model_lib.GPT2(model_cfg)
+  return lambda params, ids: model.apply({"params": params}, ids)
+
+
+def load_teacher(config, model_cfg):
+  """(teacher params, teacher GPT2Config) for distillation, or (None, None)."""
+  if not config.distill.teacher:
+    return None, None
+  from blockprune_jax import hf_io  # pylint: disable=import-outside-toplevel
+  d = hf_io.resolve_dir(config.distill.teacher)
+  t_cfg = hf_io.load_config(d, dtype=model_cfg.dtype, dropout=0.0, attention=model_cfg.attention)
+  if t_cfg.vocab_size != model_cfg.vocab_size:
+    raise UserError(f"distill.teacher={config.distill.teacher!r} has vocab {t_cfg.vocab_size}, "
+                    f"the student {model_cfg.vocab_size}")
+  return hf_io.load_params(d, t_cfg), t_cfg

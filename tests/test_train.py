@@ -1,0 +1,173 @@
+"""Fine-tuning: learning, device-count independence, distillation, kill / resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from blockprune_jax import model as model_lib
+from blockprune_jax import parallel
+from blockprune_jax import pipeline
+from blockprune_jax import train
+from conftest import TINY_CONFIG, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_training_from_scratch_halves_validation_perplexity(tmp_path):
+  config = tiny_config(train__steps=60, train__batch_size=16, eval__max_tokens=4000)
+  before = pipeline.run(tiny_config(eval__max_tokens=4000), str(tmp_path / "untrained"))
+  after = pipeline.run(config, str(tmp_path / "trained"))
+  assert after["perplexity"]["validation"] < 0.5 * before["perplexity"]["validation"]
+  assert after["train"]["steps"] == 60 and after["train"]["final_loss"] < 3.5
+  lines = open(tmp_path / "trained" / "metrics.jsonl").read().splitlines()
+  assert len([l for l in lines if '"train"' in l]) == 60
+
+
+def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_params=None):
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
+                             dropout=0.0)
+  t_cfg = ml_collections.ConfigDict(dict(warmup_steps=1, learning_rate=1e-2, schedule="cosine",
+                                         grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.1))
+  opt, _ = train.make_optimizer(t_cfg, 10)
+  params = student_params or model_lib.init_params(cfg, 0)
+  state = parallel.replicate({
+      "params": params, "opt_state": opt.init(params), "masks": {}, "step": np.zeros((), np.int32),
+      "data_position": np.zeros((), np.int32),
+      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(0)), np.uint32)}, mesh,
+      donatable=True)
+  step = train.make_train_step(cfg, opt, mesh, teacher_cfg=cfg if teacher else None,
+                               alpha=alpha, temperature=temperature)
+  # The same batch every step, so a few steps visibly lower its loss.
+  data = np.repeat(np.random.RandomState(0).randint(0, 257, (1, 2, 8, 17)), steps, 0).astype(np.int32)
+  teacher_params = parallel.replicate(teacher, mesh) if teacher else {}
+  losses, kls = [], []
+  for s in range(steps):
+    state, m = step(state, parallel.shard_batch(data[s], mesh, axis=1), teacher_params)
+    losses.append(float(m["loss"]))
+    kls.append(float(m["kl"]))
+  return jax.device_get(state["params"]), losses, kls
+
+
+def test_one_and_four_devices_give_the_same_curve():
+  one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  four = parallel.data_mesh()
+  assert four.devices.size == 4
+  p1, l1, _ = _run_steps(one)
+  p4, l4, _ = _run_steps(four)
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
+  assert l1[-1] < l1[0]
+  # Adam divides by sqrt(v): float-rounding differences in tiny gradients show up at ~1e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), p1, p4)
+
+
+def test_distillation_alpha_zero_is_plain_finetuning_and_self_kl_is_zero():
+  mesh = parallel.data_mesh()
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32)
+  teacher = model_lib.init_params(cfg, 1)
+  plain, l_plain, _ = _run_steps(mesh)
+  distilled, l_dist, _ = _run_steps(mesh, teacher=teacher, alpha=0.0)
+  np.testing.assert_allclose(l_plain, l_dist, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, distilled)
+  # A teacher equal to the student: KL(teacher || student) is 0 at the first step.
+  student = model_lib.init_params(model_lib.GPT2Config(
+      vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32, dropout=0.0), 0)
+  _, _, kls = _run_steps(mesh, steps=1, teacher=student, alpha=0.5, student_params=student)
+  assert abs(kls[0]) < 1e-6
+
+
+def test_distill_kl_matches_numpy():
+  rng = np.random.RandomState(0)
+  t, s = rng.randn(3, 7), rng.randn(3, 7)
+  T = 2.0
+  pt = np.exp(t / T) / np.exp(t / T).sum(-1, keepdims=True)
+  ps = np.exp(s / T) / np.exp(s / T).sum(-1, keepdims=True)
+  want = (pt * (np.log(pt) - np.log(ps))).sum(-1)
+  np.testing.assert_allclose(np.asarray(train.distill_kl(t, s, T)), want, rtol=1e-5)
+
+
+# --- kill / resume through the command line --------------------------------------------
+
+STEPS = 40
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
+          f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.export.hf=true",
+          "--config.model.dropout=0.1", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device in the subprocesses
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _train_steps_logged(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  return sum('"train"' in line for line in open(path))
+
+
+def _interrupt(workdir, sig, after_steps, *extra):
+  """Starts a run, sends `sig` once it logged `after_steps` steps; returns its exit code."""
+  proc = subprocess.Popen(_cmd(workdir, *extra), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while _train_steps_logged(workdir) < after_steps:
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  proc.wait(timeout=120)
+  assert not os.path.exists(os.path.join(workdir, "results.json")), "killed too late"
+  return proc.returncode
+
+
+def _final_params(workdir):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  return load_file(os.path.join(workdir, "export", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("straight"))
+  subprocess.run(_cmd(d), env=_env(), cwd=REPO, check=True, capture_output=True)
+  return d
+
+
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  d = str(tmp_path / "killed")
+  _interrupt(d, signal.SIGKILL, 25, "--config.checkpoint.every_steps=10")
+  from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() in (10, 20)
+  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=10"), env=_env(), cwd=REPO, check=True,
+                 capture_output=True)
+  a, b = _final_params(uninterrupted), _final_params(d)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigterm_saves_the_current_step_then_resumes_identically(uninterrupted, tmp_path):
+  d = str(tmp_path / "terminated")
+  code = _interrupt(d, signal.SIGTERM, 13, "--config.checkpoint.every_steps=1000")
+  assert code == 143
+  from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
+  assert saved is not None and 13 <= saved < STEPS  # the step it was at, not an interval save
+  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=1000"), env=_env(), cwd=REPO,
+                 check=True, capture_output=True)
+  a, b = _final_params(uninterrupted), _final_params(d)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # A finished run started again only reports.
+  r = subprocess.run(_cmd(d), env=_env(), cwd=REPO, check=True, capture_output=True, text=True)
+  assert "validation" in r.stdout and "step" not in r.stderr
