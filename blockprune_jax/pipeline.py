@@ -20,6 +20,8 @@ from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax import prune_plan
+from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
@@ -78,14 +80,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"{model_cfg.n_positions}: lower --config.data.seq_len")
   n_params = model_lib.count_params(params)
   log.event("model", f"GPT-2 {model_cfg.n_layer} layers x {model_cfg.n_embd} wide, "
-            f"{n_params / 1e6:.1f}M parameters, compute {model_cfg.dtype}",
+            f"{n_params / 1e6:.2f}M parameters, compute {model_cfg.dtype}",
             model=dataclasses.asdict(model_cfg), params=n_params)
   apply_fn = make_apply_fn(model_cfg)
 
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
-  from blockprune_jax import prune_plan  # pylint: disable=import-outside-toplevel
   plan = prune_plan.make_plan(config, model_cfg, params, streams, log)
   masks = {}
+  if plan and config.prune.schedule == "gradual" and train_steps(config, streams) == 0:
+    raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
+                    "train.epochs, or use prune.schedule=oneshot")
   if plan and config.prune.schedule == "oneshot" and config.prune.when == "before_finetune":
     params, masks = plan.prune(params, plan.ratios_per_layer)
   train_summary = {}
@@ -98,9 +102,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, masks = plan.prune(params, plan.ratios_per_layer)
 
   # --- evaluation -------------------------------------------------------------------
+  eval_params, compact_widths = params, None
+  if plan and config.prune.method == "neurons" and config.prune.compact:
+    # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
+    # dense parameters, identical in output, are what results and the export describe).
+    eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
+    apply_fn = make_apply_fn(pruning.compacted_config(model_cfg, compact_widths))
+    log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
+              widths=list(compact_widths))
   evals = {}
   for split in config.eval.splits:
-    r = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
+    r = eval_lib.evaluate(apply_fn, eval_params, streams.get(split), seq_len=config.data.seq_len,
                           stride=config.eval.stride or config.data.seq_len,
                           batch_size=config.eval.batch_size, mesh=mesh, desc=split)
     evals[split] = r
@@ -117,7 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           for x in jax.tree.leaves(params)))},
       "perplexity": {s: r["perplexity"] for s, r in evals.items()},
       "eval": evals,
-      "pruning": plan.describe() if plan else {"method": "none"},
+      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths) if plan
+                 else {"method": "none"},
       "sparsity": prune_plan.measure(params, model_cfg, config),
       "train": train_summary,
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
@@ -128,6 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = hf_io.export(jax.device_get(params), model_cfg, os.path.join(workdir, "export"), tok)
     results["export"] = out
     log.event("export", f"exported Hugging Face model to {out}")
+  results = json.loads(json.dumps(results, default=_to_json))  # what callers get == the file
   if jax.process_index() == 0:
     _write_json_atomic(results_path, results)
   log.event("done", f"results in {results_path}")
@@ -260,8 +274,12 @@ def _override(config, updates: dict):
   return c
 
 
+def _to_json(x):
+  return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
 def _write_json_atomic(path, obj):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+    json.dump(obj, f, indent=2, default=_to_json)
   os.replace(tmp, path)

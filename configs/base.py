@@ -98,6 +98,7 @@ def get_config():
   p.end = 0.5  # gradual: last step where sparsity still grows (same units)
   p.every = 0.01  # gradual: mask update interval (same units)
   p.initial = 0.0  # gradual: starting sparsity s_i
+  p.compact = True  # neurons: evaluate with the pruned hidden units removed (smaller, faster MLPs)
   p.calib_batches = 8  # wanda / owl: train-split sequences used for activation norms
 
   # --- export ------------------------------------------------------------
