@@ -1,0 +1,65 @@
+"""The offline quickstart, shrunk: base model, three allocations, table and plot; a sweep
+killed part-way and restarted does not redo finished runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import TINY_CONFIG  # noqa: F401  (conftest sets up the environment)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.model.n_head=2",
+          "--config.model.n_positions=64", "--config.data.seq_len=32", "--config.base.steps=20",
+          "--config.train.steps=4", "--config.eval.max_tokens=3000", "--config.train.log_every=5",
+          "--config.train.batch_size=8"]
+
+
+def _cmd(workdir):
+  return [sys.executable, "-m", "blockprune_jax.main", "--config=configs/quickstart.py",
+          f"--workdir={workdir}", *SHRINK]
+
+
+def _env(tmp_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["BLOCKPRUNE_CACHE"] = str(tmp_path / "cache")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def test_quickstart_killed_and_restarted(tmp_path):
+  workdir = tmp_path / "quickstart"
+  first = workdir / "prune.allocation=uniform" / "results.json"
+  proc = subprocess.Popen(_cmd(workdir), env=_env(tmp_path), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not first.exists():
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "report.md").exists()
+  stamp = first.stat().st_mtime_ns
+  base_stamp = (workdir / "base" / "results.json").stat().st_mtime_ns
+
+  r = subprocess.run(_cmd(workdir), env=_env(tmp_path), cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  # Finished runs and the shared base model were not redone.
+  assert first.stat().st_mtime_ns == stamp
+  assert (workdir / "base" / "results.json").stat().st_mtime_ns == base_stamp
+  assert os.path.isfile(workdir / "base" / "export" / "model.safetensors")
+  sweep = json.load(open(workdir / "sweep.json"))
+  assert sweep["counts"]["done"] == 3
+
+  # The table holds each run's measured numbers; the plot is a real picture.
+  table = open(workdir / "report.md").read()
+  for allocation in ("uniform", "linear", "exponential"):
+    res = json.load(open(workdir / f"prune.allocation={allocation}" / "results.json"))
+    assert res["pruning"]["allocation"] == allocation
+    assert abs(res["sparsity"]["overall"] - 0.5) < 0.01
+    assert f"{res['perplexity']['validation']:.2f}" in table
+    assert f"{res['perplexity']['test']:.2f}" in table
+  assert os.path.getsize(workdir / "ppl_vs_sparsity.png") > 5000
