@@ -204,55 +204,55 @@ def fit(config, model_cfg, params, masks, *, plan, streams, mesh, workdir, log, 
   t0, t_last, step_last = time.time(), time.time(), step
   t_first, step_first = None, step  # throughput excludes the first (compiling) step
   metrics = None
-  with ckpt_lib.PreemptionFlag() as preemption:
-    while step < total:
-      if gradual and plan.gmp_update(step, total):
-        params_now, masks_now = plan.prune(state["params"], plan.gmp_ratios(step, total),
-                                           old_masks=state["masks"])
-        state = dict(state, params=params_now, masks=masks_now)
-      position = int(state["data_position"])
-      batch = np.stack([batch_at(sequences, position + a, t_cfg.batch_size, config.seed)
-                        for a in range(accum)])
-      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1), teacher_params)
-      step += 1
-      if t_first is None:
-        jax.block_until_ready(metrics)
-        t_first, step_first = time.time(), step
-      if step % t_cfg.log_every == 0 or step == total:
-        m = jax.device_get(metrics)
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-          raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
-                         f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
-                         "train.warmup_steps, then run the same command again")
-        now = time.time()
-        tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-        eta = (total - step) * (now - t_last) / max(step - step_last, 1)
-        lr = float(schedule(step - 1))
-        log.metric(step, "train", loss=loss, ce=float(m["ce"]), kl=float(m["kl"]),
-                   grad_norm=float(m["grad_norm"]), learning_rate=lr, tokens_per_s=tok_s)
-        log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
-                  f"{tok_s:,.0f} tok/s  eta {eta:,.0f}s")
-        meta["final_loss"] = loss
-        t_last, step_last = now, step
-      metric = None
-      if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
-        r = evaluate_validation()
-        metric = r["perplexity"]
-        log.metric(step, "validation", loss=r["loss"], perplexity=metric)
-        log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
-        if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
-          meta["best_perplexity"] = metric
-      ckpt.save(step, state, meta, metric=metric, force=step == total)
-      if preemption.check(step):
-        ckpt.save(step, state, meta, force=True)
-        ckpt.wait()
-        ckpt.close()
-        log.event("preempted", f"SIGTERM: saved step {step}; run the same command to resume")
-        raise Preempted(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
-                        "run the same command to resume")
-  ckpt.wait()
-  ckpt.close()
+  try:  # whatever ends the loop, pending asynchronous saves finish before we leave
+    with ckpt_lib.PreemptionFlag() as preemption:
+      while step < total:
+        if gradual and plan.gmp_update(step, total):
+          params_now, masks_now = plan.prune(state["params"], plan.gmp_ratios(step, total),
+                                             old_masks=state["masks"])
+          state = dict(state, params=params_now, masks=masks_now)
+        position = int(state["data_position"])
+        batch = np.stack([batch_at(sequences, position + a, t_cfg.batch_size, config.seed)
+                          for a in range(accum)])
+        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1), teacher_params)
+        step += 1
+        if t_first is None:
+          jax.block_until_ready(metrics)
+          t_first, step_first = time.time(), step
+        if step % t_cfg.log_every == 0 or step == total:
+          m = jax.device_get(metrics)
+          loss = float(m["loss"])
+          if not math.isfinite(loss):
+            raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
+                           f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
+                           "train.warmup_steps, then run the same command again")
+          now = time.time()
+          tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+          eta = (total - step) * (now - t_last) / max(step - step_last, 1)
+          lr = float(schedule(step - 1))
+          log.metric(step, "train", loss=loss, ce=float(m["ce"]), kl=float(m["kl"]),
+                     grad_norm=float(m["grad_norm"]), learning_rate=lr, tokens_per_s=tok_s)
+          log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
+                    f"{tok_s:,.0f} tok/s  eta {eta:,.0f}s")
+          meta["final_loss"] = loss
+          t_last, step_last = now, step
+        metric = None
+        if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
+          r = evaluate_validation()
+          metric = r["perplexity"]
+          log.metric(step, "validation", loss=r["loss"], perplexity=metric)
+          log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
+          if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
+            meta["best_perplexity"] = metric
+        ckpt.save(step, state, meta, metric=metric, force=step == total)
+        if preemption.check(step):
+          ckpt.save(step, state, meta, force=True)
+          ckpt.wait()
+          log.event("preempted", f"SIGTERM: saved step {step}; run the same command to resume")
+          raise Preempted(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
+                          "run the same command to resume")
+  finally:
+    ckpt.close()  # waits for pending saves
   jax.block_until_ready(state)
   now = time.time()
   tok_s = ((step - step_first) * tokens_per_step / (now - t_first)

@@ -171,3 +171,16 @@ def test_sigterm_saves_the_current_step_then_resumes_identically(uninterrupted, 
   # A finished run started again only reports.
   r = subprocess.run(_cmd(d), env=_env(), cwd=REPO, check=True, capture_output=True, text=True)
   assert "validation" in r.stdout and "step" not in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  config = tiny_config(train__steps=8, train__learning_rate=1e30, train__grad_clip=0.0,
+                       train__warmup_steps=1, checkpoint__every_steps=1)
+  with pytest.raises(UserError, match="non-finite loss at step"):
+    pipeline.run(config, str(tmp_path / "nan"))
+  ckpt = Checkpointer(str(tmp_path / "nan" / "checkpoints"))
+  step = ckpt.latest_step()
+  assert step is not None and step < 8
+  assert not os.path.exists(tmp_path / "nan" / "results.json")
