@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from blockprune_jax import model as model_lib
+from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 
 # HF name suffix -> (our module path inside a block or at the top, leaf name)
@@ -105,13 +106,13 @@ def load_params(ckpt_dir: str, cfg: model_lib.GPT2Config) -> dict:
     path = _our_path(hf_name)
     if path is None:
       continue
-    want = _get(expected, path)
+    want = trees.get_path(expected, path)
     if want is None or tuple(want.shape) != arr.shape:
       raise UserError(f"{ckpt_dir}: tensor {hf_name} has shape {arr.shape}, the config.json "
                       f"implies {None if want is None else tuple(want.shape)}")
-    _set(params, path, arr)
+    trees.set_path(params, path, arr)
     seen.add(path)
-  missing = [p for p in _paths(expected) if p not in seen]
+  missing = [p for p in trees.leaf_paths(expected) if p not in seen]
   if missing:
     raise UserError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {'.'.join(missing[0])}")
   return params
@@ -123,8 +124,9 @@ def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> s
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   os.makedirs(out_dir, exist_ok=True)
   tensors = {}
-  for path in _paths(params):
-    tensors[_hf_name(path)] = np.ascontiguousarray(np.asarray(_get(params, path), np.float32))
+  for path in trees.leaf_paths(params):
+    leaf = np.asarray(trees.get_path(params, path), np.float32)
+    tensors[_hf_name(path)] = np.ascontiguousarray(leaf)
   n_inner = cfg.mlp_width(0)
   if cfg.mlp_widths and len(set(cfg.mlp_widths)) > 1:
     raise ValueError("export needs one MLP width for all layers; export the masked dense model")
@@ -160,25 +162,3 @@ def _hf_name(path) -> str:
     return f"transformer.ln_f.{leaf}"
   layer = path[0].removeprefix("h_")
   return f"transformer.h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
-
-
-def _paths(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _paths(v, prefix + (k,))
-    else:
-      yield prefix + (k,)
-
-
-def _get(tree, path):
-  for k in path:
-    if not isinstance(tree, dict) or k not in tree:
-      return None
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value

@@ -22,7 +22,9 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import prune_plan
 from blockprune_jax import pruning
+from blockprune_jax import sweep
 from blockprune_jax import tokenizer as tok_lib
+from blockprune_jax import train
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
 
@@ -61,14 +63,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             devices=[str(d) for d in jax.devices()])
 
   # --- base model (offline studies train one from scratch, once) ---------------------
-  role = "experiment"
   if config.base.steps > 0 and config.model.init == "scratch":
     base_dir = config.base.dir or os.path.join(workdir, "base")
     run(base_config(config), base_dir)
-    config = _override(config, {"model.init": "pretrained",
-                                "model.name_or_path": os.path.join(base_dir, "export")})
-  elif config.get("role"):
-    role = config.role
+    config = sweep.apply_overrides(config, {
+        "model.init": "pretrained", "model.name_or_path": os.path.join(base_dir, "export")})
 
   # --- tokenizer, data and model ------------------------------------------------------
   ckpt_dir = hf_io.resolve_dir(config.model.name_or_path) if config.model.init == "pretrained" else None
@@ -87,16 +86,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
   plan = prune_plan.make_plan(config, model_cfg, params, streams, log)
   masks = {}
-  if plan and config.prune.schedule == "gradual" and train_steps(config, streams) == 0:
+  steps = train_steps(config, streams)
+  if plan and config.prune.schedule == "gradual" and steps == 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
   if plan and config.prune.schedule == "oneshot" and config.prune.when == "before_finetune":
     params, masks = plan.prune(params, plan.ratios_per_layer)
   train_summary = {}
-  if train_steps(config, streams) > 0:
-    from blockprune_jax import train  # pylint: disable=import-outside-toplevel
+  if steps > 0:
     params, masks, train_summary = train.fit(
-        config, model_cfg, params, masks, plan=plan, streams=streams, mesh=mesh,
+        config, model_cfg, params, masks, total=steps, plan=plan, streams=streams, mesh=mesh,
         workdir=workdir, log=log)
   if plan and config.prune.schedule == "oneshot" and config.prune.when == "after_finetune":
     params, masks = plan.prune(params, plan.ratios_per_layer)
@@ -121,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- results ----------------------------------------------------------------------
   results = {
-      "role": role,
+      "role": config.role,
       "config": config.to_dict(),
       "model": {"n_layer": model_cfg.n_layer, "n_embd": model_cfg.n_embd,
                 "n_head": model_cfg.n_head, "params_total": n_params,
@@ -228,7 +227,7 @@ def train_steps(config, streams) -> int:
 def base_config(config):
   """The config of the dense base model a from-scratch study prunes (trained once)."""
   b = config.base
-  return _override(config, {
+  return sweep.apply_overrides(config, {
       "base.steps": 0, "role": "base", "prune.method": "none", "distill.teacher": "",
       "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
       "train.batch_size": b.batch_size or config.train.batch_size,
@@ -260,18 +259,6 @@ def _get(config, dotted):
   for k in dotted.split("."):
     config = config[k]
   return config
-
-
-def _override(config, updates: dict):
-  """A copy of `config` with dotted keys replaced (new keys allowed)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in updates.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def _to_json(x):

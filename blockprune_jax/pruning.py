@@ -22,6 +22,7 @@ import numpy as np
 
 from blockprune_jax import allocation
 from blockprune_jax import model as model_lib
+from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 
 MATRICES = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
@@ -207,7 +208,7 @@ def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, tar
       norm = None if norms is None else norms[(l, n)]
       s = _score(method, kernel(params, l, n), key=key, norm=norm, index=(l, MATRICES.index(n)))
       if previous is not None:  # dead weights rank first, so they stay among the zeros
-        s = jnp.where(_get(previous, _kernel_path(l, n)), s, -jnp.inf)
+        s = jnp.where(trees.get_path(previous, _kernel_path(l, n)), s, -jnp.inf)
       scores[(l, n)] = s
 
   if method == "wanda":
@@ -218,8 +219,8 @@ def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, tar
   masks = {}
   for (l, n), m in keep.items():
     if previous is not None:
-      m = m & _get(previous, _kernel_path(l, n))
-    _set(masks, _kernel_path(l, n), m)
+      m = m & trees.get_path(previous, _kernel_path(l, n))
+    trees.set_path(masks, _kernel_path(l, n), m)
   return masks
 
 
@@ -333,7 +334,7 @@ def compact_mlp(params, masks) -> tuple[dict, tuple[int, ...]]:
   masked = apply_masks(params, masks)
   out, widths = dict(masked), []
   for l in range(n_layers(params)):
-    layer_mask = _get(masks, (f"h_{l}", "mlp", "c_fc", "kernel"))
+    layer_mask = trees.get_path(masks, (f"h_{l}", "mlp", "c_fc", "kernel"))
     fc = masked[f"h_{l}"]["mlp"]["c_fc"]
     width = fc["kernel"].shape[1]
     alive = np.ones(width, bool) if layer_mask is None else np.asarray(jnp.any(layer_mask, axis=0))
@@ -441,14 +442,14 @@ def _neuron_masks(params, ratios, scope, blocks, previous) -> dict:
     s = (jnp.linalg.norm(mlp["c_fc"]["kernel"], axis=0)
          * jnp.linalg.norm(mlp["c_proj"]["kernel"], axis=1))  # [F]
     if previous is not None:
-      alive = jnp.any(_get(previous, (f"h_{l}", "mlp", "c_fc", "kernel")), axis=0)
+      alive = jnp.any(trees.get_path(previous, (f"h_{l}", "mlp", "c_fc", "kernel")), axis=0)
       s = jnp.where(alive, s, -jnp.inf)
     scores[(l, "units")] = s
   keep = _keep_in_groups(scores, ratios, _scope_groups(scope, list(scores), len(ratios), blocks))
   masks = {}
   for (l, _), units in keep.items():
     if previous is not None:
-      units = units & jnp.any(_get(previous, (f"h_{l}", "mlp", "c_fc", "kernel")), axis=0)
+      units = units & jnp.any(trees.get_path(previous, (f"h_{l}", "mlp", "c_fc", "kernel")), axis=0)
     fc = params[f"h_{l}"]["mlp"]["c_fc"]["kernel"]
     d, f = fc.shape
     masks[f"h_{l}"] = {"mlp": {
@@ -459,17 +460,3 @@ def _neuron_masks(params, ratios, scope, blocks, previous) -> dict:
 
 def _kernel_path(layer: int, name: str) -> tuple:
   return (f"h_{layer}", *name.split("/"), "kernel")
-
-
-def _get(tree, path):
-  for k in path:
-    if not isinstance(tree, dict) or k not in tree:
-      return None
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value

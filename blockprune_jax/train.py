@@ -152,12 +152,10 @@ def distill_kl(teacher_logits, student_logits, temperature):
 
 # --- the loop ----------------------------------------------------------------------------
 
-def fit(config, model_cfg, params, masks, *, plan, streams, mesh, workdir, log, teacher=None):
-  """Fine-tunes `params` (with `masks` held at zero, and GMP if planned) and returns
-  (params, masks, summary). Resumes from `workdir/checkpoints` when it holds a checkpoint."""
-  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir, log):
+  """Fine-tunes `params` for `total` steps (with `masks` held at zero, and GMP if planned) and
+  returns (params, masks, summary). Resumes from `workdir/checkpoints` when it holds one."""
   t_cfg = config.train
-  total = pipeline.train_steps(config, streams)
   seq_len = config.data.seq_len
   sequences = train_sequences(streams.get("train"), seq_len)
   n_dev = mesh.devices.size

@@ -12,6 +12,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds init, data order, dropout, random pruning, calibration picks
+  c.role = "experiment"  # "base" for the dense base model a from-scratch study trains first
 
   # --- model -------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()

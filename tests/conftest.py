@@ -42,11 +42,6 @@ def tiny_config(**overrides):
   spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from blockprune_jax import sweep  # pylint: disable=import-outside-toplevel
+  return sweep.apply_overrides(module.get_config(),
+                               {k.replace("__", "."): v for k, v in overrides.items()})
