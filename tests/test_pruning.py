@@ -9,6 +9,7 @@ import pytest
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import pruning
+from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 from configs import base
 
@@ -94,7 +95,7 @@ def test_matrix_scope_counts_are_exact(params, method, targets):
                                 key=jax.random.PRNGKey(1))
   for l in range(4):
     for name in pruning.target_names(targets):
-      m = pruning._get(masks, pruning._kernel_path(l, name))
+      m = trees.get_path(masks, pruning._kernel_path(l, name))
       assert zeros(m) == round(ratios[l] * m.size)
   assert set(masks["h_0"]) == {n.split("/")[0] for n in pruning.target_names(targets)}
 
@@ -107,7 +108,7 @@ def test_block_and_global_scopes_hit_their_counts(params, method):
   masks = pruning.compute_masks(params, ratios, method=method, targets="all", scope="block",
                                 blocks=2, key=key)
   for layers, r in [([0, 1], 0.2), ([2, 3], 0.6)]:
-    got = sum(zeros(pruning._get(masks, pruning._kernel_path(l, n)))
+    got = sum(zeros(trees.get_path(masks, pruning._kernel_path(l, n)))
               for l in layers for n in pruning.MATRICES)
     assert got == round(r * sum(sizes[l] for l in layers))
   masks = pruning.compute_masks(params, ratios, method=method, targets="all", scope="global",
@@ -116,7 +117,7 @@ def test_block_and_global_scopes_hit_their_counts(params, method):
   if method == "magnitude":  # one threshold: every pruned |w| <= every kept |w|
     w = [np.abs(np.asarray(pruning.kernel(params, l, n)))
          for l in range(4) for n in pruning.MATRICES]
-    m = [np.asarray(pruning._get(masks, pruning._kernel_path(l, n)))
+    m = [np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
          for l in range(4) for n in pruning.MATRICES]
     assert max(x[~k].max() for x, k in zip(w, m)) <= min(x[k].min() for x, k in zip(w, m))
 
@@ -127,7 +128,7 @@ def test_block_scope_with_one_layer_per_block_ranks_the_layer_together(params):
   masks = pruning.compute_masks(params, ratios, method="magnitude", targets="all", scope="block",
                                 blocks=4)
   for l in range(4):
-    ms = [pruning._get(masks, pruning._kernel_path(l, n)) for n in pruning.MATRICES]
+    ms = [trees.get_path(masks, pruning._kernel_path(l, n)) for n in pruning.MATRICES]
     assert sum(zeros(m) for m in ms) == round(ratios[l] * sizes[l])
   assert pruning.compute_masks(params, ratios, method="none") == {}
 
@@ -282,11 +283,11 @@ def test_gmp_masks_only_grow(params, method):
                                   previous=masks)
     for l in range(4):
       for n in pruning.MATRICES:
-        m = np.asarray(pruning._get(masks, pruning._kernel_path(l, n)))
+        m = np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
         assert zeros(m) == round(ratios[l] * m.size)
         if last is not None:
           assert not np.any(m & ~last[(l, n)])  # nothing revived
-    last = {(l, n): np.asarray(pruning._get(masks, pruning._kernel_path(l, n)))
+    last = {(l, n): np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
             for l in range(4) for n in pruning.MATRICES}
     # Training moves the weights (and, without masking, would revive pruned ones).
     noise = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.PRNGKey(i), x.shape), p)
