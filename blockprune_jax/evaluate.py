@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from blockprune_jax import parallel
+from blockprune_jax.errors import UserError
 
 
 def eval_windows(stream: np.ndarray, seq_len: int, stride: int):
@@ -71,6 +72,9 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   """Perplexity of `stream` (1-D int array). Returns a dict with loss, perplexity,
   tokens_scored, tokens_per_s (input tokens of the windows per second, compile excluded)."""
   mesh = mesh or parallel.data_mesh()
+  if len(stream) < 2:
+    raise UserError(f"{desc}: {len(stream)} token(s) to evaluate, at least 2 are needed: check "
+                    "the split's text or raise eval.max_tokens")
   inputs, labels, weights = eval_windows(np.asarray(stream), seq_len, stride)
   n_dev = mesh.devices.size
   batch = parallel.round_up(max(1, min(batch_size, len(inputs))), n_dev)

@@ -20,14 +20,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "me
                     "special_tokens_map.json")
 
 
-def resolve_dir(name_or_path: str) -> str:
-  """A local HF directory for `model.name_or_path`: the directory itself, a workdir's
-  `export/`, or a hub snapshot (downloaded once, then cached by huggingface_hub)."""
+def resolve_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
+  """A local HF directory for `name_or_path` (the config key `key`): the directory itself, a
+  workdir's `export/`, or a hub snapshot (downloaded once, then cached by huggingface_hub)."""
   if os.path.isdir(name_or_path):
     for d in (name_or_path, os.path.join(name_or_path, "export")):
       if os.path.isfile(os.path.join(d, "config.json")):
         return d
-    raise UserError(f"model.name_or_path={name_or_path!r} is a directory without config.json "
+    raise UserError(f"{key}={name_or_path!r} is a directory without config.json "
                     "(nor export/config.json): point it at a Hugging Face GPT-2 directory")
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
@@ -36,7 +36,7 @@ def resolve_dir(name_or_path: str) -> str:
         "model-*.safetensors", "pytorch_model.bin", *_TOKENIZER_FILES])
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f"model.name_or_path={name_or_path!r}: not a local directory and the Hugging Face hub "
+        f"{key}={name_or_path!r}: not a local directory and the Hugging Face hub "
         f"could not provide it ({type(e).__name__}). Offline, pass a local HF directory or "
         "--config.model.init=scratch") from None
 

@@ -74,17 +74,22 @@ def shard_batch(batch, mesh, axis=0):
   """Splits host arrays along their batch `axis` over the 'data' mesh axis.
 
   Every process holds the whole global batch in this codebase (data is cheap to recompute), so
-  each one hands over only its own slice; this also works unchanged on a single host.
+  each device simply takes the rows its mesh position owns, whatever the device order; this
+  works unchanged on one host and on many.
   """
-  n_proc, pid = jax.process_count(), jax.process_index()
   sharding = NamedSharding(mesh, P(*([None] * axis), AXIS))
 
   def put(x):
     x = np.asarray(x)
-    per = x.shape[axis] // n_proc
-    local = np.take(x, np.arange(pid * per, (pid + 1) * per), axis=axis)
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree.map(put, batch)
+
+
+def sync(name: str):
+  """Waits for every process (no-op on one host), e.g. until process 0 has written a file."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -65,7 +65,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- base model (offline studies train one from scratch, once) ---------------------
   if config.base.steps > 0 and config.model.init == "scratch":
     base_dir = config.base.dir or os.path.join(workdir, "base")
-    run(base_config(config), base_dir)
+    base = base_config(config)
+    check_base(base, base_dir)
+    run(base, base_dir)
+    parallel.sync("base model exported")
     config = sweep.apply_overrides(config, {
         "model.init": "pretrained", "model.name_or_path": os.path.join(base_dir, "export")})
 
@@ -84,20 +87,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   apply_fn = make_apply_fn(model_cfg)
 
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
-  plan = prune_plan.make_plan(config, model_cfg, params, streams, log)
+  late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
+          and config.prune.when == "after_finetune")
+  plan = None if late else prune_plan.make_plan(config, model_cfg, params, streams, log)
   masks = {}
   steps = train_steps(config, streams)
   if plan and config.prune.schedule == "gradual" and steps == 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
-  if plan and config.prune.schedule == "oneshot" and config.prune.when == "before_finetune":
+  if plan and config.prune.schedule == "oneshot":
     params, masks = plan.prune(params, plan.ratios_per_layer)
-  train_summary = {}
+  train_summary = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
   if steps > 0:
     params, masks, train_summary = train.fit(
         config, model_cfg, params, masks, total=steps, plan=plan, streams=streams, mesh=mesh,
         workdir=workdir, log=log)
-  if plan and config.prune.schedule == "oneshot" and config.prune.when == "after_finetune":
+  if late:  # no recovery: scores (and wanda / owl statistics) from the fine-tuned weights
+    plan = prune_plan.make_plan(config, model_cfg, jax.device_get(params), streams, log)
     params, masks = plan.prune(params, plan.ratios_per_layer)
 
   # --- evaluation -------------------------------------------------------------------
@@ -110,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
               widths=list(compact_widths))
   evals = {}
-  for split in config.eval.splits:
+  for split in eval_splits(config):
     r = eval_lib.evaluate(apply_fn, eval_params, streams.get(split), seq_len=config.data.seq_len,
                           stride=config.eval.stride or config.data.seq_len,
                           batch_size=config.eval.batch_size, mesh=mesh, desc=split)
@@ -128,21 +134,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           for x in jax.tree.leaves(params)))},
       "perplexity": {s: r["perplexity"] for s, r in evals.items()},
       "eval": evals,
-      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths) if plan
-                 else {"method": "none"},
+      "pruning": dict(plan.describe() if plan else prune_plan.describe_none(config, model_cfg),
+                      compacted_mlp_widths=compact_widths),
       "sparsity": prune_plan.measure(params, model_cfg, config),
       "train": train_summary,
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                   "processes": jax.process_count(), "device_kind": dev.device_kind,
                   "seconds": time.time() - t_start},
   }
-  if config.export.hf and jax.process_index() == 0:
-    out = hf_io.export(jax.device_get(params), model_cfg, os.path.join(workdir, "export"), tok)
+  if config.export.hf:
+    out = os.path.join(workdir, "export")
+    if jax.process_index() == 0:
+      hf_io.export(jax.device_get(params), model_cfg, out, tok)
+      log.event("export", f"exported Hugging Face model to {out}")
     results["export"] = out
-    log.event("export", f"exported Hugging Face model to {out}")
   results = json.loads(json.dumps(results, default=_to_json))  # what callers get == the file
   if jax.process_index() == 0:
     _write_json_atomic(results_path, results)
+  parallel.sync("results written")
   log.event("done", f"results in {results_path}")
   log.close()
   print(summary_table(results))
@@ -163,8 +172,15 @@ def validate(config):
   if not 0 < stride <= config.data.seq_len:
     raise UserError(f"eval.stride={config.eval.stride} must be in 1..data.seq_len "
                     f"({config.data.seq_len}); 0 means seq_len")
-  if config.train.batch_size < 1 or config.eval.batch_size < 1:
-    raise UserError("train.batch_size and eval.batch_size must be positive")
+  for key in ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every",
+              "checkpoint.every_steps", "checkpoint.keep"):
+    if _get(config, key) < 1:
+      raise UserError(f"{key}={_get(config, key)} must be at least 1")
+
+
+def eval_splits(config):
+  """eval.splits, also accepting the flag form --config.eval.splits=validation,test."""
+  return [s.strip() for item in config.eval.splits for s in item.split(",") if s.strip()]
 
 
 def load_model(config, ckpt_dir, vocab_size):
@@ -225,14 +241,31 @@ def train_steps(config, streams) -> int:
 
 
 def base_config(config):
-  """The config of the dense base model a from-scratch study prunes (trained once)."""
+  """The config of the dense base model a from-scratch study prunes (trained once).
+
+  Its seed is base.seed, so runs that differ only in seed share one base."""
   b = config.base
   return sweep.apply_overrides(config, {
       "base.steps": 0, "role": "base", "prune.method": "none", "distill.teacher": "",
+      "seed": b.seed,
       "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
       "train.batch_size": b.batch_size or config.train.batch_size,
       "train.warmup_steps": max(1, b.steps // 20), "eval.splits": ("validation",),
       "export.hf": True})
+
+
+def check_base(base, base_dir):
+  """A finished base in base_dir must have been trained the way this run would train it."""
+  path = os.path.join(base_dir, "results.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)["config"]
+  try:
+    train.check_resumable(train.resume_keys(saved), train.resume_keys(base), base_dir)
+  except UserError as e:
+    raise UserError(f"base.dir: {e}; the base model is shared by every run that names this "
+                    "directory") from None
 
 
 def summary_table(results) -> str:

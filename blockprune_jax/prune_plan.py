@@ -52,7 +52,10 @@ class Plan:
     start, end, every = conv(self.p.start), conv(self.p.end), max(1, conv(self.p.every))
     if not 0 <= start <= end:
       raise UserError(f"prune.start={self.p.start} must not come after prune.end={self.p.end}")
-    return start, end, every
+    # Masks are updated before steps 0 .. total-1: an end at (or past) the last step means the
+    # final sparsity is reached before the last update, as the schedule promises.
+    end = min(end, total - 1)
+    return min(start, end), end, every
 
   def gmp_update(self, step, total) -> bool:
     start, end, every = self._steps(total)
@@ -89,6 +92,17 @@ def calibration_stats(config, model_cfg, params, streams):
     raise UserError("prune.calib_batches must be >= 1 and the train split must hold a sequence")
   pick = np.random.default_rng([config.seed, 7]).choice(len(seqs), n, replace=False)
   return pruning.collect_stats(model_cfg, params, [seqs[i:i + 1, :-1] for i in sorted(pick)])
+
+
+def describe_none(config, model_cfg) -> dict:
+  """The results.json "pruning" section of a run that prunes nothing."""
+  from blockprune_jax import allocation  # pylint: disable=import-outside-toplevel
+  n = model_cfg.n_layer
+  return {"method": "none", "targets": config.prune.targets, "allocation": None,
+          "scope": None, "schedule": None, "target": 0.0,
+          "block_layers": allocation.block_layers(n, max(1, min(config.prune.blocks, n))),
+          "ratios_per_block": [0.0] * max(1, min(config.prune.blocks, n)),
+          "ratios_per_layer": [0.0] * n}
 
 
 def measure(params, model_cfg, config) -> dict:

@@ -455,7 +455,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       save()
       if fail_fast:
         raise
-      log.error("sweep: run %s failed, continuing:\n%s", row["name"], traceback.format_exc())
+      # A mistake the user can fix is one line; anything else keeps its traceback.
+      detail = str(e) if isinstance(e, UserError) else traceback.format_exc()
+      log.error("sweep: run %s failed, continuing: %s", row["name"], detail)
       continue
     row["seconds"] = round(time.time() - start, 1)
     if primary and not os.path.exists(os.path.join(row["workdir"], RESULTS)):

@@ -41,7 +41,9 @@ def learning_rate_schedule(t_cfg, total_steps: int):
     decay = optax.linear_schedule(peak, 0.0, decay_steps)
   else:
     decay = optax.constant_schedule(peak)
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  # Step t of warmup uses peak * (t + 1) / warmup: the first step already learns.
+  warm = optax.linear_schedule(peak / warmup, peak, max(1, warmup - 1))
+  return optax.join_schedules([warm, decay], [warmup])
 
 
 def decay_mask(params):
@@ -179,9 +181,10 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   }
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                every_steps=config.checkpoint.every_steps)
-  meta = {"best_perplexity": None, "final_loss": None}
+  meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(config)}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
+    check_resumable(meta.get("config"), resume_keys(config), workdir)
     log.event("resume", f"resumed from step {int(state['step'])} of {total}",
               step=int(state["step"]))
   state = parallel.replicate(state, mesh, donatable=True)
@@ -242,7 +245,8 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
           if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
             meta["best_perplexity"] = metric
-        ckpt.save(step, state, meta, metric=metric, force=step == total)
+        # A step with a validation metric is always saved, so the best one can be kept.
+        ckpt.save(step, state, meta, metric=metric, force=step == total or metric is not None)
         if preemption.check(step):
           ckpt.save(step, state, meta, force=True)
           ckpt.wait()
@@ -262,6 +266,41 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   return state["params"], state["masks"], summary
 
 
+# Keys that may change between a run and its resumption: they do not alter the trajectory.
+_FREE_TO_CHANGE = ("checkpoint.", "eval.", "export.", "train.log_every", "train.eval_every",
+                   "train.eval_max_tokens", "data.cache_dir", "base.dir", "model.attention")
+
+
+def resume_keys(config) -> dict:
+  """The flattened config entries that a checkpoint's trajectory depends on."""
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(v, f"{prefix}{k}.")
+      else:
+        flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  walk(config, "")
+  free = _FREE_TO_CHANGE + ("role",)
+  if flat.get("prune.method") == "none":
+    free += ("prune.",)
+  if not flat.get("distill.teacher"):
+    free += ("distill.",)
+  return {k: v for k, v in flat.items() if not k.startswith(free)}
+
+
+def check_resumable(saved: dict, current: dict, workdir: str):
+  """Refuses to continue a checkpoint under a config that would change its trajectory."""
+  if not saved:
+    return
+  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if diff:
+    shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
+    raise UserError(f"{workdir} holds a checkpoint of a run with other settings ({shown}"
+                    f"{', ...' if len(diff) > 4 else ''}): use a new --workdir, or the old values")
+
+
 def _eval_apply(model_cfg):
   model = model_lib.GPT2(model_cfg)
   return lambda params, ids: model.apply({"params": params}, ids)
@@ -272,7 +311,7 @@ def load_teacher(config, model_cfg):
   if not config.distill.teacher:
     return None, None
   from blockprune_jax import hf_io  # pylint: disable=import-outside-toplevel
-  d = hf_io.resolve_dir(config.distill.teacher)
+  d = hf_io.resolve_dir(config.distill.teacher, key="distill.teacher")
   t_cfg = hf_io.load_config(d, dtype=model_cfg.dtype, dropout=0.0, attention=model_cfg.attention)
   if t_cfg.vocab_size != model_cfg.vocab_size:
     raise UserError(f"distill.teacher={config.distill.teacher!r} has vocab {t_cfg.vocab_size}, "

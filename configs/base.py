@@ -22,7 +22,7 @@ def get_config():
   m.n_embd = 768
   m.n_head = 12
   m.n_positions = 1024
-  m.dropout = 0.1  # embd / resid / attn dropout during training (GPT-2's 0.1)
+  m.dropout = 0.1  # embedding and residual dropout during training (GPT-2's 0.1)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   m.attention = "auto"  # auto (cuDNN on GPU when possible, else XLA) | cudnn | xla
 
@@ -33,6 +33,7 @@ def get_config():
   b.dir = ""  # where the base run lives; "" = <workdir>/base (a sweep sets <sweep>/base)
   b.learning_rate = 1e-3  # base training uses its own (higher) learning rate
   b.batch_size = 0  # 0 = train.batch_size
+  b.seed = 0  # the base's own seed, so runs that differ only in seed share one base
 
   # --- data --------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()

@@ -184,3 +184,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   step = ckpt.latest_step()
   assert step is not None and step < 8
   assert not os.path.exists(tmp_path / "nan" / "results.json")
+
+
+def test_warmup_starts_above_zero_and_reaches_peak():
+  t_cfg = ml_collections.ConfigDict(dict(warmup_steps=4, learning_rate=1e-3, schedule="cosine"))
+  lr = train.learning_rate_schedule(t_cfg, 20)
+  assert float(lr(0)) == pytest.approx(2.5e-4)
+  assert float(lr(3)) == pytest.approx(1e-3)
+  assert float(lr(19)) < 1e-4
+
+
+def test_resuming_under_other_settings_is_refused(tmp_path):
+  from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  pipeline.run(tiny_config(train__steps=4, checkpoint__every_steps=2), workdir)
+  os.remove(os.path.join(workdir, "results.json"))  # as if killed after its last checkpoint
+  with pytest.raises(UserError, match="train.learning_rate"):
+    pipeline.run(tiny_config(train__steps=4, train__learning_rate=1e-4), workdir)
+  # Settings that do not change the trajectory may differ.
+  again = pipeline.run(tiny_config(train__steps=4, train__log_every=2, eval__batch_size=4),
+                       workdir)
+  assert again["train"]["steps"] == 4
