@@ -11,6 +11,16 @@ import pytest  # noqa: E402
 
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra):
+  """Environment for `python -m blockprune_jax...` subprocesses: one CPU device, this checkout."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(extra)
+  return env
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,18 @@
 """The benchmark entry runs and reports what it measured (speed itself is not asserted)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, subprocess_env
 
 
 @pytest.mark.parametrize("what,last", [("mask", "mask_overhead"), ("compact", "compact_speedup")])
 def test_bench_prints_json_lines(what, last):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
   out = subprocess.run([sys.executable, "-m", "blockprune_jax.bench", what, "--preset=tiny",
                         "--seq_len=32", "--batch=2", "--steps=1", "--dtype=float32"],
-                       env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
+                       env=subprocess_env(), cwd=REPO, check=True, capture_output=True, text=True).stdout
   lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
   assert lines[-1]["bench"] == last
   measured = [l for l in lines if "tokens_per_s" in l]

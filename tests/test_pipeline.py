@@ -1,7 +1,6 @@
 """The whole pipeline through its entry points: exact CLI perplexity, pruning end to end,
 errors a user can cause."""
 import json
-import os
 import subprocess
 import sys
 
@@ -13,19 +12,12 @@ from blockprune_jax import pruning
 from blockprune_jax import model as model_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
-from conftest import TINY_CONFIG, tiny_config
+from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
 from test_eval import torch_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building.\n"
         " = Gameplay = \n\nPlayers move through the city at night, avoiding guards. ") * 6
 
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 @pytest.fixture
@@ -48,8 +40,8 @@ def _eval_flags(hf_dir, text, workdir, cache):
 
 def test_cli_perplexity_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   workdir = tmp_path / "zero_shot"
-  subprocess.run(_eval_flags(hf_tiny_dir, text_dir, workdir, tmp_path / "cache"), env=_env(),
-                 cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_eval_flags(hf_tiny_dir, text_dir, workdir, tmp_path / "cache"),
+                 env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
   results = json.load(open(workdir / "results.json"))
   tok = tok_lib.offline_gpt2_tokenizer()  # the tiny checkpoint has no tokenizer of its own
   for split, text in (("validation", TEXT), ("test", TEXT[::-1])):
@@ -132,8 +124,8 @@ def test_wanda_with_owl_allocation_runs(tmp_path):
 
 def test_a_user_error_is_one_clear_line_from_the_cli(tmp_path):
   r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                      f"--workdir={tmp_path / 'w'}", "--config.data.source=wiki"], env=_env(),
-                     cwd=REPO, capture_output=True, text=True)
+                      f"--workdir={tmp_path / 'w'}", "--config.data.source=wiki"],
+                     env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1] == (
       "error: data.source='wiki' is not one of hf, text, builtin")

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import time
 
-from conftest import TINY_CONFIG  # noqa: F401  (conftest sets up the environment)
+from conftest import REPO, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.n_positions=64", "--config.data.seq_len=32", "--config.base.steps=20",
           "--config.train.steps=4", "--config.eval.max_tokens=3000", "--config.train.log_every=5",
@@ -21,18 +20,12 @@ def _cmd(workdir):
           f"--workdir={workdir}", *SHRINK]
 
 
-def _env(tmp_path):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["BLOCKPRUNE_CACHE"] = str(tmp_path / "cache")
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
 
 def test_quickstart_killed_and_restarted(tmp_path):
   workdir = tmp_path / "quickstart"
   first = workdir / "prune.allocation=uniform" / "results.json"
-  proc = subprocess.Popen(_cmd(workdir), env=_env(tmp_path), cwd=REPO,
+  env = subprocess_env(BLOCKPRUNE_CACHE=str(tmp_path / "cache"))
+  proc = subprocess.Popen(_cmd(workdir), env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 300
   while not first.exists():
@@ -45,7 +38,7 @@ def test_quickstart_killed_and_restarted(tmp_path):
   stamp = first.stat().st_mtime_ns
   base_stamp = (workdir / "base" / "results.json").stat().st_mtime_ns
 
-  r = subprocess.run(_cmd(workdir), env=_env(tmp_path), cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(_cmd(workdir), env=env, cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   # Finished runs and the shared base model were not redone.
   assert first.stat().st_mtime_ns == stamp

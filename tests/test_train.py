@@ -14,9 +14,8 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
 from blockprune_jax import train
-from conftest import TINY_CONFIG, tiny_config
+from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_training_from_scratch_halves_validation_perplexity(tmp_path):
@@ -102,12 +101,6 @@ def _cmd(workdir, *extra):
           "--config.model.dropout=0.1", *extra]
 
 
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device in the subprocesses
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
 
 def _train_steps_logged(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
@@ -118,7 +111,7 @@ def _train_steps_logged(workdir):
 
 def _interrupt(workdir, sig, after_steps, *extra):
   """Starts a run, sends `sig` once it logged `after_steps` steps; returns its exit code."""
-  proc = subprocess.Popen(_cmd(workdir, *extra), env=_env(), cwd=REPO,
+  proc = subprocess.Popen(_cmd(workdir, *extra), env=subprocess_env(), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 240
   while _train_steps_logged(workdir) < after_steps:
@@ -139,7 +132,7 @@ def _final_params(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("straight"))
-  subprocess.run(_cmd(d), env=_env(), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
   return d
 
 
@@ -148,8 +141,8 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   _interrupt(d, signal.SIGKILL, 25, "--config.checkpoint.every_steps=10")
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() in (10, 20)
-  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=10"), env=_env(), cwd=REPO, check=True,
-                 capture_output=True)
+  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=10"), env=subprocess_env(), cwd=REPO,
+                 check=True, capture_output=True)
   a, b = _final_params(uninterrupted), _final_params(d)
   assert a.keys() == b.keys()
   for k in a:
@@ -163,13 +156,14 @@ def test_sigterm_saves_the_current_step_then_resumes_identically(uninterrupted, 
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
   assert saved is not None and 13 <= saved < STEPS  # the step it was at, not an interval save
-  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=1000"), env=_env(), cwd=REPO,
+  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=1000"), env=subprocess_env(), cwd=REPO,
                  check=True, capture_output=True)
   a, b = _final_params(uninterrupted), _final_params(d)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # A finished run started again only reports.
-  r = subprocess.run(_cmd(d), env=_env(), cwd=REPO, check=True, capture_output=True, text=True)
+  r = subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True,
+                     text=True)
   assert "validation" in r.stdout and "step" not in r.stderr
 
 
