@@ -153,7 +153,8 @@ class GPT2(nn.Module):
 def init_params(cfg: GPT2Config, seed: int):
   """Random GPT-2 parameters (plain nested dict of float32 arrays), GPT-2's N(0, 0.02)."""
   model = GPT2(cfg)
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+  # One compiled program: op-by-op eager init costs seconds of dispatch even for tiny models.
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
   return jax.tree.map(lambda x: x, nn.unbox(params))  # plain dicts, no FrozenDict/boxes
 
 

@@ -116,10 +116,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
               widths=list(compact_widths))
   evals = {}
+  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all splits
   for split in eval_splits(config):
     r = eval_lib.evaluate(apply_fn, eval_params, streams.get(split), seq_len=config.data.seq_len,
                           stride=config.eval.stride or config.data.seq_len,
-                          batch_size=config.eval.batch_size, mesh=mesh, desc=split)
+                          batch_size=config.eval.batch_size, mesh=mesh, desc=split,
+                          step_fn=eval_step)
     evals[split] = r
     log.event("eval", f"{split}: perplexity {r['perplexity']:.3f} over {r['tokens_scored']} "
               f"tokens ({r['tokens_per_s']:,.0f} tokens/s)", split=split, **r)

@@ -1,4 +1,5 @@
 """Fine-tuning: learning, device-count independence, distillation, kill / resume."""
+import json
 import os
 import signal
 import subprocess
@@ -67,17 +68,16 @@ def test_one_and_four_devices_give_the_same_curve():
 
 def test_distillation_alpha_zero_is_plain_finetuning_and_self_kl_is_zero():
   mesh = parallel.data_mesh()
-  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32)
-  teacher = model_lib.init_params(cfg, 1)
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
+                             dropout=0.0)
+  student = model_lib.init_params(cfg, 0)
   plain, l_plain, _ = _run_steps(mesh)
-  distilled, l_dist, _ = _run_steps(mesh, teacher=teacher, alpha=0.0)
+  # The teacher is the student itself: with alpha = 0 the run is plain fine-tuning, and the
+  # logged KL(teacher || student) is 0 at the first step (same weights, same logits).
+  distilled, l_dist, kls = _run_steps(mesh, teacher=student, alpha=0.0)
   np.testing.assert_allclose(l_plain, l_dist, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, distilled)
-  # A teacher equal to the student: KL(teacher || student) is 0 at the first step.
-  student = model_lib.init_params(model_lib.GPT2Config(
-      vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32, dropout=0.0), 0)
-  _, _, kls = _run_steps(mesh, steps=1, teacher=student, alpha=0.5, student_params=student)
-  assert abs(kls[0]) < 1e-6
+  assert abs(kls[0]) < 1e-6 and kls[-1] > 1e-6
 
 
 def test_distill_kl_matches_numpy():
@@ -92,35 +92,44 @@ def test_distill_kl_matches_numpy():
 
 # --- kill / resume through the command line --------------------------------------------
 
-STEPS = 40
+STEPS = 36
 
 
 def _cmd(workdir, *extra):
+  """A run with dropout, gradual pruning (masks in the checkpoint, GMP updates every 3 steps),
+  periodic validation and a checkpoint every 10 steps: all of it a resumed run must replay."""
   return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
           f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.export.hf=true",
-          "--config.model.dropout=0.1", *extra]
+          "--config.model.dropout=0.1", "--config.prune.method=magnitude",
+          "--config.prune.targets=all", "--config.prune.schedule=gradual",
+          "--config.prune.target=0.5", "--config.prune.start=0.1", "--config.prune.end=0.8",
+          "--config.prune.every=3", "--config.train.eval_every=10",
+          "--config.train.eval_max_tokens=600", "--config.checkpoint.every_steps=10", *extra]
 
 
-
-def _train_steps_logged(workdir):
+def _last_step_logged(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return 0
-  return sum('"train"' in line for line in open(path))
+  steps = [json.loads(line)["step"] for line in open(path) if '"train"' in line]
+  return max(steps, default=0)
 
 
-def _interrupt(workdir, sig, after_steps, *extra):
-  """Starts a run, sends `sig` once it logged `after_steps` steps; returns its exit code."""
-  proc = subprocess.Popen(_cmd(workdir, *extra), env=subprocess_env(), cwd=REPO,
+def _interrupt(workdir, sig, after_step, after_checkpoint=None):
+  """Starts (or resumes) a run, sends `sig` once it logged `after_step` (and committed the
+  checkpoint of step `after_checkpoint`, saved asynchronously); returns its exit code."""
+  committed = os.path.join(workdir, "checkpoints", str(after_checkpoint))
+  proc = subprocess.Popen(_cmd(workdir), env=subprocess_env(), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 240
-  while _train_steps_logged(workdir) < after_steps:
+  while (_last_step_logged(workdir) < after_step
+         or (after_checkpoint is not None and not os.path.isdir(committed))):
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     assert time.time() < deadline
     time.sleep(0.05)
   proc.send_signal(sig)
   proc.wait(timeout=120)
-  assert not os.path.exists(os.path.join(workdir, "results.json")), "killed too late"
+  assert not os.path.exists(os.path.join(workdir, "results.json")), "interrupted too late"
   return proc.returncode
 
 
@@ -129,42 +138,28 @@ def _final_params(workdir):
   return load_file(os.path.join(workdir, "export", "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("straight"))
-  subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
-  return d
-
-
-def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
-  d = str(tmp_path / "killed")
-  _interrupt(d, signal.SIGKILL, 25, "--config.checkpoint.every_steps=10")
+def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() in (10, 20)
-  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=10"), env=subprocess_env(), cwd=REPO,
-                 check=True, capture_output=True)
-  a, b = _final_params(uninterrupted), _final_params(d)
+  straight, d = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+  subprocess.run(_cmd(straight), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+
+  _interrupt(d, signal.SIGKILL, 13, after_checkpoint=10)  # no warning: step 10 survives
+  assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() == 10
+  code = _interrupt(d, signal.SIGTERM, 23)  # resumes at 10; SIGTERM saves where it stands
+  assert code == 143
+  saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
+  assert 23 <= saved < STEPS and saved != 20
+  subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+
+  a, b = _final_params(straight), _final_params(d)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def test_sigterm_saves_the_current_step_then_resumes_identically(uninterrupted, tmp_path):
-  d = str(tmp_path / "terminated")
-  code = _interrupt(d, signal.SIGTERM, 13, "--config.checkpoint.every_steps=1000")
-  assert code == 143
-  from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
-  assert saved is not None and 13 <= saved < STEPS  # the step it was at, not an interval save
-  subprocess.run(_cmd(d, "--config.checkpoint.every_steps=1000"), env=subprocess_env(), cwd=REPO,
-                 check=True, capture_output=True)
-  a, b = _final_params(uninterrupted), _final_params(d)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  # A finished run started again only reports.
-  r = subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True,
-                     text=True)
-  assert "validation" in r.stdout and "step" not in r.stderr
+  results = json.load(open(os.path.join(d, "results.json")))
+  assert abs(results["sparsity"]["overall"] - 0.5) < 1e-3
+  assert results["train"]["best_validation_perplexity"] is not None
+  # A finished run started again only reports what it has.
+  assert pipeline.run(tiny_config(), d) == results
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
