@@ -81,8 +81,7 @@ def model_config():
 def bench_eval(cfg, params=None):
   mesh = parallel.data_mesh()
   params = parallel.replicate(params if params is not None else model_lib.init_params(cfg, 0), mesh)
-  model = model_lib.GPT2(cfg)
-  step = eval_lib.make_eval_step(lambda p, x: model.apply({"params": p}, x), mesh)
+  step = eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh)
   b, t = _BATCH.value, _SEQ.value
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)).astype(np.int32)
   batch = parallel.shard_batch((ids, ids, np.ones((b, t), np.float32)), mesh)

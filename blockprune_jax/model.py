@@ -150,6 +150,12 @@ class GPT2(nn.Module):
     return jnp.dot(x.astype(dt), wte.embedding.astype(dt).T)
 
 
+def logits_fn(cfg: GPT2Config):
+  """(params, input_ids [B, T]) -> logits [B, T, V], without dropout: what evaluation applies."""
+  model = GPT2(cfg)
+  return lambda params, ids: model.apply({"params": params}, ids)
+
+
 def init_params(cfg: GPT2Config, seed: int):
   """Random GPT-2 parameters (plain nested dict of float32 arrays), GPT-2's N(0, 0.02)."""
   model = GPT2(cfg)

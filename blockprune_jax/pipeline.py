@@ -84,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log.event("model", f"GPT-2 {model_cfg.n_layer} layers x {model_cfg.n_embd} wide, "
             f"{n_params / 1e6:.2f}M parameters, compute {model_cfg.dtype}",
             model=dataclasses.asdict(model_cfg), params=n_params)
-  apply_fn = make_apply_fn(model_cfg)
+  apply_fn = model_lib.logits_fn(model_cfg)
 
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
   late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
     # dense parameters, identical in output, are what results and the export describe).
     eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
-    apply_fn = make_apply_fn(pruning.compacted_config(model_cfg, compact_widths))
+    apply_fn = model_lib.logits_fn(pruning.compacted_config(model_cfg, compact_widths))
     log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
               widths=list(compact_widths))
   evals = {}
@@ -201,15 +201,6 @@ def load_model(config, ckpt_dir, vocab_size):
   model_cfg = model_lib.GPT2Config(vocab_size=vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                    n_head=m.n_head, n_positions=m.n_positions, **overrides)
   return model_cfg, model_lib.init_params(model_cfg, config.seed)
-
-
-def make_apply_fn(model_cfg, train=False):
-  """(params, input_ids [B, T]) -> logits [B, T, V]; dropout keys come through `rngs`."""
-  model = model_lib.GPT2(model_cfg)
-
-  def apply_fn(params, ids, rngs=None):
-    return model.apply({"params": params}, ids, train=train, rngs=rngs)
-  return apply_fn
 
 
 class Streams:

@@ -190,7 +190,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   state = parallel.replicate(state, mesh, donatable=True)
   teacher_params = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
   accum, tokens_per_step = t_cfg.grad_accum, t_cfg.batch_size * t_cfg.grad_accum * seq_len
-  apply_fn = _eval_apply(model_cfg)
+  apply_fn = model_lib.logits_fn(model_cfg)
   eval_step = eval_lib.make_eval_step(apply_fn, mesh)
 
   def evaluate_validation():
@@ -299,11 +299,6 @@ def check_resumable(saved: dict, current: dict, workdir: str):
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
     raise UserError(f"{workdir} holds a checkpoint of a run with other settings ({shown}"
                     f"{', ...' if len(diff) > 4 else ''}): use a new --workdir, or the old values")
-
-
-def _eval_apply(model_cfg):
-  model = model_lib.GPT2(model_cfg)
-  return lambda params, ids: model.apply({"params": params}, ids)
 
 
 def load_teacher(config, model_cfg):
