@@ -101,10 +101,23 @@ def get_config():
   p.every = 0.01  # gradual: mask update interval (same units)
   p.initial = 0.0  # gradual: starting sparsity s_i
   p.compact = True  # neurons: evaluate with the pruned hidden units removed (smaller, faster MLPs)
-  p.calib_batches = 8  # wanda / owl: train-split sequences used for activation norms
+  p.calib_batches = 8  # wanda / owl / sparsegpt / sensitivity: train-split calibration sequences
+  p.pattern = "unstructured"  # unstructured | N:M (e.g. 2:4): N zeros in every M consecutive inputs
+  p.sequential = False  # wanda: calibrate each layer on the outputs of the pruned layers below
+  p.sparsegpt_damp = 0.01  # sparsegpt: dampening, a fraction of mean(diag H)
+  p.sparsegpt_blocksize = 128  # sparsegpt: columns whose mask is chosen together
+  p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9)  # sensitivity: ratios each block is probed at
+  p.search_evals = 64  # search: calibration-loss evaluations of the allocation search
 
   # --- export ------------------------------------------------------------
   c.export = ex = ml_collections.ConfigDict()
   ex.hf = False  # write the final model in Hugging Face format to workdir/export/
+
+  # --- Weights & Biases (optional; wandb is imported only when mode is not disabled) -----
+  c.wandb = wb = ml_collections.ConfigDict()
+  wb.mode = "disabled"  # disabled | online | offline (no network: sync later with `wandb sync`)
+  wb.project = "blockprune_jax"
+  wb.entity = ""  # "" = your default entity
+  wb.group = ""  # "" = the sweep's name for runs of a sweep, none for a single run
 
   return c
