@@ -14,8 +14,9 @@ import jax
 class RunLog:
   """Appends events and metrics to the workdir; prints a one-line form of each event."""
 
-  def __init__(self, workdir: str, echo: bool = True):
+  def __init__(self, workdir: str, echo: bool = True, config=None):
     self.workdir = workdir
+    self.config = config
     self.echo = echo
     self.active = jax.process_index() == 0
     self._tb = None
@@ -42,6 +43,10 @@ class RunLog:
       for k, v in values.items():
         if isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
+
+  def finish(self, results: dict):
+    """Called once with the run's final results (results.json), before close()."""
+    del results
 
   def close(self):
     if self._tb is not None:

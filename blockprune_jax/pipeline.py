@@ -55,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   parallel.maybe_initialize_distributed()
   t_start = time.time()
-  log = RunLog(workdir)
+  log = RunLog(workdir, config=config)
   mesh = parallel.data_mesh()
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
@@ -155,6 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write_json_atomic(results_path, results)
   parallel.sync("results written")
   log.event("done", f"results in {results_path}")
+  log.finish(results)
   log.close()
   print(summary_table(results))
   return results
