@@ -98,11 +98,8 @@ def bench_train(cfg, masks=None, label="train"):
       weight_decay=0.1))
   optimizer, _ = train.make_optimizer(t_cfg, 1000)
   params = model_lib.init_params(cfg, 0)
-  state = parallel.replicate({
-      "params": params, "opt_state": optimizer.init(params), "masks": masks or {},
-      "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
-      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(0)), np.uint32)}, mesh,
-      donatable=True)
+  state = parallel.replicate(train.init_state(params, optimizer, masks or {}, seed=0), mesh,
+                             donatable=True)
   step = train.make_train_step(cfg, optimizer, mesh)
   b, t = _BATCH.value, _SEQ.value
   seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, b, t + 1)).astype(np.int32)

@@ -15,14 +15,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import files
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import prune_plan
 from blockprune_jax import pruning
-from blockprune_jax import sweep
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax.errors import UserError
@@ -69,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_base(base, base_dir)
     run(base, base_dir)
     parallel.sync("base model exported")
-    config = sweep.apply_overrides(config, {
+    config = config_lib.apply_overrides(config, {
         "model.init": "pretrained", "model.name_or_path": os.path.join(base_dir, "export")})
 
   # --- tokenizer, data and model ------------------------------------------------------
@@ -150,9 +151,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       hf_io.export(jax.device_get(params), model_cfg, out, tok)
       log.event("export", f"exported Hugging Face model to {out}")
     results["export"] = out
-  results = json.loads(json.dumps(results, default=_to_json))  # what callers get == the file
+  results = json.loads(json.dumps(results, default=files.to_jsonable))  # what callers get == the file
   if jax.process_index() == 0:
-    _write_json_atomic(results_path, results)
+    files.write_json(results_path, results)
   parallel.sync("results written")
   log.event("done", f"results in {results_path}")
   log.finish(results)
@@ -166,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def validate(config):
   """Fails early, in one line naming the key, on values that no code path accepts."""
   for key, allowed in _CHOICES.items():
-    value = _get(config, key)
+    value = config_lib.lookup(config, key)
     if value not in allowed:
       raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
   if config.data.seq_len < 2:
@@ -177,8 +178,8 @@ def validate(config):
                     f"({config.data.seq_len}); 0 means seq_len")
   for key in ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every",
               "checkpoint.every_steps", "checkpoint.keep"):
-    if _get(config, key) < 1:
-      raise UserError(f"{key}={_get(config, key)} must be at least 1")
+    if config_lib.lookup(config, key) < 1:
+      raise UserError(f"{key}={config_lib.lookup(config, key)} must be at least 1")
 
 
 def eval_splits(config):
@@ -239,7 +240,7 @@ def base_config(config):
 
   Its seed is base.seed, so runs that differ only in seed share one base."""
   b = config.base
-  return sweep.apply_overrides(config, {
+  return config_lib.apply_overrides(config, {
       "base.steps": 0, "role": "base", "prune.method": "none", "distill.teacher": "",
       "seed": b.seed,
       "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
@@ -280,20 +281,3 @@ def summary_table(results) -> str:
 
 def _fmt_list(xs):
   return "-" if not xs else "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"
-
-
-def _get(config, dotted):
-  for k in dotted.split("."):
-    config = config[k]
-  return config
-
-
-def _to_json(x):
-  return x.tolist() if hasattr(x, "tolist") else str(x)
-
-
-def _write_json_atomic(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_to_json)
-  os.replace(tmp, path)

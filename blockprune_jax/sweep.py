@@ -29,7 +29,6 @@ and its status. Every run shares one from-scratch base model in `<workdir>/base`
 unless the config sets `base.dir`. At the end, `report.write_report(workdir)` writes the tables and
 plots.
 """
-import copy
 import hashlib
 import importlib.util
 import itertools
@@ -44,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from blockprune_jax import config_lib
+from blockprune_jax import files
 from blockprune_jax import parallel
 from blockprune_jax.errors import Preempted, UserError
 
@@ -53,126 +54,6 @@ RESULTS = "results.json"
 SWEEP_JSON = "sweep.json"
 OVERRIDES_JSON = "overrides.json"
 MAX_NAME_LEN = 120  # keeps paths well below filesystem limits (255 per component)
-
-# ----------------------------------------------------------------------------------------------
-# Parsing values to the type of the config key
-# ----------------------------------------------------------------------------------------------
-
-_TRUE = {"true", "t", "yes", "y", "on", "1"}
-_FALSE = {"false", "f", "no", "n", "off", "0"}
-
-
-def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
-  """The value at dotted `key`; UserError naming the key (and a near miss) if it is absent."""
-  node = config
-  parts = key.split(".")
-  for i, part in enumerate(parts):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      where = ".".join(parts[:i]) or "<top level>"
-      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      hint = _close_match(part, known)
-      raise UserError(
-          f"sweep: unknown config key '{key}' ('{part}' is not in {where}"
-          + (f"; did you mean '{'.'.join(parts[:i] + [hint])}'?" if hint else "")
-          + (f"; keys there: {', '.join(known)})" if known and not hint else ")"))
-    node = node[part]
-  if isinstance(node, ml_collections.ConfigDict):
-    raise UserError(f"sweep: config key '{key}' is a group, not a value; sweep one of its "
-                    f"keys ({', '.join(sorted(node.keys()))})")
-  return node
-
-
-def _close_match(word: str, choices: Sequence[str]) -> str | None:
-  import difflib  # pylint: disable=g-import-not-at-top
-  found = difflib.get_close_matches(word, choices, n=1)
-  return found[0] if found else None
-
-
-def _parse_scalar(key: str, text: str, like: Any) -> Any:
-  """Parses `text` to the type of `like` (the key's current value)."""
-  text = text.strip()
-  try:
-    if isinstance(like, bool):
-      low = text.lower()
-      if low in _TRUE:
-        return True
-      if low in _FALSE:
-        return False
-      raise ValueError("not a boolean")
-    if isinstance(like, int):
-      try:
-        return int(text)
-      except ValueError:
-        as_float = float(text)
-        if not as_float.is_integer():
-          raise
-        return int(as_float)
-    if isinstance(like, float):
-      return float(text)
-    if isinstance(like, str):
-      return text
-    if like is None:  # untyped key: take Python literals, else the string
-      import ast  # pylint: disable=g-import-not-at-top
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
-  except ValueError:
-    raise UserError(f"sweep: cannot parse '{text}' for config key '{key}' as "
-                    f"{type(like).__name__} (its current value is {like!r})") from None
-  raise UserError(f"sweep: config key '{key}' holds a {type(like).__name__} ({like!r}); "
-                  "only bool, int, float, str and tuple keys can be swept")
-
-
-def _element_like(current: tuple) -> Any:
-  """A sample element for a tuple key: its first element, or a float for an empty tuple."""
-  return current[0] if len(current) else 0.0
-
-
-def _coerce_value(key: str, value: Any, like: Any) -> Any:
-  """Checks/converts a Python value (from get_sweep or a parsed spec) to the key's type."""
-  if isinstance(value, str) and not isinstance(like, (str, tuple, list)):
-    return _parse_scalar(key, value, like)
-  if isinstance(like, (tuple, list)):
-    if isinstance(value, str):
-      text = value.strip().strip("()[]")
-      value = [v for v in text.split(",") if v.strip()] if text else []
-    if not isinstance(value, (tuple, list)):
-      raise UserError(f"sweep: config key '{key}' holds a tuple ({like!r}); got {value!r}")
-    elem = _element_like(tuple(like))
-    if len(like):
-      return tuple(_parse_scalar(key, v, elem) if isinstance(v, str)
-                   else _coerce_value(key, v, elem) for v in value)
-    # Empty default (e.g. prune.ratios=()): numbers become floats, so 0 and 0.0 name one run.
-    return tuple(_float_or_str(v) if isinstance(v, str)
-                 else float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                 for v in value)
-  if like is None:
-    return value
-  if isinstance(like, bool):
-    if isinstance(value, bool):
-      return value
-  elif isinstance(like, int):
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-    if isinstance(value, float) and value.is_integer():
-      return int(value)
-  elif isinstance(like, float):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-  elif isinstance(like, str):
-    if isinstance(value, str):
-      return value
-  raise UserError(f"sweep: config key '{key}' holds a {type(like).__name__} ({like!r}); "
-                  f"cannot use {value!r} ({type(value).__name__})")
-
-
-def _float_or_str(text: str) -> Any:
-  try:
-    return float(text)
-  except ValueError:
-    return text.strip()
-
 
 # ----------------------------------------------------------------------------------------------
 # Expanding specs into runs
@@ -185,12 +66,9 @@ def parse_spec(config: ml_collections.ConfigDict, spec: str) -> tuple[str, list[
     raise UserError(f"sweep: '--sweep={spec}' needs the form KEY=VALUES, "
                     "e.g. --sweep=prune.target=0.3,0.5")
   key, text = spec.split("=", 1)
-  key = key.strip()
-  if key.startswith("config."):  # accept the spelling of --config.a.b overrides
-    key = key[len("config."):]
-  current = _lookup(config, key)
+  key = config_lib.strip_prefix(key.strip())  # also the spelling of --config.a.b overrides
+  current = config_lib.lookup(config, key)
   if isinstance(current, (tuple, list)):
-    elem = _element_like(tuple(current))
     values = []
     for alternative in text.split("|"):
       if not alternative.strip():
@@ -201,19 +79,12 @@ def parse_spec(config: ml_collections.ConfigDict, spec: str) -> tuple[str, list[
         if not choices:
           raise UserError(f"sweep: '--sweep={spec}': position {i} of '{alternative}' is empty")
       for combo in itertools.product(*positions):
-        values.append(tuple(_parse_tuple_element(key, c, elem, bool(len(current)))
-                            for c in combo))
+        values.append(config_lib.parse_text(key, ",".join(combo), current))
   else:
-    values = [_parse_scalar(key, v, current) for v in text.split(",")]
+    values = [config_lib.parse_text(key, v, current) for v in text.split(",")]
   if not values:
     raise UserError(f"sweep: '--sweep={spec}' lists no values")
   return key, values
-
-
-def _parse_tuple_element(key: str, text: str, elem: Any, typed: bool) -> Any:
-  if typed:
-    return _parse_scalar(key, text, elem)
-  return _float_or_str(text)  # empty tuple default: numbers become floats (ratios)
 
 
 def load_get_sweep(config_path: str) -> list[dict] | None:
@@ -263,43 +134,20 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
     for overrides in sweep_fn_list:
       run = {}
       for key, value in overrides.items():
-        key = key[len("config."):] if key.startswith("config.") else key
-        run[key] = _coerce_value(key, value, _lookup(config, key))
+        key = config_lib.strip_prefix(key)
+        run[key] = config_lib.coerce(key, value, config_lib.lookup(config, key))
       runs.append(run)
   else:
     runs = [{}]
   unique, seen = [], set()
   for run in runs:
-    sig = json.dumps(_jsonable(run), sort_keys=True)
+    sig = json.dumps(files.plain(run), sort_keys=True)
     if sig in seen:
       log.warning("sweep: dropping a duplicate run %s", run)
       continue
     seen.add(sig)
     unique.append(run)
   return unique
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with `overrides` ({dotted key: value}) set, type checked, locked.
-
-  Raises UserError naming the key for an unknown key or a value of the wrong type.
-  """
-  new = copy.deepcopy(config)
-  with new.unlocked():
-    for key, value in overrides.items():
-      key = key[len("config."):] if key.startswith("config.") else key
-      value = _coerce_value(key, value, _lookup(new, key))
-      *parents, leaf = key.split(".")
-      node = new
-      for p in parents:
-        node = node[p]
-      try:
-        node[leaf] = value
-      except (TypeError, ValueError) as e:
-        raise UserError(f"sweep: cannot set config key '{key}' to {value!r}: {e}") from None
-  new.lock()
-  return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,26 +187,10 @@ def run_names(runs: Sequence[dict]) -> list[str]:
   out = []
   for name, run in zip(names, runs):
     if counts[name] > 1:
-      digest = hashlib.sha1(json.dumps(_jsonable(run), sort_keys=True).encode()).hexdigest()[:8]
+      digest = hashlib.sha1(json.dumps(files.plain(run), sort_keys=True).encode()).hexdigest()[:8]
       name = f"{name}_{digest}"
     out.append(name)
   return out
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  return value
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)  # a killed sweep never leaves half a file
 
 
 def _multihost() -> tuple[int, int]:
@@ -409,11 +241,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
 
   # Every run shares one base model trained from scratch once (see base.dir in configs/base.py).
   if "base" in config and "dir" in config.base and not config.base.dir:
-    config = apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
+    config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
 
   names = run_names(runs)
-  configs = [apply_overrides(config, r) for r in runs]  # all type errors before any work
-  rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": _jsonable(r),
+  configs = [config_lib.apply_overrides(config, r) for r in runs]  # all type errors before any work
+  rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": files.plain(r),
            "status": "pending"} for n, r in zip(names, runs)]
   for row in rows:
     if os.path.exists(os.path.join(row["workdir"], RESULTS)):
@@ -421,7 +253,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
 
   def save():
     if primary:
-      _write_json(os.path.join(workdir, SWEEP_JSON),
+      files.write_json(os.path.join(workdir, SWEEP_JSON),
                   {"workdir": workdir, "n_runs": len(rows),
                    "counts": {s: sum(r["status"] == s for r in rows)
                               for s in ("done", "failed", "interrupted", "running", "pending")},
@@ -437,7 +269,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       continue
     os.makedirs(row["workdir"], exist_ok=True)
     if primary:
-      _write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
+      files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
     log.info("sweep [%d/%d] %s", i + 1, len(rows), row["name"])
     row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     row.pop("error", None)

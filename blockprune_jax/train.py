@@ -16,6 +16,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from blockprune_jax import checkpoint as ckpt_lib
+from blockprune_jax import config_lib
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
@@ -58,6 +59,30 @@ def make_optimizer(t_cfg, total_steps: int):
   parts.append(optax.adamw(schedule, b1=t_cfg.b1, b2=t_cfg.b2, weight_decay=t_cfg.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts), schedule
+
+
+def init_state(params, optimizer, masks, seed: int) -> dict:
+  """The training state a step takes and returns (and a checkpoint holds).
+
+  {params, opt_state (optimizer.init(params)), masks ({} = dense), step, data_position (micro-
+  batches consumed; kept for the checkpoint format, the loop tracks it on the host), rng (raw
+  uint32 key data: Orbax stores plain arrays)}.
+  """
+  return {
+      "params": params, "opt_state": optimizer.init(params), "masks": masks,
+      "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
+      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32),
+  }
+
+
+def steady_state_guard():
+  """The scope of a steady-state step: no implicit device-to-host transfer may happen in it.
+
+  Reading a step's output on the host (`int(state['step'])`) would make the host wait for the
+  step, so the next one could not be queued while it runs. Enforced on GPU / TPU by JAX; the
+  CPU backend does not check (tests add their own check by replacing this function).
+  """
+  return jax.transfer_guard_device_to_host("disallow")
 
 
 # --- data order --------------------------------------------------------------------------
@@ -174,11 +199,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   gradual = plan is not None and config.prune.schedule == "gradual"
   if gradual and not masks:
     masks = plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
-  state = {
-      "params": params, "opt_state": optimizer.init(params), "masks": masks,
-      "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
-      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed + 1)), np.uint32),
-  }
+  state = init_state(params, optimizer, masks, config.seed + 1)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                every_steps=config.checkpoint.every_steps)
   meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(config)}
@@ -204,7 +225,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   step = int(state["step"])
   t0, t_last, step_last = time.time(), time.time(), step
   t_first, step_first = None, step  # throughput excludes the first (compiling) step
-  metrics = None
+  window, window_steps = None, 0  # metric sums since the last log line, still on the device
   try:  # whatever ends the loop, pending asynchronous saves finish before we leave
     with ckpt_lib.PreemptionFlag() as preemption:
       while step < total:
@@ -212,17 +233,24 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           params_now, masks_now = plan.prune(state["params"], plan.gmp_ratios(step, total),
                                              old_masks=state["masks"])
           state = dict(state, params=params_now, masks=masks_now)
-        position = int(state["data_position"])
-        batch = np.stack([batch_at(sequences, position + a, t_cfg.batch_size, config.seed)
-                          for a in range(accum)])
-        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1), teacher_params)
+        with steady_state_guard():
+          # The data position is a function of the step (resuming under another
+          # train.grad_accum is refused), so it is known here without asking the device.
+          batch = np.stack([batch_at(sequences, step * accum + a, t_cfg.batch_size, config.seed)
+                            for a in range(accum)])
+          state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1),
+                                   teacher_params)
+          window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+          window_steps += 1
         step += 1
         if t_first is None:
           jax.block_until_ready(metrics)
           t_first, step_first = time.time(), step
         if step % t_cfg.log_every == 0 or step == total:
-          m = jax.device_get(metrics)
-          loss = float(m["loss"])
+          # The mean over the steps since the last line (lm1b): a smoother curve than one step.
+          m = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+          window, window_steps = None, 0
+          loss = m["loss"]
           if not math.isfinite(loss):
             raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
                            f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
@@ -231,8 +259,8 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
           eta = (total - step) * (now - t_last) / max(step - step_last, 1)
           lr = float(schedule(step - 1))
-          log.metric(step, "train", loss=loss, ce=float(m["ce"]), kl=float(m["kl"]),
-                     grad_norm=float(m["grad_norm"]), learning_rate=lr, tokens_per_s=tok_s)
+          log.metric(step, "train", loss=loss, ce=m["ce"], kl=m["kl"],
+                     grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s)
           log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
                     f"{tok_s:,.0f} tok/s  eta {eta:,.0f}s")
           meta["final_loss"] = loss
@@ -273,15 +301,8 @@ _FREE_TO_CHANGE = ("checkpoint.", "eval.", "export.", "train.log_every", "train.
 
 def resume_keys(config) -> dict:
   """The flattened config entries that a checkpoint's trajectory depends on."""
-  flat = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if hasattr(v, "items"):
-        walk(v, f"{prefix}{k}.")
-      else:
-        flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  walk(config, "")
+  flat = {k: list(v) if isinstance(v, tuple) else v
+          for k, v in config_lib.flatten(config).items()}
   free = _FREE_TO_CHANGE + ("role",)
   if flat.get("prune.method") == "none":
     free += ("prune.",)

@@ -52,6 +52,6 @@ def tiny_config(**overrides):
   spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  from blockprune_jax import sweep  # pylint: disable=import-outside-toplevel
-  return sweep.apply_overrides(module.get_config(),
+  from blockprune_jax import config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.apply_overrides(module.get_config(),
                                {k.replace("__", "."): v for k, v in overrides.items()})

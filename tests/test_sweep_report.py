@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from blockprune_jax import config_lib
 from blockprune_jax import report
 from blockprune_jax import sweep
 from blockprune_jax.errors import UserError
@@ -127,23 +128,23 @@ def test_unknown_key_names_the_key_and_a_near_miss():
   with pytest.raises(UserError, match=r"unknown config key 'prune\.ratio'.*prune\.ratios"):
     sweep.expand_sweep(config, ["prune.ratio=0.1"], None)
   with pytest.raises(UserError, match="'nothing.here'"):
-    sweep.apply_overrides(config, {"nothing.here": 1})
+    config_lib.apply_overrides(config, {"nothing.here": 1})
   with pytest.raises(UserError, match="KEY=VALUES"):
     sweep.expand_sweep(config, ["seed"], None)
 
 
 def test_apply_overrides_copies_checks_and_locks():
   config = base_config()
-  new = sweep.apply_overrides(config, {"prune.ratios": [0, 0.5, 0.9], "seed": 3.0,
+  new = config_lib.apply_overrides(config, {"prune.ratios": [0, 0.5, 0.9], "seed": 3.0,
                                        "config.train.steps": "7"})
   assert new.prune.ratios == (0.0, 0.5, 0.9) and new.seed == 3 and new.train.steps == 7
   assert config.prune.ratios == () and config.seed == 0
   with pytest.raises(AttributeError):
     new.brand_new_key = 1  # locked again
   with pytest.raises(UserError, match="seed"):
-    sweep.apply_overrides(config, {"seed": "x"})
+    config_lib.apply_overrides(config, {"seed": "x"})
   with pytest.raises(UserError, match="model.n_layer"):
-    sweep.apply_overrides(config, {"model.n_layer": 2.5})
+    config_lib.apply_overrides(config, {"model.n_layer": 2.5})
 
 
 def test_run_names_are_readable_safe_and_unique():
@@ -229,7 +230,7 @@ def test_killed_sweep_resumes_and_reports_every_run(tmp_path):
   assert len(table) == 18
   by_run = {r["run"]: r for r in table}
   row = by_run["prune.ratios=0.6,0.5,0.3"]
-  want = fake_ppl(sweep.apply_overrides(config, {"prune.ratios": (0.6, 0.5, 0.3)}))
+  want = fake_ppl(config_lib.apply_overrides(config, {"prune.ratios": (0.6, 0.5, 0.3)}))
   assert float(row["ppl_validation"]) == pytest.approx(want)
   assert row["ratios_per_block"] == "0.6/0.5/0.3"
   assert float(row["sparsity_overall"]) == pytest.approx((0.6 + 0.5 + 0.3) / 3)
@@ -248,16 +249,16 @@ def test_killed_sweep_resumes_and_reports_every_run(tmp_path):
 def test_report_layer_scan_seeds_base_and_partial_results(tmp_path):
   config = base_config()
   root = tmp_path / "scan"
-  dense = sweep.apply_overrides(config, {"prune.method": "none"})
+  dense = config_lib.apply_overrides(config, {"prune.method": "none"})
   fake_run(dense, str(root / "dense"))
   for layer in range(12):
     ratios = tuple(0.8 if i == layer else 0.0 for i in range(12))
-    cfg = sweep.apply_overrides(config, {"prune.allocation": "layer", "prune.ratios": ratios})
+    cfg = config_lib.apply_overrides(config, {"prune.allocation": "layer", "prune.ratios": ratios})
     fake_run(cfg, str(root / f"layer{layer}"))
   for seed in range(3):
-    cfg = sweep.apply_overrides(config, {"prune.ratios": (0.1, 0.2, 0.3), "seed": seed})
+    cfg = config_lib.apply_overrides(config, {"prune.ratios": (0.1, 0.2, 0.3), "seed": seed})
     fake_run(cfg, str(root / f"ramp_seed{seed}"))
-  cfg = sweep.apply_overrides(config, {"prune.method": "none", "prune.allocation": "uniform"})
+  cfg = config_lib.apply_overrides(config, {"prune.method": "none", "prune.allocation": "uniform"})
   base = fake_results(cfg)
   base["role"] = "base"
   os.makedirs(root / "base")

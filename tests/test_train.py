@@ -1,4 +1,5 @@
 """Fine-tuning: learning, device-count independence, distillation, kill / resume."""
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,50 @@ def test_training_from_scratch_halves_validation_perplexity(tmp_path):
   assert len([l for l in lines if '"train"' in l]) == 60
 
 
+@contextlib.contextmanager
+def _no_implicit_host_reads():
+  """JAX's device-to-host transfer guard, plus what it does not check on the CPU backend:
+  reading a jax.Array's value into Python or NumPy (int(), float(), bool(), np.asarray, ...)
+  raises inside this scope."""
+  from jax._src import array as array_lib  # pylint: disable=import-outside-toplevel
+  cls = array_lib.ArrayImpl
+  names = ("__int__", "__float__", "__bool__", "__index__", "__array__", "tolist", "item")
+  saved = {n: cls.__dict__[n] for n in names}
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("implicit device-to-host read in a steady-state step")
+  try:
+    for n in names:
+      setattr(cls, n, refuse)
+    with jax.transfer_guard_device_to_host("disallow"):
+      yield
+  finally:
+    for n, f in saved.items():
+      setattr(cls, n, f)
+
+
+def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
+  with pytest.raises(AssertionError, match="implicit"):  # the check itself can fail
+    with _no_implicit_host_reads():
+      int(jax.numpy.ones((), np.int32) + 1)
+  entered = []
+
+  @contextlib.contextmanager
+  def guard():
+    entered.append(1)
+    with _no_implicit_host_reads():
+      yield
+  monkeypatch.setattr(train, "steady_state_guard", guard)
+  # Gradual pruning, logging every 3 steps and a checkpoint every 4: the host work between
+  # steps happens outside the guarded part, the steps themselves inside it.
+  r = pipeline.run(tiny_config(train__steps=9, train__log_every=3, checkpoint__every_steps=4,
+                               prune__method="magnitude", prune__schedule="gradual",
+                               prune__every=2), str(tmp_path / "run"))
+  assert len(entered) == 9 and r["train"]["steps"] == 9
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [3, 6, 9]
+
+
 def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_params=None):
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
                              dropout=0.0)
@@ -36,11 +81,7 @@ def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_
                                          grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.1))
   opt, _ = train.make_optimizer(t_cfg, 10)
   params = student_params or model_lib.init_params(cfg, 0)
-  state = parallel.replicate({
-      "params": params, "opt_state": opt.init(params), "masks": {}, "step": np.zeros((), np.int32),
-      "data_position": np.zeros((), np.int32),
-      "rng": np.asarray(jax.random.key_data(jax.random.PRNGKey(0)), np.uint32)}, mesh,
-      donatable=True)
+  state = parallel.replicate(train.init_state(params, opt, {}, seed=0), mesh, donatable=True)
   step = train.make_train_step(cfg, opt, mesh, teacher_cfg=cfg if teacher else None,
                                alpha=alpha, temperature=temperature)
   # The same batch every step, so a few steps visibly lower its loss.
