@@ -1,0 +1,271 @@
+"""Per-block pruning ratios chosen from measurements, at an exact parameter budget.
+
+Pure numbers (numpy, no JAX). Every function here returns ratios r_b in [0, hi] whose
+parameter-weighted mean sum(w_b r_b) / sum(w_b) equals `target` (the same contract as the
+generated allocations in allocation.py), so a searched or solved allocation is compared with
+uniform / linear / owl at exactly the same sparsity.
+
+    sensitivity curves [B, R] ─> solve_sensitivity() ─> ratios [B]   (one exact solve)
+    score_fn + starts ─────────> search_allocation() ─> ratios [B]   (`evals` score calls)
+"""
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from blockprune_jax.allocation import MAX_RATIO, redistribute_clipped, weighted_mean
+from blockprune_jax.errors import UserError
+
+
+def _check_target(target: float, hi: float) -> float:
+  target = float(target)
+  if not 0.0 <= target <= hi:
+    raise UserError(f"prune.target={target} is unreachable: every block ratio must stay in "
+                    f"[0, {hi}], so set --config.prune.target to a value in that range")
+  return target
+
+
+def _check_weights(weights: Sequence[float], n: int) -> np.ndarray:
+  w = np.asarray(weights, np.float64)
+  if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+    raise ValueError(f"weights must be {n} positive parameter counts, got {weights!r}")
+  return w
+
+
+# --- projection onto the budget ----------------------------------------------------
+
+
+def project_to_budget(ratios: Sequence[float], weights: Sequence[float], target: float,
+                      hi: float = MAX_RATIO) -> list[float]:
+  """The nearest ratios (in the w-weighted norm) with weighted mean `target` and each in [0, hi].
+
+  Minimising sum_b w_b (r_b - x_b)^2 under sum_b w_b r_b = target * sum_b w_b and the box gives
+  r_b = clip(x_b + c, 0, hi) for one constant c: a shift, which allocation.redistribute_clipped
+  finds by bisection. We shift to the exact mean first because redistribute_clipped returns
+  in-bounds ratios untouched, whatever their mean.
+
+  Args:
+    ratios: [B] any real numbers.
+    weights: [B] parameter counts (> 0).
+    target: the weighted mean wanted, in [0, hi].
+  Returns:
+    [B] ratios on the budget.
+  """
+  target = _check_target(target, hi)
+  x = np.asarray(ratios, np.float64)
+  w = _check_weights(weights, x.size)
+  shifted = x + (target - weighted_mean(x, w))
+  return redistribute_clipped(shifted, w, target, mode="shift", lo=0.0, hi=hi)
+
+
+# --- exact solve on measured sensitivity curves -------------------------------------
+
+
+def sensitivity_curve(grid: Sequence[float], losses_b: Sequence[float],
+                      hi: float = MAX_RATIO) -> tuple[np.ndarray, np.ndarray]:
+  """The knots (x [K], y [K]) of one block's predicted loss increase f_b on [0, hi].
+
+  f_b is the piecewise-linear interpolation of the measurements, with f_b(0) = 0 added when the
+  grid lacks 0. Past the last measured ratio it continues with the last segment's slope,
+  clamped at >= 0: a predicted loss that falls as more is pruned would only be noise, and the
+  flat continuation is the most conservative guess we can make without a measurement. Knots
+  beyond hi are replaced by the value at hi, so x[-1] == hi always.
+
+  Args:
+    grid: [R] strictly ascending ratios in [0, 1).
+    losses_b: [R] measured loss increase at each grid ratio.
+  """
+  x = np.asarray(grid, np.float64)
+  y = np.asarray(losses_b, np.float64)
+  if x[0] > 0:
+    x, y = np.concatenate([[0.0], x]), np.concatenate([[0.0], y])
+  if x[-1] < hi:
+    slope = max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) if x.size > 1 else 0.0
+    return np.append(x, hi), np.append(y, y[-1] + slope * (hi - x[-1]))
+  keep = x < hi
+  return np.append(x[keep], hi), np.append(y[keep], np.interp(hi, x, y))
+
+
+def predicted_loss(grid: Sequence[float], losses: Sequence[Sequence[float]],
+                   ratios: Sequence[float], hi: float = MAX_RATIO) -> float:
+  """sum_b f_b(r_b): the objective solve_sensitivity minimises (the raw curves, not hulls).
+
+  Args: grid [R], losses [B, R], ratios [B] in [0, hi].
+  """
+  total = 0.0
+  for losses_b, r in zip(np.asarray(losses, np.float64), ratios):
+    x, y = sensitivity_curve(grid, losses_b, hi)
+    total += float(np.interp(r, x, y))
+  return total
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Knots of the lower convex hull of the points (x [K], y [K]), x ascending.
+
+  Andrew's monotone chain: a knot is dropped when it lies on or above the chord of its
+  neighbours, so consecutive hull slopes strictly increase.
+  """
+  hx, hy = [x[0]], [y[0]]
+  for px, py in zip(x[1:], y[1:]):
+    while len(hx) >= 2 and ((hx[-1] - hx[-2]) * (py - hy[-2])
+                            - (hy[-1] - hy[-2]) * (px - hx[-2])) <= 0:
+      hx.pop()
+      hy.pop()
+    hx.append(px)
+    hy.append(py)
+  return np.array(hx), np.array(hy)
+
+
+def _check_grid(grid, losses, hi: float) -> tuple[np.ndarray, np.ndarray]:
+  g = np.asarray(grid, np.float64).ravel()
+  if g.size == 0 or not np.all(np.isfinite(g)) or g[0] < 0 or g[-1] >= 1.0 \
+      or np.any(np.diff(g) <= 0):
+    raise UserError(f"prune.sensitivity_ratios={tuple(grid)} must be strictly ascending ratios "
+                    "in [0, 1): set --config.prune.sensitivity_ratios to e.g. (0.2, 0.4, 0.6, 0.8)")
+  if g[-1] <= 0:
+    raise UserError("prune.sensitivity_ratios needs at least one ratio > 0 to measure a "
+                    "block's sensitivity: add e.g. 0.5 to --config.prune.sensitivity_ratios")
+  curves = np.asarray(losses, np.float64)
+  if curves.ndim != 2 or curves.shape[1] != g.size:
+    raise ValueError(f"losses must be [blocks, {g.size}] (one per grid ratio), got shape "
+                     f"{curves.shape}")
+  if not np.all(np.isfinite(curves)):
+    raise ValueError(f"losses must be finite, got {curves.tolist()}")
+  return g, curves
+
+
+def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
+                      weights: Sequence[float], target: float,
+                      hi: float = MAX_RATIO) -> list[float]:
+  """Ratios minimising the predicted loss sum_b f_b(r_b) at the exact budget.
+
+  Exact for convex curves: with f_b convex the problem is a fractional knapsack over the
+  curves' linear segments. A segment of block b with slope s (loss per unit ratio) and length
+  dx buys w_b * dx budget units at s / w_b loss per unit, so filling segments in increasing
+  order of s / w_b, the last one partially, is optimal; convexity guarantees a block's
+  segments are taken in their own left-to-right order. Measured curves are nearly convex and
+  their non-convex dips are measurement noise, so each f_b is replaced by its lower convex hull
+  first: the answer is then exactly optimal for the hulls (a lower bound on the measured
+  curves, equal to them at every hull knot). Segments whose s / w_b tie are filled together in
+  proportion, so identical blocks get identical ratios.
+
+  Args:
+    grid: [R] strictly ascending ratios at which each block was probed (prune.sensitivity_ratios;
+      0 with loss 0 is implied when absent).
+    losses: [B, R] loss increase measured with block b alone pruned at grid[j].
+    weights: [B] targeted parameter count of each block.
+    target: the parameter-weighted mean ratio wanted, in [0, hi].
+  Returns:
+    [B] ratios in [0, hi] with weighted_mean(ratios, weights) == target (to rounding).
+  """
+  target = _check_target(target, hi)
+  g, curves = _check_grid(grid, losses, hi)
+  w = _check_weights(weights, curves.shape[0])
+
+  blocks, starts, lengths, costs = [], [], [], []
+  for b, losses_b in enumerate(curves):
+    hx, hy = _lower_hull(*sensitivity_curve(g, losses_b, hi))
+    dx = np.diff(hx)
+    blocks += [b] * dx.size
+    starts += list(hx[:-1])
+    lengths += list(dx)
+    costs += list(np.diff(hy) / dx / w[b])
+  blocks, starts, lengths, costs = map(np.asarray, (blocks, starts, lengths, costs))
+
+  # Sort by cost, then block and position so a block's own segments stay in order on ties.
+  order = np.lexsort((starts, blocks, costs))
+  ratios = np.zeros(w.size)
+  remaining = target * w.sum()  # budget units (ratio x parameters) still to place
+  tol = 1e-12 * max(1.0, float(np.abs(costs).max()))
+  i = 0
+  while i < order.size and remaining > 0:
+    j = i + 1  # the group [i, j): segments of (numerically) equal cost
+    while j < order.size and costs[order[j]] - costs[order[i]] <= tol:
+      j += 1
+    group = order[i:j]
+    capacity = float(np.sum(w[blocks[group]] * lengths[group]))
+    frac = min(1.0, remaining / capacity)
+    for k in group:
+      ratios[blocks[k]] += frac * lengths[k]
+    remaining -= frac * capacity
+    i = j
+  return [float(r) for r in np.clip(ratios, 0.0, hi)]
+
+
+# --- derivative-free search at the budget ------------------------------------------
+
+
+def search_allocation(score_fn: Callable[[list[float]], float],
+                      starts: Mapping[str, Sequence[float]], weights: Sequence[float],
+                      target: float, evals: int, seed: int = 0, hi: float = MAX_RATIO,
+                      sigma0: float = 0.05) -> dict:
+  """Searches ratio vectors on the budget for the lowest score_fn, in at most `evals` calls.
+
+  Every start is projected onto the budget (project_to_budget) and scored first; starts that
+  project to the same vector are scored once. The rest of the calls run a (1+1) evolution
+  strategy from the best start: a Gaussian step of size sigma in the budget's tangent plane
+  (zero weighted mean, so only clipping moves the mean), projected back onto the budget; it
+  replaces the incumbent when it scores strictly lower. sigma follows Rechenberg's 1/5 success
+  rule (x1.5 on success, x1.5^-1/4 on failure: unchanged at a 1/5 success rate), which needs no
+  tuning and suits the few dozen expensive calls (each a calibration-loss evaluation of a
+  pruned model) we can afford. The result is the best point ever scored, so it is never worse
+  than the best start by score_fn's own measure.
+
+  Args:
+    score_fn: ratios [B] (list of floats) -> score, lower is better; NaN counts as +inf.
+    starts: name -> [B] ratios (uniform, linear, owl, sensitivity, ...).
+    weights: [B] targeted parameter count of each block.
+    target: the weighted mean ratio, in [0, hi].
+    evals: the most score_fn calls in total, starts included (prune.search_evals).
+    seed: seeds the steps; the search is deterministic given it (and a deterministic score_fn).
+    sigma0: the first step size, in ratio units.
+  Returns:
+    dict(ratios [B], score, start_name (the start the search went on from), start_scores
+    {name: score}, history [one dict(name, ratios, score, sigma) per score_fn call, in order]).
+  """
+  target = _check_target(target, hi)
+  if not starts:
+    raise ValueError("search_allocation needs at least one start")
+  if int(evals) < len(starts):
+    raise UserError(f"prune.search_evals={evals} is fewer than the {len(starts)} starting "
+                    f"allocations ({', '.join(starts)}), which are all scored first: set "
+                    f"--config.prune.search_evals to at least {len(starts)}")
+  n = len(next(iter(starts.values())))
+  w = _check_weights(weights, n)
+  history = []
+
+  def score(r, name, sigma=None):
+    s = float(score_fn(list(r)))
+    s = s if np.isfinite(s) else float("inf")  # a diverged model loses to every finite score
+    history.append(dict(name=name, ratios=list(r), score=s, sigma=sigma))
+    return s
+
+  start_scores, best_name, best, best_score = {}, None, None, float("inf")
+  scored = []  # (ratios, score) of the starts already called
+  for name, r in starts.items():
+    if len(r) != n:
+      raise ValueError(f"start {name!r} has {len(r)} ratios, expected {n}")
+    r = project_to_budget(r, w, target, hi)
+    same = [s for q, s in scored if np.array_equal(q, r)]
+    s = same[0] if same else score(r, name)
+    scored.append((r, s))
+    start_scores[name] = s
+    if best is None or s < best_score:
+      best_name, best, best_score = name, r, s
+
+  rng = np.random.default_rng(seed)
+  sigma = float(sigma0)
+  # One block, or a target at 0 or hi, leaves a single feasible point: nothing to search.
+  if n > 1 and 0.0 < target < hi:
+    while len(history) < int(evals):
+      z = rng.standard_normal(n)
+      z -= weighted_mean(z, w)
+      cand = project_to_budget(np.asarray(best) + sigma * z, w, target, hi)
+      s = score(cand, "search", sigma)
+      if s < best_score:
+        best, best_score = cand, s
+        sigma *= 1.5
+      else:
+        sigma *= 1.5 ** -0.25
+      sigma = float(np.clip(sigma, 1e-4, hi))  # keep stepping, never past the whole box
+  return dict(ratios=[float(r) for r in best], score=best_score, start_name=best_name,
+              start_scores=start_scores, history=history)
