@@ -3,7 +3,7 @@
 Pure numbers (numpy, no JAX): the allocation reads the `prune.*` config keys and the
 parameter counts of the targeted matrices, and returns one ratio per layer and per block.
 Every generated allocation is solved so the parameter-weighted mean ratio equals
-`prune.target` (DESIGN.md "Generated allocations"); the weights are the blocks' (or layers')
+`prune.target` (README, "What is computed, exactly"); the weights are the blocks' (or layers')
 parameter counts, so blocks of unequal size (12 layers in 5 blocks) still average to S.
 
     layer_sizes ─┐
@@ -17,7 +17,10 @@ import numpy as np
 from blockprune_jax.errors import UserError
 
 MAX_RATIO = 0.99  # generated ratios stay in [0, MAX_RATIO]: a fully pruned block kills the model
-ALLOCATIONS = ("explicit", "layer", "uniform", "linear", "exponential", "owl")
+# Measured on the model (plan.Plan solves them from calibration losses, then uses them as
+# explicit block ratios): sensitivity (per-block loss curves) and search (a budgeted search).
+MEASURED = ("sensitivity", "search")
+ALLOCATIONS = ("explicit", "layer", "uniform", "linear", "exponential", "owl") + MEASURED
 
 
 def block_layers(n_layer: int, n_blocks: int) -> list[list[int]]:
@@ -85,6 +88,21 @@ def owl_ratios(target: float, lam: float, outlier_ratios: Sequence[float],
   return redistribute_clipped(target - scale * dev, weights, target, mode="shift")
 
 
+def outlier_ratios(layer_scores, threshold: float) -> list[float]:
+  """OWL's layerwise outlier ratio D_l: per layer, the fraction of its targeted weights whose
+  Wanda score |W_ij| * ||X_i|| exceeds `threshold` (M) times the layer's mean score.
+
+  layer_scores: [n_layer] lists of score arrays (pruning.layer_scores('wanda', ...)).
+  """
+  out = []
+  for scores in layer_scores:
+    scores = [np.asarray(s, np.float64) for s in scores]
+    total = sum(s.size for s in scores)
+    mean = sum(s.sum() for s in scores) / total
+    out.append(float(sum(int((s > threshold * mean).sum()) for s in scores) / total))
+  return out
+
+
 def redistribute_clipped(ratios: Sequence[float], weights: Sequence[float], target: float, *,
                          mode: str, lo: float = 0.0, hi: float = MAX_RATIO) -> list[float]:
   """Clips ratios to [lo, hi] and moves the clipped-off sparsity onto the other blocks.
@@ -134,7 +152,7 @@ def allocate(prune, layer_sizes: Sequence[int],
       direction, owl_lambda).
     layer_sizes: [n_layer] parameter count of the targeted matrices of each layer (the weights
       of every mean).
-    outlier_ratios: [n_layer] OWL outlier fractions (see pruning.outlier_ratios); owl only.
+    outlier_ratios: [n_layer] OWL outlier fractions (see outlier_ratios); owl only.
   Returns:
     (ratios_per_layer [n_layer], ratios_per_block [n_blocks]); a block's ratio is the weighted
     mean of its layers' (equal to each of them unless the allocation is per layer).
@@ -145,6 +163,8 @@ def allocate(prune, layer_sizes: Sequence[int],
   kind = prune.allocation
   if kind not in ALLOCATIONS:
     raise UserError(f"prune.allocation={kind!r}: expected one of {', '.join(ALLOCATIONS)}")
+  if kind in MEASURED:
+    raise ValueError(f"allocation {kind} is measured on the model: plan.Plan solves it")
 
   if kind in ("explicit", "layer"):
     per_layer = kind == "layer"
@@ -152,7 +172,7 @@ def allocate(prune, layer_sizes: Sequence[int],
     ratios = _checked_ratios(prune.ratios, want, "layer" if per_layer else "block")
     if per_layer:
       return ratios, _block_means(ratios, layer_sizes, blocks)
-    return _per_layer(ratios, blocks), ratios
+    return expand_to_layers(ratios, blocks), ratios
 
   target = float(prune.target)
   if not 0.0 <= target <= MAX_RATIO:
@@ -160,7 +180,7 @@ def allocate(prune, layer_sizes: Sequence[int],
                     f"target in [0, {MAX_RATIO}]")
   if kind == "owl":
     if outlier_ratios is None:
-      raise ValueError("allocation owl needs outlier_ratios (pruning.outlier_ratios)")
+      raise ValueError("allocation owl needs outlier_ratios (allocation.outlier_ratios)")
     ratios = owl_ratios(target, float(prune.owl_lambda), outlier_ratios, layer_sizes)
     return ratios, _block_means(ratios, layer_sizes, blocks)
 
@@ -177,7 +197,7 @@ def allocate(prune, layer_sizes: Sequence[int],
     ratios = solve_exponential_ratios(target, float(prune.growth), weights)
   if direction == "decreasing":
     ratios = ratios[::-1]
-  return _per_layer(ratios, blocks), ratios
+  return expand_to_layers(ratios, blocks), ratios
 
 
 def _checked_ratios(ratios, want: int, per: str) -> list[float]:
@@ -192,7 +212,8 @@ def _checked_ratios(ratios, want: int, per: str) -> list[float]:
   return ratios
 
 
-def _per_layer(block_ratios, blocks) -> list[float]:
+def expand_to_layers(block_ratios, blocks) -> list[float]:
+  """Per-block ratios -> per-layer ratios (every layer of a block gets the block's ratio)."""
   return [float(block_ratios[b]) for b, layers in enumerate(blocks) for _ in layers]
 
 

@@ -1,6 +1,6 @@
 """Text of a split and its token stream, cached on disk.
 
-A split ("train", "validation" or "test") is one string (DESIGN, "Token stream of a split"):
+A split ("train", "validation" or "test") is one string (README, "What is computed, exactly"):
   * `data.source=text`: the contents of one file in `data.text_dir`;
   * `data.source=hf`: the rows of `datasets.load_dataset(data.hf_path, data.hf_name)` joined
     with "\\n\\n" (the Hugging Face perplexity guide, Wanda and SparseGPT do the same);
@@ -13,11 +13,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 from absl import logging
 import numpy as np
 
+from blockprune_jax import files
 from blockprune_jax import tokenizer as tokenizer_lib
 from blockprune_jax.errors import UserError
 
@@ -228,7 +228,7 @@ def text_pieces(text: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
 
 def _tokenize(text, split, tok):
   if split in EVAL_SPLITS:
-    # One string, so the token count is exactly the tokenizer's (DESIGN).
+    # One string, so the token count is exactly the tokenizer's (README, "What is computed, exactly").
     return tokenizer_lib.encode(tok, text)
   # Train: batched pieces are much faster on large corpora (the tokenizer parallelizes a batch)
   # and need less memory; see text_pieces for why the result is the same for GPT-2.
@@ -240,16 +240,10 @@ def _tokenize(text, split, tok):
 
 
 def _save_atomic(path, array):
-  """np.save to a temporary file in the same directory, then os.replace: never a partial file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
+  """np.save through a temporary file: never a partial cache file."""
+  with files.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
       np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def token_stream(data_cfg, split: str, tok) -> np.ndarray:
@@ -289,3 +283,10 @@ def token_stream(data_cfg, split: str, tok) -> np.ndarray:
     raise UserError(f"cannot write the token cache {path} ({tokenizer_lib.one_line(e)}): set "
                     "--config.data.cache_dir=DIR (or $BLOCKPRUNE_CACHE) to a writable folder") from e
   return tokens
+
+
+def train_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:
+  """Non-overlapping sequences [n, seq_len + 1]: inputs are [:, :-1], labels [:, 1:]."""
+  n = (len(stream) - 1) // seq_len
+  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+  return stream[idx]

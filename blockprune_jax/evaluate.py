@@ -1,10 +1,11 @@
 """Exact perplexity over sliding windows, data-parallel over every device.
 
-Windows follow DESIGN.md: length L start at 0, S, 2S, ... until one reaches the end of the
+Windows follow the README ("What is computed, exactly"): length L start at 0, S, 2S, ... until one reaches the end of the
 N-token stream; in the window starting at s the scored targets are the tokens t with
 max(s + 1, prev_end) <= t < min(s + L, N). Each device returns sums (NLL, tokens); the host
 adds them in float64 and divides once, so neither padding nor the device count changes the result.
 """
+import functools
 import math
 import time
 
@@ -53,18 +54,21 @@ def token_nll(logits, labels):
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
+@functools.lru_cache(maxsize=None)
 def make_eval_step(apply_fn, mesh):
   """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
 
-  apply_fn(params, inputs) -> logits. Inputs are sharded over the 'data' axis, params replicated.
+  apply_fn(params, inputs) -> logits (model.logits_fn, one per model config). Inputs are
+  sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh), so every
+  evaluation of a model shape in this process shares one compiled step.
   """
-  def per_device(params, inputs, labels, weights):
+  def eval_step(params, inputs, labels, weights):
     nll = token_nll(apply_fn(params, inputs), labels)
     return (jax.lax.psum(jnp.sum(nll * weights), parallel.AXIS),
             jax.lax.psum(jnp.sum(weights), parallel.AXIS))
 
   spec = P(parallel.AXIS)
-  return jax.jit(parallel.shard_map(per_device, mesh, (P(), spec, spec, spec), (P(), P())))
+  return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
 
 
 def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None,

@@ -7,6 +7,7 @@ Parameters are float32; `dtype` is the compute dtype of the matrix multiplies.
 """
 import dataclasses
 import functools
+import math
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -49,18 +50,30 @@ def preset(name: str, **overrides) -> GPT2Config:
   return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **overrides)
 
 
-# GPT-2's initialisation: N(0, 0.02) for every matrix, zero biases.
+# GPT-2's initialisation: N(0, 0.02) for every matrix, zero biases; the two projections that
+# write into the residual stream (attn.c_proj, mlp.c_proj) get 0.02 / sqrt(2 * n_layer), so the
+# stream's variance does not grow with depth (GPT-2 paper, section 2.3; HF and nanoGPT do the same).
 _dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.02))
 
 
-def _sow_input_norms(module: nn.Module, name: str, x):
-  """Records sum over tokens of x**2 per input feature, for Wanda / OWL calibration.
+def _residual_dense(cfg, features, dtype):
+  std = 0.02 / math.sqrt(2 * cfg.n_layer)
+  return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(std), name="c_proj")
 
-  A no-op unless apply() is called with mutable=['stats'], so training pays nothing.
+
+def _sow_inputs(module: nn.Module, name: str, x):
+  """Records a matrix's inputs x [..., in] for calibration, summed over tokens.
+
+  'stats': sum of x**2 per input feature [in] (Wanda / OWL); 'hessian': sum of x x^T [in, in]
+  (SparseGPT). No-ops unless apply() is called with that collection mutable, so training and
+  evaluation pay nothing.
   """
   if module.is_mutable_collection("stats"):
     sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
     module.sow("stats", name, sq)
+  if module.is_mutable_collection("hessian"):
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    module.sow("hessian", name, jnp.dot(flat.T, flat, precision=jax.lax.Precision.HIGHEST))
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +85,7 @@ def attention(q, k, v, cfg: GPT2Config):
   """Causal attention. q, k, v: [batch, time, heads, head_dim]."""
   impl = cfg.attention
   if impl == "auto":
-    # cuDNN's fused kernel is ~2x XLA's on H100 (DESIGN.md) but wants half precision.
+    # cuDNN's fused kernel is ~2x XLA's on H100 (README, "Speed") but wants half precision.
     impl = "cudnn" if _cudnn_ok() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
   if impl == "cudnn":
     try:
@@ -91,12 +104,12 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, d = x.shape
     hd = d // cfg.n_head
-    _sow_input_norms(self, "c_attn_in", x)
+    _sow_inputs(self, "c_attn_in", x)
     qkv = _dense(3 * d, dtype=dt, name="c_attn")(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3 * cfg.n_head, hd), 3, axis=2)
     y = attention(q, k, v, cfg).reshape(b, t, d)
-    _sow_input_norms(self, "c_proj_in", y)
-    return _dense(d, dtype=dt, name="c_proj")(y)
+    _sow_inputs(self, "c_proj_in", y)
+    return _residual_dense(cfg, d, dt)(y)
 
 
 class MLP(nn.Module):
@@ -106,10 +119,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     dt = jnp.dtype(self.cfg.dtype)
-    _sow_input_norms(self, "c_fc_in", x)
+    _sow_inputs(self, "c_fc_in", x)
     h = nn.gelu(_dense(self.width, dtype=dt, name="c_fc")(x), approximate=True)
-    _sow_input_norms(self, "c_proj_in", h)
-    return _dense(x.shape[-1], dtype=dt, name="c_proj")(h)
+    _sow_inputs(self, "c_proj_in", h)
+    return _residual_dense(self.cfg, x.shape[-1], dt)(h)
 
 
 class Block(nn.Module):
@@ -150,14 +163,24 @@ class GPT2(nn.Module):
     return jnp.dot(x.astype(dt), wte.embedding.astype(dt).T)
 
 
+def embed(params, input_ids):
+  """What GPT2 feeds its first block (no dropout): token + position embeddings [B, T, D]."""
+  t = input_ids.shape[1]
+  return (jnp.take(params["wte"]["embedding"], input_ids, axis=0)
+          + params["wpe"]["embedding"][None, :t])
+
+
+@functools.lru_cache(maxsize=None)
 def logits_fn(cfg: GPT2Config):
-  """(params, input_ids [B, T]) -> logits [B, T, V], without dropout: what evaluation applies."""
+  """(params, input_ids [B, T]) -> logits [B, T, V], without dropout: what evaluation applies.
+
+  One function object per config, so the compiled steps built on it can be reused."""
   model = GPT2(cfg)
   return lambda params, ids: model.apply({"params": params}, ids)
 
 
 def init_params(cfg: GPT2Config, seed: int):
-  """Random GPT-2 parameters (plain nested dict of float32 arrays), GPT-2's N(0, 0.02)."""
+  """Random GPT-2 parameters (plain nested dict of float32 arrays) with GPT-2's initialisation."""
   model = GPT2(cfg)
   # One compiled program: op-by-op eager init costs seconds of dispatch even for tiny models.
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]

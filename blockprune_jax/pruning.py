@@ -1,20 +1,26 @@
-"""Pruning as pure transforms of the GPT-2 parameter tree: scores -> masks -> masked params.
+"""Pruning as pure transforms of the GPT-2 parameter tree: criteria -> masks -> masked params.
 
-    pruning_plan(prune, params)                    -> block_layers, ratios per block / layer
-    compute_masks(params, ratios_per_layer, ...)   -> masks (bool pytree, targeted leaves only)
-    apply_masks(params, masks)                     -> params with pruned weights exactly 0.0
+    CRITERIA[name]                                  how a method scores (or prunes) weights
+    compute_masks(params, ratios_per_layer, ...)    -> masks (bool pytree, targeted leaves only)
+    apply_masks(params, masks)                      -> params with pruned weights exactly 0.0
+    prune_layer(layer_params, ratio, ...)           one layer at a time (sequential calibration)
+
+A method is a `Criterion` registered by name: a score function with one signature (the lowest
+scores are pruned), or, for methods that also rewrite the kept weights (SparseGPT), a layer
+transform. The config's allowed `prune.method` values are the registry's keys, so a new criterion
+is one `register(...)` call.
 
 A mask tree has the paths of the parameters it prunes and nothing else, e.g.
 {'h_0': {'mlp': {'c_fc': {'kernel': bool[D, F]}, 'c_proj': {'kernel': bool[F, D]}}}}
 (True = kept). Kernels are [in, out], the layout of HF's Conv1D `.weight`, so a mask compares
 element for element with torch.nn.utils.prune's `weight_mask` on the HF model.
 
-Counts are exact (DESIGN.md "Ratio of a matrix"): a ratio r over n elements zeroes exactly
+Counts are exact (README, "What is computed, exactly"): a ratio r over n elements zeroes exactly
 round(r * n) of them -- Python's round, as torch.nn.utils.prune does -- picked by sorting the
 scores, never by a float threshold that ties could make overshoot.
 """
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +28,15 @@ import numpy as np
 
 from blockprune_jax import allocation
 from blockprune_jax import model as model_lib
+from blockprune_jax import sparsegpt
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 
 MATRICES = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
 TARGETS = {"mlp": MATRICES[2:], "attn": MATRICES[:2], "all": MATRICES}
-METHODS = ("magnitude", "random", "wanda", "neurons")
 SCOPES = ("matrix", "block", "global")
-# measure_sparsity's per-layer field for each matrix (DESIGN.md results.json keeps `c_fc`,
-# `c_proj` for the MLP; attention gets an `attn_` prefix so the two c_proj never collide).
+# measure_sparsity's per-layer field for each matrix (results.json keeps `c_fc`, `c_proj` for
+# the MLP; attention gets an `attn_` prefix so the two c_proj never collide).
 SPARSITY_FIELDS = {"mlp/c_fc": "c_fc", "mlp/c_proj": "c_proj",
                    "attn/c_attn": "attn_c_attn", "attn/c_proj": "attn_c_proj"}
 
@@ -47,10 +53,14 @@ def n_layers(params) -> int:
   return sum(1 for k in params if k.startswith("h_") and k[2:].isdigit())
 
 
+def kernel_path(layer: int, name: str) -> tuple:
+  """('h_0', 'mlp', 'c_fc', 'kernel') for layer 0's 'mlp/c_fc'."""
+  return (f"h_{layer}", *name.split("/"), "kernel")
+
+
 def kernel(params, layer: int, name: str):
   """The [in, out] kernel of matrix `name` ('mlp/c_fc', ...) in layer `layer`."""
-  module, dense = name.split("/")
-  return params[f"h_{layer}"][module][dense]["kernel"]
+  return trees.get_path(params, kernel_path(layer, name))
 
 
 def targeted_sizes(params, targets: str) -> list[int]:
@@ -60,59 +70,244 @@ def targeted_sizes(params, targets: str) -> list[int]:
           for l in range(n_layers(params))]
 
 
-# --- the plan: which ratio for which layer -------------------------------------------
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+  """`prune.pattern` -> None (unstructured) or (n, m) for 'N:M' (N zeros in every M)."""
+  if pattern == "unstructured":
+    return None
+  try:
+    n, m = (int(x) for x in pattern.split(":"))
+  except ValueError:
+    n = m = 0
+  if not 0 < n < m:
+    raise UserError(f"prune.pattern={pattern!r}: expected unstructured or N:M with 0 < N < M, "
+                    "e.g. 2:4")
+  return n, m
 
 
-def pruning_plan(prune, params, stats=None) -> dict:
-  """Allocation from the `prune.*` config keys for this model (results.json "pruning").
+# --- the criteria ---------------------------------------------------------------------
 
-  Returns {"block_layers": [[0, 1, 2, 3], ...], "ratios_per_block": [...],
-  "ratios_per_layer": [...]}. `stats` (calibration sums, see collect_stats) is needed for owl.
+
+class MatrixInfo(NamedTuple):
+  """What a score function may use besides the kernel itself."""
+  layer: int
+  name: str  # 'mlp/c_fc', ...
+  key: Optional[jax.Array]  # PRNG key of the run (random)
+  norm: Optional[jax.Array]  # [in] ||X_i|| of the matrix's calibration inputs (wanda)
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+  """A pruning method.
+
+  score: (w [in, out], MatrixInfo) -> scores [in, out]; the lowest-scored weights are pruned.
+  per_output: ranks within each output unit (a column of w), so only scope=matrix applies.
+  calibration: what it needs from calibration data: '' | 'norms' (input norms) | 'hessian'.
+  unit_score: structured methods: (params, layer) -> [units] scores of whole MLP hidden units.
+  prune_matrix: methods that rewrite the kept weights: (w, hessian, ratio, nm, options) ->
+    (w_new, keep); always calibrated layer by layer on the already pruned layers below.
   """
-  sizes = targeted_sizes(params, prune.targets)
-  outliers = None
-  if prune.allocation == "owl":
-    if stats is None:
-      raise ValueError("allocation owl needs calibration stats (collect_stats)")
-    outliers = outlier_ratios(params, stats, targets=prune.targets,
-                              threshold=float(prune.owl_threshold))
-  per_layer, per_block = allocation.allocate(prune, sizes, outliers)
-  return {"block_layers": allocation.block_layers(len(sizes), int(prune.blocks)),
-          "ratios_per_block": per_block, "ratios_per_layer": per_layer}
+  name: str
+  score: Optional[Callable] = None
+  per_output: bool = False
+  calibration: str = ""
+  unit_score: Optional[Callable] = None
+  prune_matrix: Optional[Callable] = None
+
+  @property
+  def sequential_only(self) -> bool:
+    return self.prune_matrix is not None
 
 
-# --- calibration: input norms for wanda and owl ----------------------------------------
+CRITERIA: dict[str, Criterion] = {}
 
 
-def collect_stats(cfg: model_lib.GPT2Config, params, batches: Iterable) -> dict:
-  """Sums over all tokens of x**2 per input feature of every matrix (GPT2's 'stats' collection).
+def register(criterion: Criterion) -> Criterion:
+  CRITERIA[criterion.name] = criterion
+  return criterion
 
-  batches: iterable of int token arrays [batch, time]. Returns the sown tree with each tuple
-  summed, e.g. {'h_0': {'mlp': {'c_fc_in': [D], 'c_proj_in': [F]}, 'attn': {...}}, ...}.
+
+def criterion(method: str) -> Criterion:
+  if method not in CRITERIA:
+    raise UserError(f"prune.method={method!r}: expected none or one of {', '.join(CRITERIA)}")
+  return CRITERIA[method]
+
+
+def wanda_score(w, norm):
+  """|W_ij| * ||X_i||: w [in, out], norm [in] -> [in, out] (Sun et al. 2023)."""
+  return jnp.abs(w) * norm[:, None]
+
+
+def _random_score(w, info: MatrixInfo):
+  # Keyed by (layer, matrix), not by position among the targets: a matrix gets the same
+  # random scores whatever else is pruned, and at every GMP update (so masks nest).
+  key = jax.random.fold_in(jax.random.fold_in(info.key, info.layer), MATRICES.index(info.name))
+  return jax.random.uniform(key, w.shape)
+
+
+def _unit_norms(params, layer):
+  """Unit k of a layer's MLP: ||c_fc[:, k]|| * ||c_proj[k, :]|| (the weight norms into and out
+  of the unit: either side alone ignores half of what the unit does)."""
+  mlp = params[f"h_{layer}"]["mlp"]
+  return (jnp.linalg.norm(mlp["c_fc"]["kernel"], axis=0)
+          * jnp.linalg.norm(mlp["c_proj"]["kernel"], axis=1))
+
+
+def _sparsegpt_matrix(w, hessian, ratio, nm, options):
+  return sparsegpt.sparsegpt_prune(w, hessian, None if nm else ratio, nm=nm,
+                                   blocksize=int(options.get("blocksize", 128)),
+                                   damp=float(options.get("damp", 0.01)))
+
+
+register(Criterion("magnitude", score=lambda w, info: jnp.abs(w)))
+register(Criterion("random", score=_random_score))
+register(Criterion("wanda", score=lambda w, info: wanda_score(w, info.norm), per_output=True,
+                   calibration="norms"))
+register(Criterion("neurons", unit_score=_unit_norms))
+register(Criterion("sparsegpt", prune_matrix=_sparsegpt_matrix, calibration="hessian"))
+
+
+# --- masks ------------------------------------------------------------------------------
+
+
+def check_method(method: str, *, targets: str, scope: str, pattern: Optional[tuple],
+                 ratios: Sequence[float] = ()):
+  """One-line errors for combinations no code path accepts (before any work starts)."""
+  crit = criterion(method)
+  target_names(targets)
+  if scope not in SCOPES:
+    raise UserError(f"prune.scope={scope!r}: expected one of {', '.join(SCOPES)}")
+  if crit.unit_score is not None and targets != "mlp":
+    raise UserError(f"prune.targets={targets!r} with prune.method={method}: structured neuron "
+                    "pruning removes MLP hidden units; set --config.prune.targets=mlp")
+  if scope != "matrix" and (crit.per_output or crit.prune_matrix or pattern):
+    why = ("N:M groups are per output unit" if pattern else
+           f"{method} prunes within each matrix" if crit.prune_matrix else
+           "Wanda ranks weights within each output unit")
+    raise UserError(f"prune.scope={scope!r} with prune.method={method}: {why}; "
+                    "set --config.prune.scope=matrix")
+  if pattern:
+    if crit.unit_score is not None or method == "random":
+      raise UserError(f"prune.pattern=N:M works with magnitude, wanda and sparsegpt, not "
+                      f"prune.method={method}")
+    n, m = pattern
+    for r in ratios:
+      if r != 0 and abs(r - n / m) > 1e-9:
+        raise UserError(f"prune.pattern={n}:{m} needs every block's ratio to be 0 (dense) or "
+                        f"{n / m:g}, got {r:g}: use allocation explicit/layer with ratios in "
+                        f"{{0, {n / m:g}}}, or uniform with prune.target={n / m:g}")
+
+
+def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, targets: str = "mlp",
+                  scope: str = "matrix", blocks: int = 1, key=None, stats=None,
+                  previous=None, pattern: Optional[tuple] = None) -> dict:
+  """Keep-masks (True = kept) for the targeted kernels, exact counts per `scope`.
+
+  Args:
+    params: the parameter tree.
+    ratios_per_layer: [n_layer] sparsity of each layer's targeted matrices.
+    method: none (returns {}) or a registered criterion: magnitude (|w|), random (uniform
+      scores from `key`, a control), wanda (|W_ij| * ||X_i||, needs `stats`), neurons (whole MLP
+      hidden units, targets mlp only). sparsegpt rewrites weights: use `prune_layer`.
+    targets: `prune.targets`.
+    scope: where the count is taken. matrix: round(r_l * n) per matrix (magnitude: the same mask
+      as torch's l1_unstructured). block: one ranking over all targeted matrices of a block,
+      round(sum_l r_l * n_l) zeros. global: one ranking over every targeted matrix, round(S *
+      n_total) zeros with S the parameter-weighted mean of ratios_per_layer.
+      wanda ranks within each output unit (a column of our [in, out] kernel, a row of torch's
+      [out, in] weight) and zeroes round(r * in) per column, so a matrix gets
+      out * round(r * in) zeros; it supports scope matrix only.
+      neurons zeroes round(r * F) units per layer (or per block / globally with those scopes):
+      c_fc kernel column k, c_fc bias k and c_proj kernel row k.
+    blocks: `prune.blocks` (scope block).
+    key: PRNG key for method random. Pass the same key at every GMP update so masks nest.
+    stats: calibration sums (calibration.collect_stats) for wanda.
+    previous: an earlier mask tree (gradual pruning): ranking happens among the weights it
+      kept (the dead ones count first towards the zeros) and the result is ANDed with it, so
+      masks only grow.
+    pattern: None, or (n, m): n zeros in every m consecutive inputs of each output unit, in
+      layers whose ratio is not 0 (their ratio must be n / m).
+  Returns:
+    the mask tree: bool leaves shaped like the kernels (plus the c_fc bias for neurons).
   """
-  model = model_lib.GPT2(cfg)
+  if method == "none":
+    return {}
+  n_layer = n_layers(params)
+  ratios = [float(r) for r in ratios_per_layer]
+  if len(ratios) != n_layer:
+    raise ValueError(f"{len(ratios)} ratios for a model with {n_layer} layers")
+  check_method(method, targets=targets, scope=scope, pattern=pattern, ratios=ratios)
+  crit = CRITERIA[method]
+  if crit.unit_score is not None:
+    return _unit_masks(crit, params, ratios, scope, blocks, previous)
+  if crit.score is None:
+    raise ValueError(f"method {method} rewrites weights: use prune_layer (sequential)")
+  if crit.calibration == "norms" and stats is None:
+    raise ValueError(f"method {method} needs calibration stats (calibration.collect_stats)")
+  if method == "random" and key is None:
+    raise ValueError("method random needs a PRNG key")
+  norms = input_norms(stats) if crit.calibration == "norms" else {}
+  names = target_names(targets)
+  scores = {}
+  for l in range(n_layer):
+    for n in names:
+      s = crit.score(kernel(params, l, n), MatrixInfo(l, n, key, norms.get((l, n))))
+      if previous is not None:  # dead weights rank first, so they stay among the zeros
+        s = jnp.where(trees.get_path(previous, kernel_path(l, n)), s, -jnp.inf)
+      scores[(l, n)] = s
 
-  @jax.jit
-  def sums(p, ids):
-    _, state = model.apply({"params": p}, ids, mutable=["stats"])
-    # Each sown entry is a tuple (one element per call); add them up.
-    return jax.tree.map(lambda t: sum(t[1:], t[0]), state["stats"],
-                        is_leaf=lambda x: isinstance(x, tuple))
+  if pattern:
+    keep = {k: (sparsegpt.nm_keep(s, *pattern) if ratios[k[0]] else jnp.ones(s.shape, bool))
+            for k, s in scores.items()}
+  elif crit.per_output:
+    keep = {(l, n): _keep_per_column(s, np.int32(round(ratios[l] * s.shape[0])))
+            for (l, n), s in scores.items()}
+  else:
+    keep = _keep_in_groups(scores, ratios, _scope_groups(scope, list(scores), n_layer, blocks))
+  masks = {}
+  for (l, n), m in keep.items():
+    if previous is not None:
+      m = m & trees.get_path(previous, kernel_path(l, n))
+    trees.set_path(masks, kernel_path(l, n), m)
+  return masks
 
-  total = None
-  for ids in batches:
-    s = sums(params, jnp.asarray(ids))
-    total = s if total is None else jax.tree.map(jnp.add, total, s)
-  if total is None:
-    raise ValueError("collect_stats got no batches")
-  return total
+
+def prune_layer(params, layer: int, ratio: float, calib, *, method: str, targets: str,
+                pattern: Optional[tuple] = None, options: Optional[dict] = None):
+  """Prunes the targeted matrices of one layer from that layer's own calibration statistics.
+
+  For sequential calibration: `calib` holds the layer's inputs as seen through the already
+  pruned layers below it -- {'mlp': {'c_fc_in': sum x^2 [in], ...}} for 'norms' criteria, or
+  {'mlp': {'c_fc_in': H [in, in], ...}} for 'hessian' ones. Returns (params with layer `layer`
+  pruned, that layer's masks {'h_l': {...}}).
+  """
+  crit = criterion(method)
+  names = target_names(targets)
+  masks = {}
+  if crit.prune_matrix is None:  # a score criterion: rank this layer alone
+    one = {"h_0": params[f"h_{layer}"]}
+    stats = {"h_0": calib} if crit.calibration == "norms" else None
+    m = compute_masks(one, [ratio], method=method, targets=targets, stats=stats,
+                      pattern=pattern)
+    masks = {f"h_{layer}": m["h_0"]}
+    return apply_masks(params, masks), masks
+  new = jax.tree.map(lambda x: x, params)
+  for n in names:
+    module, dense = n.split("/")
+    w = kernel(params, layer, n)
+    if ratio == 0:
+      keep = jnp.ones(w.shape, bool)
+    else:
+      w, keep = crit.prune_matrix(w, calib[module][f"{dense}_in"], ratio, pattern, options or {})
+    trees.set_path(new, kernel_path(layer, n), w)
+    trees.set_path(masks, kernel_path(layer, n), keep)
+  return apply_masks(new, masks), masks
 
 
 def input_norms(stats) -> dict:
   """Calibration sums -> {(layer, 'mlp/c_fc'): ||X_i||_2 [in]} for every matrix.
 
-  Accepts collect_stats' tree, the raw mutable=['stats'] output (tuples are summed), or
-  either wrapped in {'stats': ...}.
+  Accepts calibration.collect_stats' tree, the raw mutable=['stats'] output (tuples are
+  summed), or either wrapped in {'stats': ...}.
   """
   stats = stats.get("stats", stats)
   norms = {}
@@ -126,102 +321,12 @@ def input_norms(stats) -> dict:
   return norms
 
 
-def outlier_ratios(params, stats, *, targets: str, threshold: float) -> list[float]:
-  """OWL's layerwise outlier ratio D_l (Yin et al. 2023), one per layer.
-
-  Over the targeted kernels of a layer, with Wanda's score |W_ij| * ||X_i||: the fraction of
-  elements whose score exceeds `threshold` (M) times the layer's mean score.
-  """
-  norms, names = input_norms(stats), target_names(targets)
-  out = []
-  for l in range(n_layers(params)):
-    scores = [_wanda_score(kernel(params, l, n), norms[(l, n)]) for n in names]
-    total = sum(s.size for s in scores)
-    mean = sum(jnp.sum(s) for s in scores) / total
-    out.append(float(sum(jnp.sum(s > threshold * mean) for s in scores) / total))
-  return out
-
-
-# --- masks ------------------------------------------------------------------------------
-
-
-def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, targets: str = "mlp",
-                  scope: str = "matrix", blocks: int = 1, key=None, stats=None,
-                  previous=None) -> dict:
-  """Keep-masks (True = kept) for the targeted kernels, exact counts per `scope`.
-
-  Args:
-    params: the parameter tree.
-    ratios_per_layer: [n_layer] sparsity of each layer's targeted matrices.
-    method: none (returns {}) | magnitude (|w|) | random (uniform scores from `key`, a
-      control) | wanda (|W_ij| * ||X_i||, needs `stats`) | neurons (whole MLP hidden units,
-      targets mlp only).
-    targets: `prune.targets`.
-    scope: where the count is taken. matrix: round(r_l * n) per matrix (magnitude: the same mask
-      as torch's l1_unstructured). block: one ranking over all targeted matrices of a block,
-      round(sum_l r_l * n_l) zeros. global: one ranking over every targeted matrix, round(S *
-      n_total) zeros with S the parameter-weighted mean of ratios_per_layer.
-      wanda ranks within each output unit (a column of our [in, out] kernel, a row of torch's
-      [out, in] weight) and zeroes round(r * in) per column, so a matrix gets
-      out * round(r * in) zeros; it supports scope matrix only.
-      neurons scores unit k of a layer's MLP by ||c_fc[:, k]|| * ||c_proj[k, :]|| (the weight
-      norms into and out of the unit: either side alone ignores half of what the unit does) and
-      zeroes round(r * F) units per layer (or per block / globally with those scopes): c_fc
-      kernel column k, c_fc bias k and c_proj kernel row k.
-    blocks: `prune.blocks` (scope block).
-    key: PRNG key for method random. Pass the same key at every GMP update so masks nest.
-    stats: calibration sums (collect_stats) for wanda.
-    previous: an earlier mask tree (gradual pruning): ranking happens among the weights it
-      kept (the dead ones count first towards the zeros) and the result is ANDed with it, so
-      masks only grow.
-  Returns:
-    the mask tree: bool leaves shaped like the kernels (plus the c_fc bias for neurons).
-  """
-  if method == "none":
-    return {}
-  names = target_names(targets)
-  n_layer = n_layers(params)
-  ratios = [float(r) for r in ratios_per_layer]
-  if len(ratios) != n_layer:
-    raise ValueError(f"{len(ratios)} ratios for a model with {n_layer} layers")
-  if method not in METHODS:
-    raise UserError(f"prune.method={method!r}: expected none or one of {', '.join(METHODS)}")
-  if scope not in SCOPES:
-    raise UserError(f"prune.scope={scope!r}: expected one of {', '.join(SCOPES)}")
-  if method == "neurons":
-    if targets != "mlp":
-      raise UserError(f"prune.targets={targets!r} with prune.method=neurons: structured neuron "
-                      "pruning removes MLP hidden units; set --config.prune.targets=mlp")
-    return _neuron_masks(params, ratios, scope, blocks, previous)
-  if method == "wanda" and scope != "matrix":
-    raise UserError(f"prune.scope={scope!r} with prune.method=wanda: Wanda ranks weights within "
-                    "each output unit; set --config.prune.scope=matrix")
-
-  if method == "wanda" and stats is None:
-    raise ValueError("method wanda needs calibration stats (collect_stats)")
-  if method == "random" and key is None:
-    raise ValueError("method random needs a PRNG key")
-  norms = input_norms(stats) if method == "wanda" else None
-  scores = {}
-  for l in range(n_layer):
-    for n in names:
-      norm = None if norms is None else norms[(l, n)]
-      s = _score(method, kernel(params, l, n), key=key, norm=norm, index=(l, MATRICES.index(n)))
-      if previous is not None:  # dead weights rank first, so they stay among the zeros
-        s = jnp.where(trees.get_path(previous, _kernel_path(l, n)), s, -jnp.inf)
-      scores[(l, n)] = s
-
-  if method == "wanda":
-    keep = {(l, n): _keep_per_column(s, np.int32(round(ratios[l] * s.shape[0])))
-            for (l, n), s in scores.items()}
-  else:
-    keep = _keep_in_groups(scores, ratios, _scope_groups(scope, list(scores), n_layer, blocks))
-  masks = {}
-  for (l, n), m in keep.items():
-    if previous is not None:
-      m = m & trees.get_path(previous, _kernel_path(l, n))
-    trees.set_path(masks, _kernel_path(l, n), m)
-  return masks
+def layer_scores(method: str, params, stats, targets: str, key=None) -> list[list]:
+  """[n_layer][matrix] score arrays of a score criterion (OWL's outlier statistics)."""
+  crit = criterion(method)
+  norms = input_norms(stats) if crit.calibration == "norms" else {}
+  return [[crit.score(kernel(params, l, n), MatrixInfo(l, n, key, norms.get((l, n))))
+           for n in target_names(targets)] for l in range(n_layers(params))]
 
 
 def apply_masks(params, masks):
@@ -240,7 +345,7 @@ def apply_masks(params, masks):
 
 
 # The trainer masks gradients and optimizer updates with the same rule as parameters
-# (DESIGN.md "Masked training": pruned weights stay exactly 0.0).
+# (README, "Masked training": pruned weights stay exactly 0.0).
 mask_gradients = apply_masks
 
 
@@ -250,50 +355,12 @@ def mask_count(masks) -> tuple[int, int]:
   return (int(sum(int(jnp.sum(~m)) for m in leaves)), int(sum(m.size for m in leaves)))
 
 
-# --- gradual magnitude pruning (Zhu & Gupta 2017) ------------------------------------
-
-
-def gmp_sparsity(step: int, *, s_init: float, s_final: float, start: int, end: int) -> float:
-  """Cubic schedule: s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))**3 on [t0, t1].
-
-  s_init before `start`, s_final from `end` on (masks are kept after the end).
-  """
-  if step < start:
-    return float(s_init)
-  if step >= end:
-    return float(s_final)
-  frac = (step - start) / (end - start)
-  return float(s_final + (s_init - s_final) * (1.0 - frac) ** 3)
-
-
-def gmp_update_steps(start: int, end: int, every: int) -> list[int]:
-  """Mask-update steps t0, t0 + every, ... up to and including t1 (t1 always included)."""
-  if every < 1:
-    raise UserError(f"prune.every resolves to {every} steps; it must be at least 1 step")
-  steps = list(range(int(start), int(end) + 1, int(every)))
-  if not steps or steps[-1] != end:
-    steps.append(int(end))
-  return steps
-
-
-def is_gmp_update_step(step: int, *, start: int, end: int, every: int) -> bool:
-  """Whether masks are recomputed at `step` (see gmp_update_steps)."""
-  return start <= step <= end and ((step - start) % every == 0 or step == end)
-
-
-def scale_ratios(ratios_per_layer: Sequence[float], sparsity: float,
-                 layer_sizes: Sequence[int]) -> list[float]:
-  """The allocation's shape at overall sparsity `sparsity`: ratios * s / S.
-
-  S is the parameter-weighted mean of ratios_per_layer (the final target of the schedule).
-  """
-  s_final = allocation.weighted_mean(ratios_per_layer, layer_sizes)
-  if s_final <= 0:
-    return [0.0] * len(ratios_per_layer)
-  return [float(r) * sparsity / s_final for r in ratios_per_layer]
-
-
 # --- measurement and compaction --------------------------------------------------------
+
+
+@jax.jit
+def _zero_counts(kernels):
+  return [jnp.sum(k == 0) for k in kernels]
 
 
 def measure_sparsity(params, n_layer: int, blocks: int, targets: str) -> dict:
@@ -306,11 +373,11 @@ def measure_sparsity(params, n_layer: int, blocks: int, targets: str) -> dict:
   counted (neurons also zeroes c_fc biases, which this leaves out).
   """
   names = target_names(targets)
-  zeros = {(l, n): int(jnp.sum(kernel(params, l, n) == 0))
-           for l in range(n_layer) for n in MATRICES}
-  sizes = {(l, n): int(np.prod(kernel(params, l, n).shape))
-           for l in range(n_layer) for n in MATRICES}
-  frac = lambda keys: sum(zeros[k] for k in keys) / max(sum(sizes[k] for k in keys), 1)
+  keys = [(l, n) for l in range(n_layer) for n in MATRICES]
+  counts = jax.device_get(_zero_counts([kernel(params, l, n) for l, n in keys]))  # one call
+  zeros = {k: int(c) for k, c in zip(keys, counts)}
+  sizes = {(l, n): int(np.prod(kernel(params, l, n).shape)) for l, n in keys}
+  frac = lambda ks: sum(zeros[k] for k in ks) / max(sum(sizes[k] for k in ks), 1)
 
   layer_blocks = allocation.block_layers(n_layer, blocks)
   per_layer = []
@@ -353,24 +420,7 @@ def compacted_config(cfg: model_lib.GPT2Config, widths) -> model_lib.GPT2Config:
   return dataclasses.replace(cfg, mlp_widths=tuple(int(w) for w in widths))
 
 
-# --- internals ----------------------------------------------------------------------------
-
-
-def _score(method: str, w, *, key, norm, index):
-  """Importance of each weight of kernel w [in, out]; the lowest-scored are pruned."""
-  if method == "magnitude":
-    return jnp.abs(w)
-  if method == "random":
-    # Keyed by (layer, matrix), not by position among the targets: a matrix gets the same
-    # random scores whatever else is pruned, and at every GMP update (so masks nest).
-    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, index[0]), index[1]),
-                              w.shape)
-  return _wanda_score(w, norm)
-
-
-def _wanda_score(w, norm):
-  """|W_ij| * ||X_i||: w [in, out], norm [in] -> [in, out]."""
-  return jnp.abs(w) * norm[:, None]
+# --- exact counts --------------------------------------------------------------------------
 
 
 def _smallest_k(scores, k):
@@ -434,13 +484,11 @@ def _keep_in_groups(scores: dict, ratios, groups) -> dict:
   return keep
 
 
-def _neuron_masks(params, ratios, scope, blocks, previous) -> dict:
+def _unit_masks(crit, params, ratios, scope, blocks, previous) -> dict:
   """Structured masks for whole MLP hidden units (see compute_masks)."""
   scores = {}
   for l in range(len(ratios)):
-    mlp = params[f"h_{l}"]["mlp"]
-    s = (jnp.linalg.norm(mlp["c_fc"]["kernel"], axis=0)
-         * jnp.linalg.norm(mlp["c_proj"]["kernel"], axis=1))  # [F]
+    s = crit.unit_score(params, l)  # [F]
     if previous is not None:
       alive = jnp.any(trees.get_path(previous, (f"h_{l}", "mlp", "c_fc", "kernel")), axis=0)
       s = jnp.where(alive, s, -jnp.inf)
@@ -456,7 +504,3 @@ def _neuron_masks(params, ratios, scope, blocks, previous) -> dict:
         "c_fc": {"kernel": jnp.broadcast_to(units[None, :], (d, f)), "bias": units},
         "c_proj": {"kernel": jnp.broadcast_to(units[:, None], (f, d))}}}
   return masks
-
-
-def _kernel_path(layer: int, name: str) -> tuple:
-  return (f"h_{layer}", *name.split("/"), "kernel")

@@ -1,4 +1,4 @@
-"""Layer blocks and per-block ratios: the DESIGN.md "Generated allocations" contract."""
+"""Layer blocks and per-block ratios: the contract in the README's "What is computed, exactly"."""
 import numpy as np
 import pytest
 

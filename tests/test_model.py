@@ -74,3 +74,18 @@ def test_presets_and_shapes():
 def test_bad_checkpoint_dir_is_one_clear_error(tmp_path):
   with pytest.raises(UserError, match="config.json"):
     hf_io.resolve_dir(str(tmp_path))
+
+
+def test_scratch_init_scales_residual_projections():
+  # GPT-2's init: N(0, 0.02) for every matrix but the two that write into the residual stream,
+  # N(0, 0.02 / sqrt(2 * n_layer)). Narrow, so init is fast; 12 layers give ~250k samples.
+  cfg = model_lib.GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=12, n_head=4)
+  params = model_lib.init_params(cfg, seed=0)
+  def std(module, dense):
+    return np.concatenate([np.asarray(params[f"h_{l}"][module][dense]["kernel"]).ravel()
+                           for l in range(12)]).std()
+  scaled = 0.02 / np.sqrt(2 * 12)
+  for module in ("attn", "mlp"):
+    assert abs(std(module, "c_proj") / scaled - 1) < 0.05
+  assert abs(std("mlp", "c_fc") / 0.02 - 1) < 0.05
+  assert abs(std("attn", "c_attn") / 0.02 - 1) < 0.05

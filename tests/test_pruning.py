@@ -6,6 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blockprune_jax import allocation
+from blockprune_jax import calibration
+from blockprune_jax import gmp
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import pruning
@@ -95,7 +98,7 @@ def test_matrix_scope_counts_are_exact(params, method, targets):
                                 key=jax.random.PRNGKey(1))
   for l in range(4):
     for name in pruning.target_names(targets):
-      m = trees.get_path(masks, pruning._kernel_path(l, name))
+      m = trees.get_path(masks, pruning.kernel_path(l, name))
       assert zeros(m) == round(ratios[l] * m.size)
   assert set(masks["h_0"]) == {n.split("/")[0] for n in pruning.target_names(targets)}
 
@@ -108,7 +111,7 @@ def test_block_and_global_scopes_hit_their_counts(params, method):
   masks = pruning.compute_masks(params, ratios, method=method, targets="all", scope="block",
                                 blocks=2, key=key)
   for layers, r in [([0, 1], 0.2), ([2, 3], 0.6)]:
-    got = sum(zeros(trees.get_path(masks, pruning._kernel_path(l, n)))
+    got = sum(zeros(trees.get_path(masks, pruning.kernel_path(l, n)))
               for l in layers for n in pruning.MATRICES)
     assert got == round(r * sum(sizes[l] for l in layers))
   masks = pruning.compute_masks(params, ratios, method=method, targets="all", scope="global",
@@ -117,7 +120,7 @@ def test_block_and_global_scopes_hit_their_counts(params, method):
   if method == "magnitude":  # one threshold: every pruned |w| <= every kept |w|
     w = [np.abs(np.asarray(pruning.kernel(params, l, n)))
          for l in range(4) for n in pruning.MATRICES]
-    m = [np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
+    m = [np.asarray(trees.get_path(masks, pruning.kernel_path(l, n)))
          for l in range(4) for n in pruning.MATRICES]
     assert max(x[~k].max() for x, k in zip(w, m)) <= min(x[k].min() for x, k in zip(w, m))
 
@@ -128,7 +131,7 @@ def test_block_scope_with_one_layer_per_block_ranks_the_layer_together(params):
   masks = pruning.compute_masks(params, ratios, method="magnitude", targets="all", scope="block",
                                 blocks=4)
   for l in range(4):
-    ms = [trees.get_path(masks, pruning._kernel_path(l, n)) for n in pruning.MATRICES]
+    ms = [trees.get_path(masks, pruning.kernel_path(l, n)) for n in pruning.MATRICES]
     assert sum(zeros(m) for m in ms) == round(ratios[l] * sizes[l])
   assert pruning.compute_masks(params, ratios, method="none") == {}
 
@@ -184,8 +187,8 @@ def test_wanda_equals_numpy():
 
 def test_calibration_and_owl_plan(params):
   ids = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, TINY.vocab_size)
-  stats = pruning.collect_stats(TINY, params, [ids, ids])
-  single = pruning.collect_stats(TINY, params, [ids])
+  stats = calibration.collect_stats(TINY, params, [ids, ids])
+  single = calibration.collect_stats(TINY, params, [ids])
   np.testing.assert_allclose(stats["h_1"]["mlp"]["c_proj_in"],
                              2 * single["h_1"]["mlp"]["c_proj_in"], rtol=1e-6)
   assert stats["h_0"]["mlp"]["c_proj_in"].shape == (4 * TINY.n_embd,)
@@ -195,11 +198,12 @@ def test_calibration_and_owl_plan(params):
   fc = np.array(spiky["h_2"]["mlp"]["c_fc"]["kernel"])
   fc.flat[np.random.default_rng(0).choice(fc.size, fc.size // 20, replace=False)] = 1.0
   spiky["h_2"]["mlp"]["c_fc"]["kernel"] = jnp.asarray(fc)
-  d = pruning.outlier_ratios(spiky, stats, targets="mlp", threshold=5.0)
+  d = allocation.outlier_ratios(pruning.layer_scores("wanda", spiky, stats, "mlp"), 5.0)
   assert int(np.argmax(d)) == 2
   prune = base.get_config().prune
   prune.allocation, prune.blocks, prune.target, prune.owl_lambda = "owl", 2, 0.5, 0.1
-  plan = pruning.pruning_plan(prune, spiky, stats)
+  per_layer, _ = allocation.allocate(prune, pruning.targeted_sizes(spiky, "mlp"), d)
+  plan = {"ratios_per_layer": per_layer, "block_layers": allocation.block_layers(4, 2)}
   r = plan["ratios_per_layer"]
   assert plan["block_layers"] == [[0, 1], [2, 3]]
   assert all(0.4 - 1e-9 <= x <= 0.6 + 1e-9 for x in r)
@@ -255,19 +259,19 @@ def test_neurons_keep_one_unit_when_all_pruned(params):
 
 def test_gmp_schedule():
   kw = dict(s_init=0.0, s_final=0.9, start=100, end=300)
-  assert pruning.gmp_sparsity(0, **kw) == 0.0
-  assert pruning.gmp_sparsity(100, **kw) == 0.0
-  assert pruning.gmp_sparsity(200, **kw) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
-  assert pruning.gmp_sparsity(300, **kw) == pytest.approx(0.9)
-  assert pruning.gmp_sparsity(10_000, **kw) == pytest.approx(0.9)
-  assert pruning.gmp_sparsity(150, s_init=0.2, s_final=0.6, start=100, end=300) == pytest.approx(
+  assert gmp.gmp_sparsity(0, **kw) == 0.0
+  assert gmp.gmp_sparsity(100, **kw) == 0.0
+  assert gmp.gmp_sparsity(200, **kw) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+  assert gmp.gmp_sparsity(300, **kw) == pytest.approx(0.9)
+  assert gmp.gmp_sparsity(10_000, **kw) == pytest.approx(0.9)
+  assert gmp.gmp_sparsity(150, s_init=0.2, s_final=0.6, start=100, end=300) == pytest.approx(
       0.6 + (0.2 - 0.6) * 0.75 ** 3)
-  assert pruning.gmp_update_steps(100, 300, 50) == [100, 150, 200, 250, 300]
-  assert pruning.gmp_update_steps(0, 10, 4) == [0, 4, 8, 10]
-  steps = [t for t in range(0, 400) if pruning.is_gmp_update_step(t, start=0, end=10, every=4)]
+  assert gmp.gmp_update_steps(100, 300, 50) == [100, 150, 200, 250, 300]
+  assert gmp.gmp_update_steps(0, 10, 4) == [0, 4, 8, 10]
+  steps = [t for t in range(0, 400) if gmp.is_gmp_update_step(t, start=0, end=10, every=4)]
   assert steps == [0, 4, 8, 10]
-  assert pruning.scale_ratios([0.2, 0.6], 0.2, [1, 1]) == pytest.approx([0.1, 0.3])
-  assert pruning.scale_ratios([0.0, 0.0], 0.2, [1, 1]) == [0.0, 0.0]
+  assert gmp.scale_ratios([0.2, 0.6], 0.2, [1, 1]) == pytest.approx([0.1, 0.3])
+  assert gmp.scale_ratios([0.0, 0.0], 0.2, [1, 1]) == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random"])
@@ -276,18 +280,18 @@ def test_gmp_masks_only_grow(params, method):
   sizes = pruning.targeted_sizes(params, "all")
   key = jax.random.PRNGKey(4)
   p, masks, last = params, None, None
-  for i, t in enumerate(pruning.gmp_update_steps(0, 40, 10)):
-    s = pruning.gmp_sparsity(t, s_init=0.0, s_final=0.6, start=0, end=40)
-    ratios = pruning.scale_ratios(final, s, sizes)
+  for i, t in enumerate(gmp.gmp_update_steps(0, 40, 10)):
+    s = gmp.gmp_sparsity(t, s_init=0.0, s_final=0.6, start=0, end=40)
+    ratios = gmp.scale_ratios(final, s, sizes)
     masks = pruning.compute_masks(p, ratios, method=method, targets="all", key=key,
                                   previous=masks)
     for l in range(4):
       for n in pruning.MATRICES:
-        m = np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
+        m = np.asarray(trees.get_path(masks, pruning.kernel_path(l, n)))
         assert zeros(m) == round(ratios[l] * m.size)
         if last is not None:
           assert not np.any(m & ~last[(l, n)])  # nothing revived
-    last = {(l, n): np.asarray(trees.get_path(masks, pruning._kernel_path(l, n)))
+    last = {(l, n): np.asarray(trees.get_path(masks, pruning.kernel_path(l, n)))
             for l in range(4) for n in pruning.MATRICES}
     # Training moves the weights (and, without masking, would revive pruned ones).
     noise = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.PRNGKey(i), x.shape), p)

@@ -190,3 +190,88 @@ def test_block_prune_counts_round_half_to_even():
   # 0.5 * 3 * i2 for i2 = 1, 2, 3 -> round(1.5)=2, round(3)=3, round(4.5)=4
   np.testing.assert_array_equal(sparsegpt.block_prune_counts(0.5, 3, 3, 1), [2, 1, 1])
   assert sparsegpt.block_prune_counts(0.3, 768, 3072, 128).sum() == round(0.3 * 768 * 3072)
+
+
+# --- in the model: N:M masks, sequential calibration, whole runs -----------------------------
+
+from blockprune_jax import calibration  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax import model as model_lib  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax import pruning  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
+
+TINY = model_lib.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=4, n_head=2,
+                            dropout=0.0)
+
+
+def _zeros_per_group(k, m):
+  """k [in, out] -> [in // m, out]: zeros in each group of m consecutive inputs per output."""
+  k = np.asarray(k)
+  return (k.reshape(k.shape[0] // m, m, k.shape[1]) == 0).sum(axis=1)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_nm_masks_of_score_methods(method):
+  params = model_lib.init_params(TINY, 0)
+  ids = np.random.RandomState(0).randint(0, 100, (2, 16))
+  stats = calibration.collect_stats(TINY, params, [ids])
+  masks = pruning.compute_masks(params, [0.5, 0.0, 0.5, 0.0], method=method, targets="all",
+                                stats=stats, pattern=(2, 4))
+  pruned = pruning.apply_masks(params, masks)
+  for l in range(4):
+    for name in pruning.MATRICES:
+      counts = _zeros_per_group(pruning.kernel(pruned, l, name), 4)
+      np.testing.assert_array_equal(counts, 2 if l % 2 == 0 else 0, err_msg=f"{l} {name}")
+  with pytest.raises(UserError, match="prune.pattern=2:4 needs every block's ratio"):
+    pruning.compute_masks(params, [0.3] * 4, method=method, stats=stats, pattern=(2, 4))
+  with pytest.raises(UserError, match="prune.pattern"):
+    pruning.parse_pattern("4:2")
+
+
+def test_sequential_calibration_sees_the_pruned_layers_below():
+  """Layer l's Hessians come from the model whose layers < l are already pruned."""
+  params = model_lib.init_params(TINY, 0)
+  seqs = np.random.RandomState(1).randint(0, 100, (3, 16))
+  seen = {}
+
+  def prune_layer(p, layer, calib):
+    seen[layer] = calib
+    return pruning.prune_layer(p, layer, 0.5, None, method="magnitude", targets="all")
+  pruned, masks = calibration.sequential_prune(TINY, params, seqs, collection="hessian",
+                                               prune_layer=prune_layer, batch_size=2)
+  assert sorted(masks) == [f"h_{l}" for l in range(4)]
+  model = model_lib.GPT2(TINY)
+  for l in (1, 3):
+    # The reference: the full model with layers < l pruned and layers >= l as they were.
+    mixed = {k: (pruned[k] if k.startswith("h_") and int(k[2:]) < l else v)
+             for k, v in params.items()}
+    for which, tree in (("pruned below", mixed), ("dense", params)):
+      _, state = model.apply({"params": tree}, jnp.asarray(seqs), mutable=["hessian"])
+      want = 2.0 * np.asarray(state["hessian"][f"h_{l}"]["mlp"]["c_fc_in"][0]) / seqs.size
+      got = np.asarray(seen[l]["mlp"]["c_fc_in"])
+      if which == "pruned below":
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+      else:  # and that differs from calibrating on the dense model
+        assert np.abs(got - want).max() > 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("pattern,ratios", [("2:4", (0.0, 0.5)), ("unstructured", (0.3, 0.6))])
+def test_sparsegpt_run_exports_exact_zeros(tmp_path, pattern, ratios):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(prune__method="sparsegpt", prune__pattern=pattern, prune__targets="all",
+                       prune__allocation="explicit", prune__ratios=ratios,
+                       prune__sparsegpt_blocksize=16, prune__calib_batches=4,
+                       train__steps=3, export__hf=True)
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  r = pipeline.run(config, str(tmp_path / "run"))
+  assert r["pruning"]["method"] == "sparsegpt" and r["pruning"]["pattern"] == pattern
+  assert r["pruning"]["sequential"] and r["pruning"]["sparsegpt_blocksize"] == 16
+  assert "oneshot" in r and r["oneshot"]["perplexity"]["validation"] > 0
+  hf = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+  for l, ratio in enumerate(ratios):
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+      w = hf[f"transformer.h.{l}.{name}.weight"]  # HF Conv1D: [in, out], our layout
+      if pattern == "2:4":  # after masked fine-tuning, still exactly 2 zeros in every 4
+        np.testing.assert_array_equal(_zeros_per_group(w, 4), 2 if ratio else 0)
+      else:
+        assert int((w == 0).sum()) == round(ratio * w.size)
