@@ -15,6 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockprune_jax import allocation
+from blockprune_jax import compile_stats
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
@@ -22,26 +24,28 @@ from blockprune_jax import files
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
-from blockprune_jax import prune_plan
+from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
 
+# Allowed values of the keys that name a choice; the pruning ones come from their registries.
 _CHOICES = {
     "model.init": ("pretrained", "scratch"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "cudnn", "xla"),
     "data.source": ("hf", "text", "builtin"),
-    "prune.method": ("none", "magnitude", "random", "wanda", "neurons"),
-    "prune.targets": ("mlp", "attn", "all"),
-    "prune.allocation": ("explicit", "layer", "uniform", "linear", "exponential", "owl"),
-    "prune.scope": ("matrix", "block", "global"),
-    "prune.schedule": ("oneshot", "gradual"),
+    "prune.method": ("none", *pruning.CRITERIA),
+    "prune.targets": tuple(pruning.TARGETS),
+    "prune.allocation": allocation.ALLOCATIONS,
+    "prune.scope": pruning.SCOPES,
+    "prune.schedule": plan_lib.SCHEDULES,
     "prune.when": ("before_finetune", "after_finetune"),
     "prune.direction": ("increasing", "decreasing"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "wandb.mode": ("disabled", "online", "offline"),
 }
 
 
@@ -56,7 +60,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   parallel.maybe_initialize_distributed()
   t_start = time.time()
-  log = RunLog(workdir, config=config)
+  compile_stats.enable_persistent_cache(
+      config.runtime.compile_cache or os.path.join(data_lib.cache_root(config.data), "jax_compile"))
+  compile_stats.install()
+  with RunLog(workdir, config=config) as log:  # closed (and marked failed) whatever happens
+    return _experiment(config, workdir, log, t_start)
+
+
+def _experiment(config, workdir, log, t_start) -> dict:
+  """The body of run(): every phase, top to bottom."""
+  results_path = os.path.join(workdir, "results.json")
   mesh = parallel.data_mesh()
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
@@ -72,6 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.sync("base model exported")
     config = config_lib.apply_overrides(config, {
         "model.init": "pretrained", "model.name_or_path": os.path.join(base_dir, "export")})
+  compiled_before = compile_stats.snapshot()  # this run's own compilations, not the base's
 
   # --- tokenizer, data and model ------------------------------------------------------
   ckpt_dir = hf_io.resolve_dir(config.model.name_or_path) if config.model.init == "pretrained" else None
@@ -90,42 +104,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
   late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
           and config.prune.when == "after_finetune")
-  plan = None if late else prune_plan.make_plan(config, model_cfg, params, streams, log)
+  plan = (plan_lib.NoPlan(config, model_cfg) if late
+          else plan_lib.make_plan(config, model_cfg, params, streams, log))
   masks = {}
   steps = train_steps(config, streams)
-  if plan and config.prune.schedule == "gradual" and steps == 0:
+  if plan.active and config.prune.schedule == "gradual" and steps == 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
-  if plan and config.prune.schedule == "oneshot":
+  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all evaluations
+  oneshot = None
+  if plan.active and config.prune.schedule == "oneshot" and not late:
     params, masks = plan.prune(params, plan.ratios_per_layer)
+    if steps > 0:  # what fine-tuning recovers: the same splits right after pruning
+      oneshot = evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log,
+                                label="one-shot")
   train_summary = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
   if steps > 0:
     params, masks, train_summary = train.fit(
-        config, model_cfg, params, masks, total=steps, plan=plan, streams=streams, mesh=mesh,
-        workdir=workdir, log=log)
-  if late:  # no recovery: scores (and wanda / owl statistics) from the fine-tuned weights
-    plan = prune_plan.make_plan(config, model_cfg, jax.device_get(params), streams, log)
+        config, model_cfg, params, masks, total=steps, plan=plan if plan.active else None,
+        streams=streams, mesh=mesh, workdir=workdir, log=log)
+  if late:  # no recovery: scores and statistics from the fine-tuned weights
+    plan = plan_lib.make_plan(config, model_cfg, jax.device_get(params), streams, log)
     params, masks = plan.prune(params, plan.ratios_per_layer)
 
   # --- evaluation -------------------------------------------------------------------
   eval_params, compact_widths = params, None
-  if plan and config.prune.method == "neurons" and config.prune.compact:
+  if plan.active and config.prune.method == "neurons" and config.prune.compact:
     # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
     # dense parameters, identical in output, are what results and the export describe).
     eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
     apply_fn = model_lib.logits_fn(pruning.compacted_config(model_cfg, compact_widths))
+    eval_step = eval_lib.make_eval_step(apply_fn, mesh)
     log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
               widths=list(compact_widths))
-  evals = {}
-  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all splits
-  for split in eval_splits(config):
-    r = eval_lib.evaluate(apply_fn, eval_params, streams.get(split), seq_len=config.data.seq_len,
-                          stride=config.eval.stride or config.data.seq_len,
-                          batch_size=config.eval.batch_size, mesh=mesh, desc=split,
-                          step_fn=eval_step)
-    evals[split] = r
-    log.event("eval", f"{split}: perplexity {r['perplexity']:.3f} over {r['tokens_scored']} "
-              f"tokens ({r['tokens_per_s']:,.0f} tokens/s)", split=split, **r)
+  evals = evaluate_splits(config, apply_fn, eval_params, streams, mesh, eval_step, log)
 
   # --- results ----------------------------------------------------------------------
   results = {
@@ -137,14 +149,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           for x in jax.tree.leaves(params)))},
       "perplexity": {s: r["perplexity"] for s, r in evals.items()},
       "eval": evals,
-      "pruning": dict(plan.describe() if plan else prune_plan.describe_none(config, model_cfg),
-                      compacted_mlp_widths=compact_widths),
-      "sparsity": prune_plan.measure(params, model_cfg, config),
+      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths),
+      "sparsity": plan_lib.measure(params, model_cfg, plan),
       "train": train_summary,
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                   "processes": jax.process_count(), "device_kind": dev.device_kind,
-                  "seconds": time.time() - t_start},
+                  "seconds": time.time() - t_start,
+                  **_compile_summary(compile_stats.since(compiled_before))},
   }
+  if oneshot is not None:
+    results["oneshot"] = {"perplexity": {k: r["perplexity"] for k, r in oneshot.items()},
+                          "eval": oneshot}
   if config.export.hf:
     out = os.path.join(workdir, "export")
     if jax.process_index() == 0:
@@ -157,7 +172,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.sync("results written")
   log.event("done", f"results in {results_path}")
   log.finish(results)
-  log.close()
   print(summary_table(results))
   return results
 
@@ -170,6 +184,7 @@ def validate(config):
     value = config_lib.lookup(config, key)
     if value not in allowed:
       raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+  pruning.parse_pattern(config.prune.pattern)
   if config.data.seq_len < 2:
     raise UserError(f"data.seq_len={config.data.seq_len} must be at least 2")
   stride = config.eval.stride or config.data.seq_len
@@ -180,6 +195,27 @@ def validate(config):
               "checkpoint.every_steps", "checkpoint.keep"):
     if config_lib.lookup(config, key) < 1:
       raise UserError(f"{key}={config_lib.lookup(config, key)} must be at least 1")
+
+
+def evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log, label=""):
+  """{split: evaluate.evaluate(...) result} for every split of eval.splits."""
+  evals = {}
+  for split in eval_splits(config):
+    r = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
+                          stride=config.eval.stride or config.data.seq_len,
+                          batch_size=config.eval.batch_size, mesh=mesh, desc=split,
+                          step_fn=eval_step)
+    evals[split] = r
+    log.event("eval", f"{label + ' ' if label else ''}{split}: perplexity {r['perplexity']:.3f} "
+              f"over {r['tokens_scored']} tokens ({r['tokens_per_s']:,.0f} tokens/s)",
+              split=split, label=label or "final", **r)
+  return evals
+
+
+def _compile_summary(compiled: dict) -> dict:
+  """results.json runtime fields: XLA compilations this run caused and the seconds they took."""
+  return {"compile_s": round(compiled["compile_s"], 3), "compilations": compiled["compilations"],
+          "compile_cache_hits": compiled["cache_hits"], "compiled": compiled["by_name"]}
 
 
 def eval_splits(config):

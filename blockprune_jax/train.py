@@ -5,9 +5,11 @@ periodic evaluation, preemption). The update is one jitted shard_map'd function 
 donated; gradients are `pmean`ed over the 'data' axis; pruned weights stay exactly 0.0 because
 gradients, updates and parameters are all multiplied by the masks.
 """
+import functools
 import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import config_lib
+from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
@@ -53,12 +56,37 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+class OptimizerSettings(NamedTuple):
+  """What the compiled step bakes in; the learning rate is an input, so runs that differ only
+  in learning rate, schedule or length share one compiled step."""
+  b1: float
+  b2: float
+  weight_decay: float
+  grad_clip: float
+
+
+def optimizer_settings(t_cfg) -> OptimizerSettings:
+  return OptimizerSettings(float(t_cfg.b1), float(t_cfg.b2), float(t_cfg.weight_decay),
+                           float(t_cfg.grad_clip))
+
+
+def build_optimizer(settings: OptimizerSettings, learning_rate):
+  """AdamW (decoupled decay on matrices only), after global-norm clipping if grad_clip > 0."""
+  parts = [optax.clip_by_global_norm(settings.grad_clip)] if settings.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate, b1=settings.b1, b2=settings.b2,
+                           weight_decay=settings.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
 def make_optimizer(t_cfg, total_steps: int):
+  """(optimizer with the run's schedule, schedule): for initialising the optimizer state."""
   schedule = learning_rate_schedule(t_cfg, total_steps)
-  parts = [optax.clip_by_global_norm(t_cfg.grad_clip)] if t_cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=t_cfg.b1, b2=t_cfg.b2, weight_decay=t_cfg.weight_decay,
-                           mask=decay_mask))
-  return optax.chain(*parts), schedule
+  return build_optimizer(optimizer_settings(t_cfg), schedule), schedule
+
+
+def learning_rates(schedule, total_steps: int) -> np.ndarray:
+  """[total_steps] float32: the learning rate of every step, as the device computes it."""
+  return np.asarray(jax.device_get(jax.vmap(schedule)(jnp.arange(total_steps))), np.float32)
 
 
 def init_state(params, optimizer, masks, seed: int) -> dict:
@@ -87,13 +115,6 @@ def steady_state_guard():
 
 # --- data order --------------------------------------------------------------------------
 
-def train_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:
-  """Non-overlapping sequences [n, seq_len + 1]: inputs are [:, :-1], labels [:, 1:]."""
-  n = (len(stream) - 1) // seq_len
-  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
-  return stream[idx]
-
-
 def batch_at(sequences, position: int, batch_size: int, seed: int):
   """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`.
 
@@ -107,11 +128,16 @@ def batch_at(sequences, position: int, batch_size: int, seed: int):
 
 # --- the update --------------------------------------------------------------------------
 
-def make_train_step(model_cfg, optimizer, mesh, *, teacher_cfg=None, alpha=0.0, temperature=1.0):
-  """jit(shard_map(per-device update)) with the state donated.
+@functools.lru_cache(maxsize=None)
+def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
+                    temperature=1.0):
+  """jit(shard_map(per-device update)) with the state donated, one per distinct setting.
 
+  step(state, batch, teacher_params, learning_rate) -> (state, {loss, ce, kl, grad_norm}).
   state: {params, opt_state, masks, step, data_position, rng}; batch: [accum, B, T + 1] int32
-  sharded over B; teacher: teacher params or None. Returns (state, {loss, ce, kl, grad_norm}).
+  sharded over B; teacher_params: teacher params or {}; learning_rate: float32 scalar. Kept
+  per (model, optimizer settings, mesh, distillation): a later run of a sweep with the same
+  shapes reuses the compiled step instead of tracing and compiling it again.
   """
   model = model_lib.GPT2(model_cfg)
   teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
@@ -129,7 +155,10 @@ def make_train_step(model_cfg, optimizer, mesh, *, teacher_cfg=None, alpha=0.0, 
       loss = ce
     return loss, (ce, kl)
 
-  def per_device(state, batch, teacher_params):
+  def train_step(state, batch, teacher_params, learning_rate):
+    # The optimizer's schedule reads the step's input; its state (the step count) has the
+    # same structure as with a schedule function, so older checkpoints still restore.
+    optimizer = build_optimizer(settings, lambda count: learning_rate)
     params, masks = state["params"], state["masks"]
     # Different dropout on every device and micro-batch, derived from the step: a resumed run
     # replays the same dropout.
@@ -160,7 +189,8 @@ def make_train_step(model_cfg, optimizer, mesh, *, teacher_cfg=None, alpha=0.0, 
     return new_state, metrics
 
   rep = P()
-  step = parallel.shard_map(per_device, mesh, (rep, P(None, parallel.AXIS), rep), (rep, rep))
+  step = parallel.shard_map(train_step, mesh, (rep, P(None, parallel.AXIS), rep, rep),
+                            (rep, rep))
   return jax.jit(step, donate_argnums=0)
 
 
@@ -184,7 +214,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   returns (params, masks, summary). Resumes from `workdir/checkpoints` when it holds one."""
   t_cfg = config.train
   seq_len = config.data.seq_len
-  sequences = train_sequences(streams.get("train"), seq_len)
+  sequences = data_lib.train_sequences(streams.get("train"), seq_len)
   n_dev = mesh.devices.size
   if t_cfg.batch_size % n_dev:
     raise UserError(f"train.batch_size={t_cfg.batch_size} must be a multiple of the "
@@ -194,8 +224,10 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
                     f"fewer than train.batch_size={t_cfg.batch_size}")
   optimizer, schedule = make_optimizer(t_cfg, total)
   teacher_params, teacher_cfg = load_teacher(config, model_cfg)
-  step_fn = make_train_step(model_cfg, optimizer, mesh, teacher_cfg=teacher_cfg,
-                            alpha=config.distill.alpha, temperature=config.distill.temperature)
+  step_fn = make_train_step(model_cfg, optimizer_settings(t_cfg), mesh, teacher_cfg=teacher_cfg,
+                            alpha=float(config.distill.alpha),
+                            temperature=float(config.distill.temperature))
+  lrs = learning_rates(schedule, total)
   gradual = plan is not None and config.prune.schedule == "gradual"
   if gradual and not masks:
     masks = plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
@@ -239,7 +271,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           batch = np.stack([batch_at(sequences, step * accum + a, t_cfg.batch_size, config.seed)
                             for a in range(accum)])
           state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1),
-                                   teacher_params)
+                                   teacher_params, lrs[step])
           window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
           window_steps += 1
         step += 1
@@ -258,7 +290,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           now = time.time()
           tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
           eta = (total - step) * (now - t_last) / max(step - step_last, 1)
-          lr = float(schedule(step - 1))
+          lr = float(lrs[step - 1])
           log.metric(step, "train", loss=loss, ce=m["ce"], kl=m["kl"],
                      grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s)
           log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
@@ -296,7 +328,8 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
 _FREE_TO_CHANGE = ("checkpoint.", "eval.", "export.", "train.log_every", "train.eval_every",
-                   "train.eval_max_tokens", "data.cache_dir", "base.dir", "model.attention")
+                   "train.eval_max_tokens", "data.cache_dir", "base.dir", "model.attention", "sweep.",
+                   "wandb.", "runtime.")
 
 
 def resume_keys(config) -> dict:

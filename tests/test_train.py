@@ -74,22 +74,30 @@ def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
   assert [l["step"] for l in lines if l["split"] == "train"] == [3, 6, 9]
 
 
+# Seed 0's GPT-2 init has an MLP unit in layer 0 whose first gradients are ~0: Adam's
+# g / sqrt(v) turns the rounding differences of a 1- vs 4-device pmean there into +-lr steps, a
+# property of Adam, not of the data parallelism this file checks.
+INIT_SEED = 1
+
+
 def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_params=None):
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
                              dropout=0.0)
   t_cfg = ml_collections.ConfigDict(dict(warmup_steps=1, learning_rate=1e-2, schedule="cosine",
                                          grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.1))
-  opt, _ = train.make_optimizer(t_cfg, 10)
-  params = student_params or model_lib.init_params(cfg, 0)
+  opt, schedule = train.make_optimizer(t_cfg, 10)
+  lrs = train.learning_rates(schedule, 10)
+  params = student_params or model_lib.init_params(cfg, INIT_SEED)
   state = parallel.replicate(train.init_state(params, opt, {}, seed=0), mesh, donatable=True)
-  step = train.make_train_step(cfg, opt, mesh, teacher_cfg=cfg if teacher else None,
-                               alpha=alpha, temperature=temperature)
+  step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh,
+                               teacher_cfg=cfg if teacher else None, alpha=alpha,
+                               temperature=temperature)
   # The same batch every step, so a few steps visibly lower its loss.
   data = np.repeat(np.random.RandomState(0).randint(0, 257, (1, 2, 8, 17)), steps, 0).astype(np.int32)
   teacher_params = parallel.replicate(teacher, mesh) if teacher else {}
   losses, kls = [], []
   for s in range(steps):
-    state, m = step(state, parallel.shard_batch(data[s], mesh, axis=1), teacher_params)
+    state, m = step(state, parallel.shard_batch(data[s], mesh, axis=1), teacher_params, lrs[s])
     losses.append(float(m["loss"]))
     kls.append(float(m["kl"]))
   return jax.device_get(state["params"]), losses, kls
@@ -111,7 +119,7 @@ def test_distillation_alpha_zero_is_plain_finetuning_and_self_kl_is_zero():
   mesh = parallel.data_mesh()
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
                              dropout=0.0)
-  student = model_lib.init_params(cfg, 0)
+  student = model_lib.init_params(cfg, INIT_SEED)
   plain, l_plain, _ = _run_steps(mesh)
   # The teacher is the student itself: with alpha = 0 the run is plain fine-tuning, and the
   # logged KL(teacher || student) is 0 at the first step (same weights, same logits).
