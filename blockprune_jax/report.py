@@ -2,13 +2,19 @@
 
     python -m blockprune_jax.report runs/grid [runs/other ...] [--out=DIR]
 
-Writes into the first directory (or --out): `report.csv`, `report.md` (with a mean ± std section
-for runs that differ only in their seed), `report_seeds.csv` and, where the runs allow them,
-`ppl_vs_sparsity.png`, `heatmap_mid<r>.png` (3-block explicit-ratio grids, one per middle ratio),
-`layer_scan.png` (one layer pruned at a time) and `training_curves.png`. Prints the Markdown
-table. Every number comes from results.json / metrics.jsonl; a missing field is a blank cell.
+One pandas DataFrame with a row per results.json (`frame`) is the source of everything written
+into the first directory (or --out): `report.csv`, `report.md` (with a mean ± std section for runs
+that differ only in their seed and a paired comparison of allocations over seeds),
+`report_seeds.csv`, `report_paired.csv` and, where the runs allow them, `ppl_vs_sparsity.png`,
+`heatmap_mid<r>.png` (3-block explicit-ratio grids, one per middle ratio), `layer_scan.png` (one
+layer pruned at a time) and `training_curves.png`. Prints the Markdown table. Every number comes
+from results.json / metrics.jsonl; a missing field is a blank cell.
+
+Optional fields add columns: `oneshot.perplexity.<split>` (right after pruning, before
+fine-tuning) gives `oneshot_<split>`; a dense control run (`role: control`, fine-tuned like the
+others) gives every run `delta_<split>` = its perplexity minus the control's.
 """
-import csv
+import itertools
 import json
 import logging
 import math
@@ -18,27 +24,30 @@ import statistics
 import sys
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+import pandas as pd
+
+from blockprune_jax import stats
+
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 _GENERATED = ("uniform", "linear", "exponential", "owl")  # allocations solved for prune.target
 _SKIP_DIRS = {"checkpoints", "checkpoint", "ckpt", "export", "tensorboard", "tb"}
+_PPL = ("ppl_", "oneshot_", "delta_")  # prefixes of the perplexity columns, in table order
 
 # ----------------------------------------------------------------------------------------------
-# Collecting rows
+# One DataFrame from the results.json files
 # ----------------------------------------------------------------------------------------------
 
 
 def _get(d: Any, *path, default=None):
   """d[path[0]][path[1]]...; `default` where anything along the way is missing."""
   for p in path:
-    if isinstance(d, dict) and p in d:
-      d = d[p]
-    elif isinstance(d, (list, tuple)) and isinstance(p, int) and -len(d) <= p < len(d):
-      d = d[p]
-    else:
+    if not isinstance(d, dict) or p not in d:
       return default
+    d = d[p]
   return d
 
 
@@ -52,10 +61,8 @@ def _num(x: Any) -> float | None:
 
 
 def _nums(xs: Any) -> list[float] | None:
-  if not isinstance(xs, (list, tuple)) or not xs:
-    return None
-  out = [_num(x) for x in xs]
-  return None if any(v is None for v in out) else out
+  out = [_num(x) for x in xs] if isinstance(xs, (list, tuple)) else []
+  return None if not out or None in out else out
 
 
 def _slash(xs: Sequence[float] | None, fmt: str = "{:g}") -> str:
@@ -83,95 +90,163 @@ def find_results(paths: Iterable[str]) -> list[tuple[str, str]]:
   return found
 
 
-def _row(results: dict, run: str, run_dir: str) -> dict:
-  """One flat row; keys starting with '_' are for plots and grouping, not for the tables."""
+def _load(path: str) -> dict | None:
+  """The JSON object in `path`, or None (with a warning): one bad file must not stop a report."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    if isinstance(results, dict):
+      return results
+    log.warning("report: skipping %s: not a JSON object", path)
+  except (OSError, ValueError) as e:
+    log.warning("report: skipping %s: %s", path, e)
+  return None
+
+
+def _ppls(d: Any) -> dict[str, float | None]:
+  return {str(k): _num(v) for k, v in d.items()} if isinstance(d, dict) else {}
+
+
+def _record(results: dict, run: str, run_dir: str) -> dict:
+  """One row; keys starting with '_' feed plots and grouping, not the tables."""
   cfg = results.get("config") if isinstance(results.get("config"), dict) else {}
   pruning = results.get("pruning") if isinstance(results.get("pruning"), dict) else {}
   method = pruning.get("method", _get(cfg, "prune", "method"))
   allocation = pruning.get("allocation", _get(cfg, "prune", "allocation"))
-  ratios_block = _nums(pruning.get("ratios_per_block"))
-  ratios_layer = _nums(pruning.get("ratios_per_layer"))
+  # Older results.json lack the solved ratios; for explicit / layer runs they are the config's.
   cfg_ratios = _nums(_get(cfg, "prune", "ratios"))
-  if ratios_block is None and allocation == "explicit":
-    ratios_block = cfg_ratios
-  if ratios_layer is None and allocation == "layer":
-    ratios_layer = cfg_ratios
+  ratios_block = _nums(pruning.get("ratios_per_block")) or (
+      cfg_ratios if allocation == "explicit" else None)
+  ratios_layer = _nums(pruning.get("ratios_per_layer")) or (
+      cfg_ratios if allocation == "layer" else None)
   target = _num(_get(cfg, "prune", "target"))
   if method in (None, "none") or allocation not in _GENERATED:
     target = None  # a config default that the run did not use; a blank says so
-  per_block = _nums(_get(results, "sparsity", "per_block"))
-  ppl = results.get("perplexity") if isinstance(results.get("perplexity"), dict) else {}
-  ppl = {str(k): _num(v) for k, v in ppl.items()}
-  row = {
+  ppl = _ppls(results.get("perplexity"))
+  val = ppl.get("validation", next(iter(ppl.values()), None))  # else the first split's
+  return {
       "run": run,
-      "role": results.get("role", ""),
+      "role": "control" if "control" in (results.get("role"), cfg.get("role"))
+              else results.get("role", ""),
       "method": method if method is not None else "",
       "allocation": allocation if allocation is not None else "",
       "target": target,
       "ratios_per_block": _slash(ratios_block),
       "ratios_per_layer": _slash(ratios_layer) if allocation == "layer" else "",
       "sparsity_overall": _num(_get(results, "sparsity", "overall")),
-      "sparsity_per_block": _slash(per_block, "{:.6g}"),
+      "sparsity_per_block": _slash(_nums(_get(results, "sparsity", "per_block")), "{:.6g}"),
       "seed": _get(cfg, "seed", default=results.get("seed")),
       "train_steps": _get(results, "train", "steps"),
       "final_train_loss": _num(_get(results, "train", "final_loss")),
       "_dir": run_dir,
       "_ppl": ppl,
+      "_oneshot": _ppls(_get(results, "oneshot", "perplexity")),
+      "_val": val if val is not None and math.isfinite(val) and val > 0 else None,  # plottable
       "_ratios_block": ratios_block,
       "_ratios_layer": ratios_layer,
-      "_per_block": per_block,
       "_config": cfg,
   }
-  return row
 
 
-def collect(paths: Sequence[str]) -> list[dict]:
-  """Flat rows, one per results.json found (recursively) under `paths`, sorted by run name.
-
-  `run` is the run directory relative to its root (prefixed with the root's name when several
-  roots are given). Perplexities are under `ppl_<split>` keys; `role` is results.json's
-  `role` ("base" for the shared from-scratch base model, else blank).
-  """
-  rows = []
-  multi = len(paths) > 1
-  for root, run_dir in find_results(paths):
-    try:
-      with open(os.path.join(run_dir, RESULTS)) as f:
-        results = json.load(f)
-      if not isinstance(results, dict):
-        raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-      log.warning("report: skipping %s: %s", os.path.join(run_dir, RESULTS), e)
-      continue
-    rel = os.path.relpath(run_dir, root)
-    base = os.path.basename(os.path.abspath(root))
-    run = base if rel == "." else (os.path.join(base, rel) if multi else rel)
-    rows.append(_row(results, run, run_dir))
-  rows.sort(key=lambda r: _natural_key(r["run"]))
-  splits = _splits(rows)
-  for r in rows:
-    for s in splits:
-      r[f"ppl_{s}"] = r["_ppl"].get(s)
-  return rows
-
-
-def _splits(rows: Sequence[dict]) -> list[str]:
-  seen = {s for r in rows for s in r["_ppl"]}
+def _splits(names: Iterable[str]) -> list[str]:
+  seen = set(names)
   order = [s for s in ("validation", "test") if s in seen]
   return order + sorted(seen - set(order))
 
 
-def _columns(rows: Sequence[dict]) -> list[str]:
-  head = ["run", "role", "method", "allocation", "target", "ratios_per_block"]
-  if any(r["ratios_per_layer"] for r in rows):  # only layer-allocation runs have their own
-    head.append("ratios_per_layer")
-  head += ["sparsity_overall", "sparsity_per_block"]
-  return head + [f"ppl_{s}" for s in _splits(rows)] + ["seed", "train_steps", "final_train_loss"]
+def _objects(values: Iterable[Any], index) -> pd.Series:
+  """A column of Python objects: None stays None (not NaN) and ints stay ints."""
+  return pd.Series(list(values), index=index, dtype=object)
+
+
+def frame(paths: Sequence[str]) -> pd.DataFrame:
+  """The runs under `paths`, one row each, sorted by run name: every table and plot reads this.
+
+  `run` is the run directory relative to its root (prefixed with the root's name when several
+  roots are given). Perplexities are `ppl_<split>` columns, one-shot ones `oneshot_<split>`, the
+  difference to a dense control `delta_<split>`; `role` is results.json's `role` ("base" for the
+  shared from-scratch base model, "control" for a dense control). Cells hold Python objects with
+  None for a blank, so a NaN perplexity (a diverged run) stays distinct from a missing one.
+  """
+  records = []
+  for root, run_dir in find_results(paths):
+    results = _load(os.path.join(run_dir, RESULTS))
+    if results is not None:
+      rel = os.path.relpath(run_dir, root)
+      base = os.path.basename(os.path.abspath(root))
+      run = base if rel == "." else (os.path.join(base, rel) if len(paths) > 1 else rel)
+      records.append(_record(results, run, run_dir))
+  records.sort(key=lambda r: _natural_key(r["run"]))
+  df = pd.DataFrame(records, columns=list(_record({}, "", "")), dtype=object)
+  for source, prefix in (("_ppl", "ppl_"), ("_oneshot", "oneshot_")):
+    for s in _splits(s for d in df[source] for s in d):
+      df[prefix + s] = _objects((d.get(s) for d in df[source]), df.index)
+  return _add_deltas(df)
+
+
+def _control_ppl(run: pd.Series, controls: pd.DataFrame, col: str) -> float | None:
+  """The control of the run's seed, else the mean over controls; controls fine-tuned for the
+  run's number of steps first (a control is the dense model trained like the pruned runs)."""
+  same = controls[controls["train_steps"] == run["train_steps"]]
+  controls = same if len(same) else controls
+  same = controls[controls["seed"] == run["seed"]]
+  values = _numeric((same if len(same) else controls)[col]).dropna()
+  return float(values.mean()) if len(values) else None
+
+
+def _delta(run: pd.Series, controls: pd.DataFrame, col: str) -> float | None:
+  if run["role"] == "base" or run[col] is None:
+    return None  # the base is another model (trained from scratch): no comparison
+  if run["role"] == "control":
+    return 0.0
+  ref = _control_ppl(run, controls, col)
+  return None if ref is None else run[col] - ref
+
+
+def _add_deltas(df: pd.DataFrame) -> pd.DataFrame:
+  """delta_<split> = perplexity minus the dense control's, when there is a control run."""
+  if not (df["role"] == "control").any():
+    return df
+  for col in [c for c in df.columns if c.startswith("ppl_")]:
+    controls = df[(df["role"] == "control") & _numeric(df[col]).notna()]
+    df["delta_" + col[4:]] = _objects((_delta(r, controls, col) for _, r in df.iterrows()),
+                                      df.index)
+  return df
+
+
+def _as_frame(rows) -> pd.DataFrame:
+  """`rows` as a frame: callers may still pass collect()'s list of dicts."""
+  return rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), dtype=object)
+
+
+def collect(paths: Sequence[str]) -> list[dict]:
+  """`frame(paths)` as a list of dicts, one per run (None for a blank)."""
+  return frame(paths).to_dict("records")
+
+
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+  """df[name], or blanks where no run has that column."""
+  return df[name] if name in df.columns else _objects([None] * len(df), df.index)
+
+
+def _numeric(column) -> pd.Series:
+  """Floats to compute with: blanks and ±inf become NaN (no mean or difference has them)."""
+  x = pd.to_numeric(pd.Series(column, dtype=object), errors="coerce").astype(float)
+  return x.where(np.isfinite(x))
 
 
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
+
+
+def _columns(df: pd.DataFrame) -> list[str]:
+  head = ["run", "role", "method", "allocation", "target", "ratios_per_block"]
+  if any(df.get("ratios_per_layer", [])):  # only layer-allocation runs have their own
+    head.append("ratios_per_layer")
+  head += ["sparsity_overall", "sparsity_per_block"]
+  head += [c for p in _PPL for c in df.columns if c.startswith(p)]
+  return head + ["seed", "train_steps", "final_train_loss"]
 
 
 def _fmt_ppl(x: float | None) -> str:
@@ -182,117 +257,244 @@ def _fmt_ppl(x: float | None) -> str:
   return f"{x:.2f}"
 
 
+_FORMATS = {"sparsity_overall": "{:.3f}".format, "final_train_loss": "{:.4f}".format,
+            "target": "{:g}".format,
+            "sparsity_per_block": lambda v: "/".join(f"{float(x):.3f}" for x in v.split("/"))}
+
+
 def _fmt_md(col: str, value: Any) -> str:
   if value is None or value == "":
     return ""
-  if col.startswith("ppl_"):
-    return _fmt_ppl(value)
-  if col == "sparsity_overall":
-    return f"{value:.3f}"
-  if col == "sparsity_per_block":
-    return "/".join(f"{float(v):.3f}" for v in value.split("/"))
-  if col == "final_train_loss":
-    return f"{value:.4f}"
-  if col == "target":
-    return f"{value:g}"
-  return str(value)
+  return (_fmt_ppl if col.startswith(_PPL) else _FORMATS.get(col, str))(value)
 
 
-_HEADERS = {"ratios_per_block": "ratios (per block)", "ratios_per_layer": "ratios (per layer)", "sparsity_overall": "sparsity",
-            "sparsity_per_block": "sparsity per block", "train_steps": "train steps",
-            "final_train_loss": "final train loss"}
+_HEADERS = {"ratios_per_block": "ratios (per block)", "ratios_per_layer": "ratios (per layer)",
+            "sparsity_overall": "sparsity", "sparsity_per_block": "sparsity per block",
+            "train_steps": "train steps", "final_train_loss": "final train loss",
+            "ppl_": "ppl ", "oneshot_": "one-shot ppl ", "delta_": "Δ ppl "}
 
 
 def _header(col: str) -> str:
-  if col.startswith("ppl_"):
-    return f"ppl {col[4:]}"
-  return _HEADERS.get(col, col)
+  prefix = next((p for p in _PPL if col.startswith(p)), None)
+  return _HEADERS[prefix] + col[len(prefix):] if prefix else _HEADERS.get(col, col)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+def _md_lines(head: Sequence[str], cells: Iterable[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def markdown_table(rows, columns: Sequence[str] | None = None) -> str:
   """A GitHub Markdown table: perplexities to 2 decimals, sparsities to 3."""
-  columns = list(columns or _columns(rows))
-  lines = ["| " + " | ".join(_header(c) for c in columns) + " |",
-           "|" + "|".join("---" for _ in columns) + "|"]
-  for r in rows:
-    lines.append("| " + " | ".join(_fmt_md(c, r.get(c)) for c in columns) + " |")
-  return "\n".join(lines)
+  df = _as_frame(rows)
+  columns = list(columns or _columns(df))
+  return _md_lines([_header(c) for c in columns],
+                   ([_fmt_md(c, r.get(c)) for c in columns] for r in df.to_dict("records")))
 
 
-def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(columns)
-    for r in rows:
-      w.writerow(["" if r.get(c) is None else (repr(r[c]) if isinstance(r[c], float) else r[c])
-                  for c in columns])
+def _control_first(df: pd.DataFrame) -> pd.DataFrame:
+  """The dense control on top: the other rows read against it."""
+  return df.sort_values("role", key=lambda role: role != "control", kind="stable")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def _write_csv(path: str, table: pd.DataFrame, columns: Sequence[str]) -> None:
+  """Floats in full (repr), blanks for None, CRLF rows as the csv module writes them."""
+  cells = table[list(columns)].apply(lambda column: column.map(
+      lambda v: "" if v is None else (repr(v) if isinstance(v, float) else v)))
+  cells.to_csv(path, index=False, lineterminator="\r\n")
+
+
+def _flatten(d: dict, prefix: str = "", skip: Iterable[str] = ()) -> dict:
+  """{"a.b": JSON of the value} of a nested dict, without the dotted keys in `skip`."""
   out = {}
   for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = json.dumps(v, sort_keys=True)
+    if f"{prefix}{k}" not in skip:
+      out.update(_flatten(v, f"{prefix}{k}.", skip) if isinstance(v, dict)
+                 else {f"{prefix}{k}": json.dumps(v, sort_keys=True)})
   return out
 
 
-def seed_groups(rows: Sequence[dict]) -> list[dict]:
+def _keyed(configs: pd.Series, skip: Iterable[str], hide: Iterable[str] = ()) -> pd.DataFrame:
+  """Per run: `key`, equal for configs equal but for `skip`, and `setting`, the keys that vary
+  between the runs (minus `hide`) with their values."""
+  flats = configs.map(lambda c: _flatten(c, skip=skip))
+  keys = set().union(*flats) if len(flats) else set()
+  varying = sorted(k for k in keys - set(hide) if len({f.get(k) for f in flats}) > 1)
+  return pd.DataFrame({
+      "key": flats.map(lambda f: json.dumps(f, sort_keys=True)),
+      "setting": flats.map(lambda f: ", ".join(f"{k}={json.loads(f[k])}" for k in varying
+                                               if k in f))}, index=configs.index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mean ± std over seeds
+# ----------------------------------------------------------------------------------------------
+
+
+def _metrics(df: pd.DataFrame) -> list[str]:
+  return (["sparsity_overall"] + [c for c in _columns(df) if c.startswith(_PPL)]
+          + ["final_train_loss"])
+
+
+def _fmean(values: pd.Series) -> float | None:
+  """fmean (an exact sum, as the full-precision CSV shows it) of the finite values."""
+  vals = [v for v in values if v is not None and math.isfinite(v)]
+  return statistics.fmean(vals) if vals else None
+
+
+def _stdev(values: pd.Series) -> float | None:
+  vals = [v for v in values if v is not None and math.isfinite(v)]
+  return statistics.stdev(vals) if len(vals) > 1 else None
+
+
+def _seed_table(df: pd.DataFrame) -> pd.DataFrame:
+  """One row per group of runs whose configs differ only in `seed` (two seeds or more)."""
+  runs = df[(df["role"] != "base") & df["_config"].astype(bool)]
+  runs = runs.join(_keyed(runs["_config"], skip={"seed"}))
+  table = runs.groupby("key", sort=False).agg(
+      setting=("setting", "first"), method=("method", "first"),
+      allocation=("allocation", "first"), target=("target", "first"),
+      ratios_per_block=("ratios_per_block", "first"), n=("run", "size"),
+      seeds=("seed", lambda s: "/".join(str(x) for x in sorted(set(s), key=str))),
+      **{f"{m}_{stat}": (m, fn) for m in _metrics(df)
+         for stat, fn in (("mean", _fmean), ("std", _stdev))})
+  table = table[runs.groupby("key", sort=False)["seed"].agg(lambda s: len(set(s)) > 1)
+                .astype(bool)]
+  return table.reset_index(drop=True).astype(object).replace({np.nan: None})
+
+
+def seed_groups(rows) -> list[dict]:
   """Runs that differ only in `seed`, with mean ± std (sample std, n-1) of their numbers.
 
-  Runs are grouped by their whole resolved config minus `seed` (minus paths that name the run);
-  only groups with two or more distinct seeds are returned.
+  Runs are grouped by their whole resolved config minus `seed`; only groups with two or more
+  distinct seeds are returned.
   """
-  ignore = {"seed"}
-  keyed = {}
-  for r in rows:
-    if r["role"] == "base" or not r["_config"]:
-      continue
-    flat = {k: v for k, v in _flatten(r["_config"]).items() if k not in ignore}
-    keyed.setdefault(json.dumps(flat, sort_keys=True), []).append((r, flat))
-  all_flats = [f for group in keyed.values() for _, f in group]
-  varying = sorted(k for k in set().union(*all_flats) if len({f.get(k) for f in all_flats}) > 1) \
-      if all_flats else []
-  groups = []
-  for members in keyed.values():
-    seeds = {r["seed"] for r, _ in members}
-    if len(seeds) < 2:
-      continue
-    runs = [r for r, _ in members]
-    flat = members[0][1]
-    g = {"setting": ", ".join(f"{k}={json.loads(flat[k])}" for k in varying if k in flat),
-         "method": runs[0]["method"], "allocation": runs[0]["allocation"],
-         "target": runs[0]["target"], "ratios_per_block": runs[0]["ratios_per_block"],
-         "n": len(runs), "seeds": "/".join(str(s) for s in sorted(seeds, key=str))}
-    for col in ["sparsity_overall"] + [c for c in _columns(rows) if c.startswith("ppl_")] + \
-        ["final_train_loss"]:
-      vals = [r.get(col) for r in runs if r.get(col) is not None and math.isfinite(r.get(col))]
-      g[f"{col}_mean"] = statistics.fmean(vals) if vals else None
-      g[f"{col}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
-    groups.append(g)
-  return groups
+  return _seed_table(_as_frame(rows)).to_dict("records")
 
 
-def _seed_markdown(groups: Sequence[dict], rows: Sequence[dict]) -> str:
-  metrics = ["sparsity_overall"] + [c for c in _columns(rows) if c.startswith("ppl_")] + \
-      ["final_train_loss"]
+def _seed_markdown(seeds: pd.DataFrame, metrics: Sequence[str]) -> str:
   cols = ["setting", "method", "allocation", "target", "ratios_per_block", "n", "seeds"]
-  head = [_header(c) for c in cols] + [_header(m) + " (mean ± std)" for m in metrics]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-  for g in groups:
-    cells = [_fmt_md(c, g.get(c)) for c in cols]
-    for m in metrics:
-      mean, std = g.get(f"{m}_mean"), g.get(f"{m}_std")
-      if mean is None:
-        cells.append("")
-        continue
-      fmt = _fmt_ppl if m.startswith("ppl_") else (
-          (lambda x: f"{x:.3f}") if m == "sparsity_overall" else (lambda x: f"{x:.4f}"))
-      cells.append(fmt(mean) + ("" if std is None else f" ± {fmt(std)}"))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+
+  def cell(g: dict, m: str) -> str:
+    mean, std = _fmt_md(m, g[f"{m}_mean"]), _fmt_md(m, g[f"{m}_std"])
+    return f"{mean} ± {std}" if mean and std else mean
+
+  return _md_lines([_header(c) for c in cols] + [_header(m) + " (mean ± std)" for m in metrics],
+                   ([_fmt_md(c, g[c]) for c in cols] + [cell(g, m) for m in metrics]
+                    for g in seeds.to_dict("records")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison of allocations over seeds
+# ----------------------------------------------------------------------------------------------
+
+_PAIRED_COLUMNS = ["sparsity", "method", "train_steps", "setting", "stage", "split",
+                   "allocation_a", "allocation_b", "n", "mean", "std", "ci_low", "ci_high",
+                   "significant"]
+# What a paired comparison lets differ: the seed it pairs on and the allocation; prune.target
+# gives way to the sparsity level, which explicit ratios have too.
+# What tells allocations apart (and the seed they are paired by); the shape parameters of the
+# generated ones are part of the allocation's name where they are not the default.
+_ALLOCATION_KEYS = {"seed", "prune.allocation", "prune.ratios", "prune.target", "prune.direction",
+                    "prune.spread", "prune.growth"}
+
+
+def _allocation_label(allocation: str, config: dict) -> str:
+  """'linear' or, for a front-heavy ramp, 'linear decreasing'."""
+  prune = config.get("prune", {}) if isinstance(config, dict) else {}
+  if allocation in ("linear", "exponential") and prune.get("direction") == "decreasing":
+    return f"{allocation} decreasing"
+  return allocation
+
+
+def _val_split(df: pd.DataFrame) -> str:
+  splits = [c[4:] for c in df.columns if c.startswith("ppl_")]
+  return "validation" if "validation" in splits or not splits else splits[0]
+
+
+def _paired_runs(df: pd.DataFrame, split: str) -> pd.DataFrame:
+  """Pruned runs with a seed, `key`ed so that a group differs only in allocation (and seed)."""
+  runs = df[~df["role"].isin(["base", "control"]) & ~df["method"].isin(["", "none"])
+            & df["_config"].astype(bool) & df["seed"].notna()]
+  level = [t if t is not None else (round(s, 2) if s is not None and math.isfinite(s) else None)
+           for t, s in zip(runs["target"], runs["sparsity_overall"])]
+  ratios = {"explicit": runs["ratios_per_block"], "layer": runs["ratios_per_layer"]}
+  label = pd.Series([_allocation_label(a, c) for a, c in zip(runs["allocation"], runs["_config"])],
+                    index=runs.index, dtype=object)  # explicit and layer: told apart by ratios
+  for name, r in ratios.items():
+    label = label.mask(runs["allocation"] == name, name + " " + r)
+  out = runs[["method", "train_steps", "seed"]].join(
+      _keyed(runs["_config"], _ALLOCATION_KEYS, hide=("prune.method", "train.steps"))).assign(
+          sparsity=_objects(level, runs.index), allocation=label,
+          finetuned=_numeric(_column(runs, f"ppl_{split}")),
+          oneshot=_numeric(_column(runs, f"oneshot_{split}")))
+  return out[out["sparsity"].notna()].sort_values("sparsity", kind="stable")
+
+
+def _pairs(g: pd.DataFrame, split: str) -> tuple[list[dict], str]:
+  """Paired differences between one group's allocations and the sentence on the best one."""
+  wide = {stage: g.pivot_table(index="seed", columns="allocation", values=stage, aggfunc="mean")
+          for stage in ("finetuned", "oneshot") if g[stage].notna().any()}
+  tuned = wide.get("finetuned", pd.DataFrame())
+  tuned = tuned.loc[:, tuned.notna().sum() >= 2]  # an allocation needs two seeds or more
+  if tuned.shape[1] < 2:
+    return [], ""
+  ranked = list(tuned.mean().sort_values(kind="stable").index)  # lowest perplexity first
+  head = {"split": split, **g.iloc[0][["sparsity", "method", "train_steps", "setting"]]}
+  rows = []
+  for stage, table in wide.items():
+    for a, b in itertools.combinations(ranked, 2):
+      both = table.reindex(columns=[a, b]).dropna()
+      if len(both) >= 2:
+        rows.append({**head, "stage": "fine-tuned" if stage == "finetuned" else "one-shot",
+                     "allocation_a": a, "allocation_b": b,
+                     **stats.paired_difference(both[a].tolist(), both[b].tolist())})
+  steps = "" if head["train_steps"] is None else f", {head['train_steps']} train steps"
+  setting = f", {head['setting']}" if head["setting"] else ""
+  best = tuned[ranked[0]].dropna()
+  sentence = (f"Sparsity {head['sparsity']:g} ({head['method']}{steps}{setting}): {ranked[0]} "
+              f"has the lowest fine-tuned {split} perplexity ({_fmt_ppl(best.mean())}, mean over "
+              f"{len(best)} seeds); ")
+  lead = [r for r in rows if (r["stage"], r["allocation_b"]) == ("fine-tuned", ranked[1])
+          and r["allocation_a"] == ranked[0]]
+  return rows, sentence + (stats.verdict(ranked[0], ranked[1], lead[0], f"{split} perplexity")
+                           if lead else f"{ranked[1]}, the runner-up, shares < 2 seeds with it.")
+
+
+def paired_comparisons(rows) -> tuple[pd.DataFrame, list[str]]:
+  """Runs that differ only in `prune.allocation`, compared pairwise over their common seeds.
+
+  A group shares the method, the sparsity (prune.target, else the measured overall sparsity to 2
+  decimals), the train steps and every other config key; its allocations with two seeds or more
+  are compared. A row is stats.paired_difference(a, b) of the validation perplexity (else the
+  first split's), fine-tuned and, where logged, one-shot (right after pruning); `a` is the
+  allocation with the lower mean fine-tuned perplexity. Returns (rows, one sentence per group on
+  the best allocation and whether its lead over the runner-up is significant).
+  """
+  df = _as_frame(rows)
+  split = _val_split(df)
+  groups = _paired_runs(df, split).groupby(["sparsity", "method", "key"], sort=False)
+  done = [_pairs(g, split) for _, g in groups]
+  return (pd.DataFrame([r for rows, _ in done for r in rows], columns=_PAIRED_COLUMNS,
+                       dtype=object), [s for _, s in done if s])
+
+
+def _paired_markdown(paired: pd.DataFrame, sentences: Sequence[str]) -> list[str]:
+  def cells(r: dict) -> list[str]:
+    ci = "" if r["ci_low"] is None else f"{_fmt_ppl(r['ci_low'])} to {_fmt_ppl(r['ci_high'])}"
+    return [f"{r['sparsity']:g}", r["method"], _fmt_md("train_steps", r["train_steps"]),
+            r["stage"], r["allocation_a"], r["allocation_b"], str(r["n"]), _fmt_ppl(r["mean"]),
+            ci, "yes" if r["significant"] else "no"]
+
+  head = ["sparsity", "method", "train steps", "stage", "A", "B", "seeds", "Δ ppl (A − B)",
+          "95 % CI", "significant"]
+  return ["", "## Paired comparison", "",
+          f"Runs that differ only in the allocation, paired by seed: Δ = {paired['split'][0]} "
+          "perplexity of A minus that of B on the same seed, mean over the shared seeds with a "
+          "95 % t-interval; A has the lower mean fine-tuned perplexity. One-shot = right after "
+          "pruning, before fine-tuning.", "",
+          _md_lines(head, map(cells, paired.to_dict("records"))), ""] + [f"- {s}" for s in
+                                                                         sentences]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,186 +509,140 @@ def _pyplot():
   return plt
 
 
-def _val_ppl(row: dict) -> float | None:
-  ppl = row["_ppl"]
-  x = ppl.get("validation", next(iter(ppl.values()), None) if ppl else None)
-  return x if x is not None and math.isfinite(x) and x > 0 else None
-
-
-def _val_split(rows: Sequence[dict]) -> str:
-  splits = _splits(rows)
-  return "validation" if "validation" in splits or not splits else splits[0]
-
-
-def _spread(values: Sequence[float]) -> float:
+def _spread(values: Iterable[float]) -> float:
   values = [v for v in values if v and v > 0]
   return max(values) / min(values) if values else 1.0
 
 
-def _is_dense(row: dict) -> bool:
-  return row["method"] == "none"
+def _with_val(df: pd.DataFrame) -> pd.DataFrame:
+  """The runs with a plottable perplexity, as float column `val`."""
+  return df[df["_val"].notna()].assign(val=lambda d: d["_val"].astype(float))
 
 
-def plot_ppl_vs_sparsity(rows: Sequence[dict], path: str) -> str | None:
-  """Validation perplexity vs measured overall sparsity, one series per (method,) allocation."""
-  pts = [r for r in rows if _val_ppl(r) is not None]
-  pruned = [r for r in pts if not _is_dense(r) and r["sparsity_overall"] is not None]
-  dense = [r for r in pts if _is_dense(r)]
-  if not pruned:
+def _dense_line(ax, dense: pd.DataFrame, style: str) -> float | None:
+  """The unpruned runs' mean perplexity as a horizontal line (None without such runs)."""
+  if dense.empty:
     return None
-  plt = _pyplot()
-  methods = {r["method"] for r in pruned}
-  series = {}
-  for r in pruned:
-    label = r["allocation"] or "?"
-    if len(methods) > 1:
-      label = f"{r['method']} / {label}"
-    series.setdefault(label, []).append(r)
-  fig, ax = plt.subplots(figsize=(7.5, 5))
-  markers = "osD^v<>PX*h"
-  for i, (label, members) in enumerate(sorted(series.items())):
-    members.sort(key=lambda r: r["sparsity_overall"])
-    xs = [r["sparsity_overall"] for r in members]
-    ys = [_val_ppl(r) for r in members]
-    generated = any(a in label for a in _GENERATED)  # ordered by target: a line reads well
-    ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if generated else "none",
-            alpha=0.85, label=f"{label} ({len(members)} runs)")
-  if dense:
-    y = statistics.fmean(_val_ppl(r) for r in dense)
-    ax.axhline(y, color="k", linestyle=":", label=f"unpruned ({y:.2f})")
-  all_y = [_val_ppl(r) for r in pts]
-  if _spread(all_y) > 10:
-    ax.set_yscale("log")
-  split = _val_split(rows)
-  ax.set_xlabel("measured sparsity of the pruned matrices (fraction of weights = 0)")
-  ax.set_ylabel(f"{split} perplexity (exp of mean NLL per token)"
-                + (", log scale" if ax.get_yscale() == "log" else ""))
-  ax.set_title(f"{split.capitalize()} perplexity vs measured sparsity")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8, title="allocation")
+  y = dense["val"].mean()
+  ax.axhline(y, color="k", linestyle=style, label=f"unpruned ({y:.2f})")
+  return y
+
+
+def _save(fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _pyplot().close(fig)
   return path
 
 
-def _r6(x: float) -> float:
-  return round(x, 6)
+def plot_ppl_vs_sparsity(rows, path: str) -> str | None:
+  """Validation perplexity vs measured overall sparsity, one series per (method,) allocation."""
+  df = _with_val(_as_frame(rows))
+  pruned = df[(df["method"] != "none") & df["sparsity_overall"].notna()]
+  if pruned.empty:
+    return None
+  labels = pruned["allocation"].replace("", "?")
+  if pruned["method"].nunique() > 1:
+    labels = pruned["method"] + " / " + labels
+  fig, ax = _pyplot().subplots(figsize=(7.5, 5))
+  for i, (label, g) in enumerate(pruned.groupby(labels)):
+    g = g.sort_values("sparsity_overall", kind="stable")
+    generated = any(a in label for a in _GENERATED)  # ordered by target: a line reads well
+    ax.plot(g["sparsity_overall"].astype(float), g["val"], marker="osD^v<>PX*h"[i % 11],
+            linestyle="-" if generated else "none", alpha=0.85, label=f"{label} ({len(g)} runs)")
+  _dense_line(ax, df[df["method"] == "none"], ":")
+  log_y, split = _spread(df["val"]) > 10, _val_split(df)
+  ax.set(yscale="log" if log_y else "linear",
+         title=f"{split.capitalize()} perplexity vs measured sparsity",
+         xlabel="measured sparsity of the pruned matrices (fraction of weights = 0)",
+         ylabel=f"{split} perplexity (exp of mean NLL per token)"
+         + (", log scale" if log_y else ""))
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8, title="allocation")
+  return _save(fig, path)
 
 
-def plot_heatmaps(rows: Sequence[dict], out_dir: str) -> dict[str, str]:
+def plot_heatmaps(rows, out_dir: str) -> dict[str, str]:
   """For 3-block explicit-ratio grids: validation perplexity over (front, back), per middle ratio.
 
   Runs with the same ratios (seeds) are averaged. A middle ratio needs at least 2 front and 2 back
   ratios to be drawn. Returns {"heatmap_mid<r>[_<method>]": path}.
   """
-  grid = [r for r in rows if r["allocation"] == "explicit" and r["_ratios_block"]
-          and len(r["_ratios_block"]) == 3 and _val_ppl(r) is not None]
-  methods = sorted({r["method"] for r in grid})
-  written = {}
-  for method in methods:
-    by_mid = {}
-    for r in grid:
-      if r["method"] == method:
-        by_mid.setdefault(_r6(r["_ratios_block"][1]), []).append(r)
-    for mid, members in sorted(by_mid.items()):
-      fronts = sorted({_r6(r["_ratios_block"][0]) for r in members})
-      backs = sorted({_r6(r["_ratios_block"][2]) for r in members})
-      if len(fronts) < 2 or len(backs) < 2:
-        continue
-      name = f"heatmap_mid{mid:g}" + (f"_{method}" if len(methods) > 1 else "")
-      written[name] = _heatmap(members, fronts, backs, mid, method, _val_split(rows),
-                               os.path.join(out_dir, name + ".png"))
+  df = _as_frame(rows)
+  grid = _with_val(df[(df["allocation"] == "explicit")
+                      & df["_ratios_block"].map(lambda r: bool(r) and len(r) == 3)])
+  grid = grid.join(pd.DataFrame(grid["_ratios_block"].tolist(), index=grid.index,
+                                columns=["front", "mid", "back"]).round(6))
+  written, methods = {}, grid["method"].nunique()
+  for (method, mid), g in grid.groupby(["method", "mid"]):
+    z = g.pivot_table(index="front", columns="back", values="val", aggfunc="mean")
+    if min(z.shape) >= 2:
+      name = f"heatmap_mid{mid:g}" + (f"_{method}" if methods > 1 else "")
+      written[name] = _heatmap(z, f"middle block ratio = {mid:g}\n({method}; grey = not run)",
+                               _val_split(df), os.path.join(out_dir, name + ".png"))
   return written
 
 
-def _heatmap(members, fronts, backs, mid, method, split, path) -> str:
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def _heatmap(z: pd.DataFrame, title: str, split: str, path: str) -> str:
   from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  plt = _pyplot()
-  cells = {}
-  for r in members:
-    cells.setdefault((_r6(r["_ratios_block"][0]), _r6(r["_ratios_block"][2])), []).append(
-        _val_ppl(r))
-  z = np.full((len(fronts), len(backs)), np.nan)
-  for (f, b), vals in cells.items():
-    z[fronts.index(f), backs.index(b)] = statistics.fmean(vals)
-  finite = z[np.isfinite(z)]
-  log_scale = _spread(list(finite)) > 10
-  norm = colors.LogNorm(finite.min(), finite.max()) if log_scale else None
-  fig, ax = plt.subplots(figsize=(1.0 * len(backs) + 3, 0.8 * len(fronts) + 2.2))
-  cmap = plt.get_cmap("viridis_r").with_extremes(bad="lightgrey")
-  im = ax.imshow(np.ma.masked_invalid(z), origin="lower", cmap=cmap, norm=norm, aspect="auto")
-  ax.set_xticks(range(len(backs)), [f"{b:g}" for b in backs])
-  ax.set_yticks(range(len(fronts)), [f"{f:g}" for f in fronts])
-  ax.set_xlabel("back block pruning ratio (fraction of weights removed)")
-  ax.set_ylabel("front block pruning ratio")
-  ax.set_title(f"{split.capitalize()} perplexity, middle block ratio = {mid:g}\n"
-               f"({method}; grey = not run)", fontsize=10)
-  if len(fronts) * len(backs) <= 100:
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0, 1)
-    for i in range(len(fronts)):
-      for j in range(len(backs)):
-        if np.isfinite(z[i, j]):
-          t = (np.log(z[i, j]) - np.log(lo)) / max(np.log(hi) - np.log(lo), 1e-12) \
-              if log_scale else (z[i, j] - lo) / max(hi - lo, 1e-12)
-          ax.text(j, i, _fmt_ppl(float(z[i, j])), ha="center", va="center", fontsize=7,
-                  color="white" if t > 0.6 else "black")
+  values = z.to_numpy()
+  log_scale = _spread(values[np.isfinite(values)]) > 10
+  fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
+  cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
+  im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
+                 norm=colors.LogNorm() if log_scale else None)
+  ax.set_xticks(range(z.shape[1]), [f"{b:g}" for b in z.columns])
+  ax.set_yticks(range(z.shape[0]), [f"{f:g}" for f in z.index])
+  ax.set(xlabel="back block pruning ratio (fraction of weights removed)",
+         ylabel="front block pruning ratio")
+  ax.set_title(f"{split.capitalize()} perplexity, {title}", fontsize=10)
+  if values.size <= 100:
+    for (i, j), v in np.ndenumerate(values):
+      if np.isfinite(v):  # white text on the dark end of the colour scale
+        ax.text(j, i, _fmt_ppl(float(v)), ha="center", va="center", fontsize=7,
+                color="white" if im.norm(v) > 0.6 else "black")
   fig.colorbar(im, ax=ax, label=f"{split} perplexity" + (" (log scale)" if log_scale else ""))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
-def plot_layer_scan(rows: Sequence[dict], path: str) -> str | None:
+def _single_layer(ratios: Sequence[float] | None) -> int | None:
+  nonzero = [i for i, x in enumerate(ratios or ()) if x != 0]
+  return nonzero[0] if len(nonzero) == 1 else None
+
+
+def plot_layer_scan(rows, path: str) -> str | None:
   """Bars of validation perplexity per layer for `layer` runs that prune exactly one layer."""
-  scan = {}
-  for r in rows:
-    ratios = r["_ratios_layer"]
-    if r["allocation"] != "layer" or not ratios or _val_ppl(r) is None:
-      continue
-    nonzero = [i for i, x in enumerate(ratios) if x != 0]
-    if len(nonzero) == 1:
-      layer = nonzero[0]
-      scan.setdefault(_r6(ratios[layer]), {}).setdefault(layer, []).append(_val_ppl(r))
-  if not scan:
+  df = _as_frame(rows)
+  scan = _with_val(df[df["allocation"] == "layer"])
+  scan = scan.assign(layer=scan["_ratios_layer"].map(_single_layer)).dropna(subset=["layer"])
+  if scan.empty:
     return None
-  steps = {r["train_steps"] for r in rows if r["allocation"] == "layer"}
-  dense = [r for r in rows if r["role"] != "base" and _val_ppl(r) is not None and (
-      _is_dense(r) or (r["_ratios_layer"] and not any(r["_ratios_layer"])))]
-  same = [r for r in dense if r["train_steps"] in steps]  # compare like with like (fine-tuned)
-  dense = same or dense
-  plt = _pyplot()
-  layers = sorted({l for per in scan.values() for l in per})
-  fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(layers) + 3), 4.5))
-  width = 0.8 / len(scan)
-  ys_all = []
-  for k, (ratio, per) in enumerate(sorted(scan.items())):
-    xs = [l - 0.4 + width * (k + 0.5) for l in layers if l in per]
-    ys = [statistics.fmean(per[l]) for l in layers if l in per]
-    ys_all += ys
-    bars = ax.bar(xs, ys, width=width * 0.95, label=f"one layer pruned to {ratio:g}")
-    if len(layers) * len(scan) <= 40:
-      ax.bar_label(bars, labels=[_fmt_ppl(y) for y in ys], fontsize=7, padding=1)
-  if dense:
-    y = statistics.fmean(_val_ppl(r) for r in dense)
-    ys_all.append(y)
-    ax.axhline(y, color="k", linestyle="--", label=f"unpruned ({y:.2f})")
-  lo, hi = min(ys_all), max(ys_all)
+  scan["ratio"] = [round(r[int(l)], 6) for r, l in zip(scan["_ratios_layer"], scan["layer"])]
+  bars = scan.pivot_table(index="layer", columns="ratio", values="val", aggfunc="mean")
+  bars.index = bars.index.astype(int)
+  bars.columns = [f"one layer pruned to {r:g}" for r in bars.columns]
+  dense = _with_val(df[(df["role"] != "base") & ((df["method"] == "none") | df[
+      "_ratios_layer"].map(lambda r: bool(r) and not any(r)))])
+  # Compare like with like: the unpruned runs fine-tuned as long as the scan, if any.
+  same = dense[dense["train_steps"].isin(set(df.loc[df["allocation"] == "layer", "train_steps"]))]
+  fig, ax = _pyplot().subplots(figsize=(max(6, 0.6 * len(bars) + 3), 4.5))
+  bars.plot.bar(ax=ax, width=0.8, rot=0)
+  if bars.size <= 40:
+    for drawn in ax.containers:
+      ax.bar_label(drawn, labels=[_fmt_ppl(v) if np.isfinite(v) else "" for v in
+                                  drawn.datavalues], fontsize=7, padding=1)
+  y = _dense_line(ax, same if len(same) else dense, "--")
+  ys = np.append(bars.to_numpy().ravel(), np.nan if y is None else y)
+  lo, hi = np.nanmin(ys), np.nanmax(ys)
   pad = max((hi - lo) * 0.15, hi * 0.01)
-  ax.set_ylim(max(0, lo - 3 * pad), hi + 2 * pad)  # zoomed: the differences are small
-  ax.set_xticks(layers, [str(l) for l in layers])
-  split = _val_split(rows)
-  ax.set_xlabel("pruned layer (index, 0 = closest to the embeddings)")
-  ax.set_ylabel(f"{split} perplexity (axis does not start at 0)")
-  ax.set_title(f"{split.capitalize()} perplexity when pruning a single layer")
+  split = _val_split(df)
+  ax.set(ylim=(max(0, lo - 3 * pad), hi + 2 * pad),  # zoomed: the differences are small
+         xlabel="pruned layer (index, 0 = closest to the embeddings)",
+         ylabel=f"{split} perplexity (axis does not start at 0)",
+         title=f"{split.capitalize()} perplexity when pruning a single layer")
   ax.legend(fontsize=8)
   ax.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -506,60 +662,64 @@ def read_metrics(path: str) -> list[dict]:
   return out
 
 
-def plot_training_curves(rows: Sequence[dict], path: str) -> str | None:
+def _curves(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(train loss, validation perplexity) by step from a run's metrics.jsonl."""
+  m = pd.DataFrame(read_metrics(os.path.join(run_dir, METRICS)),
+                   columns=["step", "split", "loss", "perplexity"])
+  m["step"], m["loss"] = _numeric(m["step"]), _numeric(m["loss"])
+  # perplexity is exp(mean NLL) by definition; exp overflows past a loss of ~700
+  m["ppl"] = _numeric(m["perplexity"]).fillna(np.exp(m["loss"].where(m["loss"] < 700)))
+  train = m[(m["split"] == "train") & m["loss"].notna()].sort_values(["step", "loss"])
+  return train, m[(m["split"] == "validation") & m["ppl"].notna()].sort_values(["step", "ppl"])
+
+
+def plot_training_curves(rows, path: str) -> str | None:
   """Train loss vs step and (where logged) validation perplexity vs step, one line per run."""
-  curves = []
-  for r in rows:
-    recs = read_metrics(os.path.join(r["_dir"], METRICS))
-    train = sorted((float(m["step"]), float(m["loss"])) for m in recs
-                   if m.get("split") == "train" and _num(m.get("loss")) is not None)
-    val = []
-    for m in recs:
-      if m.get("split") != "validation":
-        continue
-      p = _num(m.get("perplexity"))
-      if p is None and _num(m.get("loss")) is not None and m["loss"] < 700:
-        p = math.exp(m["loss"])  # perplexity is exp(mean NLL) by definition
-      if p is not None and math.isfinite(p):
-        val.append((float(m["step"]), p))
-    if train or val:
-      curves.append((r["run"], train, sorted(val)))
+  df = _as_frame(rows)
+  curves = [(run, *_curves(d)) for run, d in zip(df["run"], df["_dir"])]
+  curves = [c for c in curves if len(c[1]) or len(c[2])]
   if not curves:
     return None
-  plt = _pyplot()
-  has_val = any(v for _, _, v in curves)
-  fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(13 if has_val else 7, 4.8),
-                           squeeze=False)
+  has_val, legend = any(len(c[2]) for c in curves), len(curves) <= 12
+  fig, axes = _pyplot().subplots(1, 1 + has_val, figsize=(13 if has_val else 7, 4.8),
+                                 squeeze=False)
   axes = axes[0]
-  legend = len(curves) <= 12
-  cmap = plt.get_cmap("tab10" if legend else "viridis")
+  cmap = _pyplot().get_cmap("tab10" if legend else "viridis")
   for i, (name, train, val) in enumerate(curves):
     color = cmap(i % 10) if legend else cmap(i / max(len(curves) - 1, 1))
     kw = dict(color=color, linewidth=1.2 if legend else 0.7, alpha=0.9 if legend else 0.5)
-    if train:
-      axes[0].plot(*zip(*train), label=name, **kw)
-    if has_val and val:
-      axes[1].plot(*zip(*val), marker="o", markersize=3, label=name, **kw)
-  axes[0].set_xlabel("optimizer step")
-  axes[0].set_ylabel("train loss (mean cross-entropy, nats per token)")
-  axes[0].set_title("Training loss")
+    axes[0].plot(train["step"], train["loss"], label=name, **kw)
+    if has_val and len(val):
+      axes[1].plot(val["step"], val["ppl"], marker="o", markersize=3, label=name, **kw)
+  axes[0].set(xlabel="optimizer step", title="Training loss",
+              ylabel="train loss (mean cross-entropy, nats per token)")
   if has_val:
-    axes[1].set_xlabel("optimizer step")
-    ys = [p for _, _, v in curves for _, p in v]
-    if _spread(ys) > 10:
-      axes[1].set_yscale("log")
-    axes[1].set_ylabel("validation perplexity")
-    axes[1].set_title("Validation perplexity during training")
+    log_y = _spread(p for c in curves for p in c[2]["ppl"]) > 10
+    axes[1].set(xlabel="optimizer step", ylabel="validation perplexity",
+                yscale="log" if log_y else "linear", title="Validation perplexity during training")
   for ax in axes:
     ax.grid(True, alpha=0.3)
   if legend:
     axes[-1].legend(fontsize=7)
   else:
     fig.suptitle(f"{len(curves)} runs (colour = run order, legend omitted)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def _plots(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
+  """Every plot the runs allow; a failing plot is logged and skipped (the tables matter more)."""
+  df = df[df["role"] != "base"] if (df["role"] != "base").any() else df  # base: own scale
+  plots = {}
+  for name, fn in (("ppl_vs_sparsity", plot_ppl_vs_sparsity), ("layer_scan", plot_layer_scan),
+                   ("training_curves", plot_training_curves), ("heatmaps", plot_heatmaps)):
+    try:
+      if fn is plot_heatmaps:  # one file per middle ratio
+        plots.update(fn(df, out_dir))
+      elif path := fn(df, os.path.join(out_dir, name + ".png")):
+        plots[name] = path
+    except Exception:  # pylint: disable=broad-except
+      log.exception("report: plot %s failed", name)
+  return plots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,56 +727,65 @@ def plot_training_curves(rows: Sequence[dict], path: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_report(out_dir: str, sources: Sequence[str] | None = None) -> dict[str, str]:
+class Report(dict):
+  """{name: path} of the files written; `.table` is report.md's Markdown comparison table."""
+  table: str = ""
+
+
+def _paired_or_none(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+  try:
+    return paired_comparisons(df)
+  except Exception:  # pylint: disable=broad-except
+    log.exception("report: paired comparison failed")  # an extra must not lose the tables
+    return pd.DataFrame(columns=_PAIRED_COLUMNS), []
+
+
+_EXTRA_NOTES = {"oneshot_": " One-shot ppl = right after pruning, before fine-tuning.",
+                "delta_": " Δ ppl = perplexity minus the dense control's (same seed, else their "
+                          "mean)."}
+
+
+def _intro(df: pd.DataFrame) -> str:
+  return (f"{len(df)} runs. Perplexity = exp(mean NLL per scored token); sparsity = measured "
+          "fraction of zero weights in the pruned matrices; ratios = the per-block ratios used; "
+          "target = overall sparsity asked of a generated allocation."
+          + "".join(note for prefix, note in _EXTRA_NOTES.items()
+                    if any(c.startswith(prefix) for c in df.columns)))
+
+
+def write_report(out_dir: str, sources: Sequence[str] | None = None) -> Report:
   """Collects runs under `sources` (default: `out_dir`) and writes the report into `out_dir`.
 
   Returns {name: path} of the files written: csv, md, seeds_csv (if any seed groups),
-  ppl_vs_sparsity, heatmap_mid<r>..., layer_scan, training_curves (each only when the runs
-  allow that plot).
+  paired_csv (if any paired comparison), ppl_vs_sparsity, heatmap_mid<r>..., layer_scan,
+  training_curves (each only when the runs allow that plot); its `.table` attribute holds the
+  Markdown table of the runs (the dense control first), for printing.
   """
   sources = list(sources or [out_dir])
   os.makedirs(out_dir, exist_ok=True)
-  rows = collect(sources)
-  columns = _columns(rows)
-  written = {}
-  written["csv"] = os.path.join(out_dir, "report.csv")
-  _write_csv(written["csv"], rows, columns)
-
-  groups = seed_groups(rows)
-  if groups:
-    seed_cols = list(groups[0].keys())
-    written["seeds_csv"] = os.path.join(out_dir, "report_seeds.csv")
-    _write_csv(written["seeds_csv"], groups, seed_cols)
-
-  plot_rows = [r for r in rows if r["role"] != "base"] or rows  # base: scratch model, own scale
-  plots = {}
-  for name, fn in (("ppl_vs_sparsity", plot_ppl_vs_sparsity), ("layer_scan", plot_layer_scan),
-                   ("training_curves", plot_training_curves)):
-    try:
-      p = fn(plot_rows, os.path.join(out_dir, name + ".png"))
-      if p:
-        plots[name] = p
-    except Exception:  # pylint: disable=broad-except
-      log.exception("report: plot %s failed", name)  # one bad plot must not lose the tables
-  try:
-    plots.update(plot_heatmaps(plot_rows, out_dir))
-  except Exception:  # pylint: disable=broad-except
-    log.exception("report: heatmaps failed")
+  df = frame(sources)
+  written = Report(csv=os.path.join(out_dir, "report.csv"))
+  _write_csv(written["csv"], df, _columns(df))
+  seeds = _seed_table(df)
+  paired, sentences = _paired_or_none(df)
+  for name, table in (("seeds", seeds), ("paired", paired)):
+    if len(table):
+      written[f"{name}_csv"] = os.path.join(out_dir, f"report_{name}.csv")
+      _write_csv(written[f"{name}_csv"], table, table.columns)
+  plots = _plots(df, out_dir)
   written.update(plots)
-
-  md = [f"# Report: {', '.join(sources)}", "",
-        f"{len(rows)} runs. Perplexity = exp(mean NLL per scored token); sparsity = measured "
-        "fraction of zero weights in the pruned matrices; ratios = the per-block ratios used; "
-        "target = overall sparsity asked of a generated allocation.", "",
-        markdown_table(rows, columns)]
-  if groups:
+  written.table = markdown_table(_control_first(df))
+  md = [f"# Report: {', '.join(sources)}", "", _intro(df), "", written.table]
+  if len(seeds):
     md += ["", "## Mean ± std over seeds", "",
            "Runs whose resolved configs differ only in `seed`; std is the sample std (n-1).", "",
-           _seed_markdown(groups, rows)]
+           _seed_markdown(seeds, _metrics(df))]
+  if len(paired):
+    md += _paired_markdown(paired, sentences)
   if plots:
     md += ["", "## Plots", ""] + [f"![{n}]({os.path.basename(p)})" for n, p in plots.items()]
   written["md"] = os.path.join(out_dir, "report.md")
-  with open(written["md"], "w") as f:
+  with open(written["md"], "w", encoding="utf-8") as f:
     f.write("\n".join(md) + "\n")
   return written
 
@@ -629,11 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="where to write (default: the first dir)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  out = args.out or args.dirs[0]
-  written = write_report(out, args.dirs)
-  rows = collect(args.dirs)
-  print(markdown_table(rows))
-  if not rows:
+  written = write_report(args.out or args.dirs[0], args.dirs)
+  print(written.table)
+  if not find_results(args.dirs):
     print(f"(no results.json under {', '.join(args.dirs)})", file=sys.stderr)
   print("\nwrote: " + ", ".join(sorted(written.values())), file=sys.stderr)
   return 0

@@ -155,6 +155,34 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
 # ----------------------------------------------------------------------------------------------
 
 
+def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> list[dict]:
+  """`runs` preceded by the dense controls a fair pruning study needs (`sweep.controls`).
+
+  A pruned run that fine-tunes is compared with the dense model fine-tuned with the same steps,
+  data and schedule: its overrides without the `prune.*` keys, with prune.method=none and
+  role=control. One control per distinct such setting (e.g. per seed); none where the sweep
+  already holds that dense run, or where nothing is pruned and fine-tuned.
+  """
+  if "sweep" in config and not config.sweep.controls:
+    return list(runs)
+  controls, have = [], {json.dumps(files.plain(r), sort_keys=True) for r in runs}
+  for run in runs:
+    cfg = config_lib.apply_overrides(config, run)
+    if cfg.prune.method == "none" or (cfg.train.steps <= 0 and cfg.train.epochs <= 0):
+      continue
+    control = {k: v for k, v in run.items() if not k.startswith("prune.") and k != "role"}
+    control.update({"prune.method": "none", "role": "control"})
+    dense = {k: v for k, v in control.items() if k != "role"}
+    sigs = {json.dumps(files.plain(c), sort_keys=True) for c in (control, dense)}
+    if not sigs & have:
+      controls.append(control)
+      have |= sigs
+  if controls:
+    log.info("sweep: %d dense control run(s) added (fine-tuned like the pruned runs; "
+             "sweep.controls=False turns this off)", len(controls))
+  return controls + list(runs)
+
+
 def _format_value(value: Any) -> str:
   if isinstance(value, (tuple, list)):
     return ",".join(_format_value(v) for v in value)
@@ -243,6 +271,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   if "base" in config and "dir" in config.base and not config.base.dir:
     config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
 
+  runs = with_controls(config, runs)
   names = run_names(runs)
   configs = [config_lib.apply_overrides(config, r) for r in runs]  # all type errors before any work
   rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": files.plain(r),
@@ -301,7 +330,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   if report and primary:
     from blockprune_jax import report as report_lib  # pylint: disable=g-import-not-at-top
     try:
-      report_lib.write_report(workdir)
+      written = report_lib.write_report(workdir)
+      print(f"\n{written.table}\n\nreport: {os.path.join(workdir, 'report.md')}")
+      if "wandb" in config and config.wandb.mode != "disabled":
+        from blockprune_jax import wandb_log  # pylint: disable=g-import-not-at-top
+        wandb_log.log_report(config, workdir, written)
     except Exception:  # pylint: disable=broad-except
       # The runs are the expensive part; a plotting problem must not hide that they finished.
       log.error("sweep: writing the report failed:\n%s", traceback.format_exc())

@@ -106,12 +106,22 @@ def get_config():
   p.sequential = False  # wanda: calibrate each layer on the outputs of the pruned layers below
   p.sparsegpt_damp = 0.01  # sparsegpt: dampening, a fraction of mean(diag H)
   p.sparsegpt_blocksize = 128  # sparsegpt: columns whose mask is chosen together
-  p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9)  # sensitivity: ratios each block is probed at
+  p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)  # sensitivity: ratios each block is probed at
+  p.sensitivity_rounds = 2  # sensitivity: round 2+ probes each block with the others pruned as solved
   p.search_evals = 64  # search: calibration-loss evaluations of the allocation search
 
   # --- export ------------------------------------------------------------
   c.export = ex = ml_collections.ConfigDict()
   ex.hf = False  # write the final model in Hugging Face format to workdir/export/
+
+  # --- runtime ---------------------------------------------------------------
+  c.runtime = rt = ml_collections.ConfigDict()
+  rt.compile_cache = ""  # JAX's persistent compilation cache; "" = <cache root>/jax_compile, "off"
+
+  # --- sweeps ----------------------------------------------------------------
+  c.sweep = sw = ml_collections.ConfigDict()
+  sw.controls = True  # add the dense model fine-tuned like the pruned runs (a fair baseline)
+  sw.batch_runs = 1  # runs of one shape trained side by side as one program (1 = one by one)
 
   # --- Weights & Biases (optional; wandb is imported only when mode is not disabled) -----
   c.wandb = wb = ml_collections.ConfigDict()

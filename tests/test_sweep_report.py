@@ -31,7 +31,7 @@ def base_config():
 
 
 # ----------------------------------------------------------------------------------------------
-# A fake pipeline.run: results.json in the DESIGN schema, numbers that depend on the config.
+# A fake pipeline.run: results.json in the schema of the README's results.json section, numbers that depend on the config.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -326,7 +326,8 @@ def test_cli_end_to_end(tmp_path):
                          f"--workdir={workdir}", "--config.train.steps=7"],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.count("RUN") == 2
+  assert proc.stdout.count("RUN") == 3  # the two pruned runs and their dense control
+  assert os.path.exists(workdir / "prune.method=none__role=control" / "results.json")
   assert f" 7 {workdir}/base" in proc.stdout
   assert os.path.exists(workdir / "prune.ratios=0.1,0.18,0.32" / "results.json")
   proc = subprocess.run([sys.executable, "-m", "blockprune_jax.report", str(workdir)],
@@ -338,3 +339,19 @@ def test_cli_end_to_end(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert bad.returncode == 2
   assert "unknown config key 'prune.ratio'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_a_finetuned_pruning_study_gets_its_dense_controls():
+  config = config_lib.apply_overrides(base_config(), {"train.steps": 10})
+  runs = [{"prune.ratios": r, "seed": s} for r in [(0.1, 0.2, 0.3), (0.3, 0.2, 0.1)]
+          for s in (0, 1)]
+  got = sweep.with_controls(config, runs)
+  assert got[:2] == [{"seed": 0, "prune.method": "none", "role": "control"},
+                     {"seed": 1, "prune.method": "none", "role": "control"}]
+  assert got[2:] == runs
+  # Already there (a dense run of that setting), switched off, or nothing fine-tuned: none added.
+  dense = [{"seed": 0, "prune.method": "none"}]
+  assert sweep.with_controls(config, dense + runs[:1]) == dense + runs[:1]
+  off = config_lib.apply_overrides(config, {"sweep.controls": False})
+  assert sweep.with_controls(off, runs) == runs
+  assert sweep.with_controls(base_config(), runs) == runs
