@@ -1,7 +1,10 @@
-"""What a run says: JSON lines in the workdir (and TensorBoard where tensorboardX is installed).
+"""What a run says: JSON lines in the workdir (and TensorBoard where tensorboardX is installed,
+and Weights & Biases when config.wandb.mode is online or offline).
 
 `log.jsonl` records events (start, devices, config, phases, results); `metrics.jsonl` records
-numbers over steps ({"step", "split", "loss", ...}). Only process 0 writes.
+numbers over steps ({"step", "split", "loss", ...}). Only process 0 writes. W&B (see
+blockprune_jax/wandb_log.py) gets the config, the metrics, the final results as its summary and
+any plots; its run id is kept in `wandb_id`, so a resumed workdir continues the same W&B run.
 """
 import json
 import os
@@ -10,9 +13,14 @@ import time
 
 import jax
 
+from blockprune_jax import wandb_log
+
 
 class RunLog:
-  """Appends events and metrics to the workdir; prints a one-line form of each event."""
+  """Appends events and metrics to the workdir; prints a one-line form of each event.
+
+  Also a context manager: leaving the block by an exception closes the W&B run as failed.
+  """
 
   def __init__(self, workdir: str, echo: bool = True, config=None):
     self.workdir = workdir
@@ -20,13 +28,24 @@ class RunLog:
     self.echo = echo
     self.active = jax.process_index() == 0
     self._tb = None
+    self._wandb = None
+    if config is not None:
+      wandb_log.check_mode(config)  # every process fails alike on a bad wandb.mode
     if self.active:
       os.makedirs(workdir, exist_ok=True)
+      # First, so that a W&B problem (no login, no package) fails before anything is opened.
+      self._wandb = wandb_log.start(config, workdir)  # None unless wandb.mode is on
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:  # optional: clu would pull in TensorFlow, tensorboardX does not
         self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    self.close(exit_code=0 if exc_type is None else 1)
 
   def event(self, kind: str, message: str = "", **fields):
     if not self.active:
@@ -34,6 +53,8 @@ class RunLog:
     self._append("log.jsonl", {"time": round(time.time(), 3), "event": kind, **fields})
     if self.echo and message:
       print(f"[blockprune] {message}", file=sys.stderr, flush=True)
+    if kind == "preempted" and self._wandb is not None:
+      self._wandb.preempting()  # W&B marks the run preempted (a sweep requeues it), not crashed
 
   def metric(self, step: int, split: str, **values):
     if not self.active:
@@ -43,15 +64,29 @@ class RunLog:
       for k, v in values.items():
         if isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
+    if self._wandb is not None:
+      self._wandb.metric(step, split, values)
 
-  def finish(self, results: dict):
-    """Called once with the run's final results (results.json), before close()."""
-    del results
+  def finish(self, results: dict, images=()):
+    """Called once with the run's final results (results.json), before close(); `images` are
+    plot files to attach to the W&B run."""
+    if self._wandb is not None:
+      self._wandb.summarize(results)
+    self.log_images(images)
 
-  def close(self):
+  def log_images(self, paths):
+    """Attaches image files (e.g. a report's PNGs) to the W&B run as plots/<file stem>."""
+    if self._wandb is not None and paths:
+      self._wandb.images(list(paths))
+
+  def close(self, exit_code: int = 0):
+    """Closes TensorBoard and finishes the W&B run (exit_code != 0: marked failed)."""
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.close(exit_code=exit_code)
+      self._wandb = None
 
   def _append(self, name, record):
     with open(os.path.join(self.workdir, name), "a") as f:

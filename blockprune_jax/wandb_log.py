@@ -1,0 +1,276 @@
+"""Weights & Biases logging (optional): one W&B run per workdir, resumed along with the workdir.
+
+`config.wandb.mode` is disabled | online | offline. Only when it is not `disabled` is `wandb`
+imported, so a plain install never needs it. `RunLog` (blockprune_jax/logs.py) calls `start()` on
+process 0 and forwards metrics, results and plots to the returned `WandbRun`:
+
+    metric(step, split, loss=...)   history `{split}/{key}` at `step`
+    summarize(results)              results.json flattened into the run summary
+                                    (`perplexity/validation`, `sparsity/overall`, ...)
+    images(paths)                   PNG plots as `plots/<file stem>`
+    close(exit_code)                finishes the W&B run
+
+The W&B run id is kept in `<workdir>/wandb_id`, so running the same command again after an
+interruption continues the same W&B run. W&B's own files go to `<workdir>/wandb/`.
+`log_report()` adds one run named "report" to a sweep's group with the sweep's tables and plots.
+"""
+import csv
+import os
+import re
+
+from blockprune_jax.errors import UserError
+
+MODES = ("disabled", "online", "offline")
+ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run continues
+REPORT_ID_FILE = "wandb_report_id"  # in a sweep's workdir: the id of its "report" run
+SWEEP_JSON = "sweep.json"  # what blockprune_jax.sweep writes into a sweep's workdir
+MIN_VERSION = (0, 19, 10)  # reinit="create_new": a base run nested in a run needs two live runs
+_INSTALL = "pip install 'wandb>=0.19.10'"
+
+# Runs started here and not yet closed, by id. A pipeline that died by an exception never closes
+# its log; when the same workdir is run again in this process, its stale run is finished first.
+_OPEN = {}
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def check_mode(config) -> str:
+  """config.wandb.mode, or a one-line UserError naming the key."""
+  mode = config.wandb.mode
+  if mode not in MODES:
+    raise UserError(f"wandb.mode={mode!r} is not one of {', '.join(MODES)}")
+  return mode
+
+
+def enabled(config) -> bool:
+  return config is not None and check_mode(config) != "disabled"
+
+
+def import_wandb(mode: str):
+  """The wandb module, or a UserError saying how to install it (or turn it off)."""
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError(f"wandb.mode={mode} needs the wandb package: {_INSTALL}, or set "
+                    "--config.wandb.mode=disabled") from None
+  if _version(wandb.__version__) < MIN_VERSION:
+    raise UserError(f"wandb {wandb.__version__} is too old for wandb.mode={mode}: {_INSTALL}, "
+                    "or set --config.wandb.mode=disabled")
+  return wandb
+
+
+def _version(text: str) -> tuple:
+  return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def group_for(config, workdir: str):
+  """wandb.group, else the sweep's name for a run inside a sweep's workdir, else None."""
+  if config.wandb.group:
+    return config.wandb.group
+  parent = os.path.dirname(os.path.abspath(workdir))
+  # A sweep writes sweep.json before its first run, so its runs (and the shared base model in
+  # <sweep>/base) land in one group named like log_report()'s, without the sweep passing it on.
+  if os.path.isfile(os.path.join(parent, SWEEP_JSON)):
+    return os.path.basename(parent)
+  return None
+
+
+def sweep_group(config, sweep_workdir: str) -> str:
+  """The group of a sweep's runs: wandb.group, else the sweep workdir's name."""
+  return config.wandb.group or os.path.basename(os.path.abspath(sweep_workdir))
+
+
+# --- the run id file -------------------------------------------------------------------------
+
+def read_id(path: str):
+  """The saved run id, or None when there is none yet."""
+  try:
+    with open(path) as f:
+      return f.read().strip() or None
+  except FileNotFoundError:
+    return None
+
+
+def write_id(path: str, run_id: str):
+  """Writes the id atomically: a crash mid-write must not leave a half id to resume."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(run_id + "\n")
+  os.replace(tmp, path)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def start(config, workdir: str):
+  """Starts (or resumes) the W&B run of `workdir`; None when wandb.mode is disabled."""
+  if not enabled(config):
+    return None
+  mode = config.wandb.mode
+  wandb = import_wandb(mode)
+  id_path = os.path.join(workdir, ID_FILE)
+  saved = read_id(id_path)
+  if saved in _OPEN:
+    _OPEN[saved].close(exit_code=1)
+  name = os.path.basename(os.path.abspath(workdir))
+  # Under a W&B sweep agent the workdir is named after the run id; W&B's readable name is nicer.
+  if name == (saved or os.environ.get("WANDB_RUN_ID")):
+    name = None
+  run = init_run(wandb, mode, project=config.wandb.project or None,
+                 entity=config.wandb.entity or None, group=group_for(config, workdir),
+                 name=name, job_type=config.role, run_id=saved, dir=workdir,
+                 config=config.to_dict())
+  if run.id != saved:
+    write_id(id_path, run.id)
+  return WandbRun(wandb, run)
+
+
+def init_run(wandb, mode, *, run_id, **kwargs):
+  """wandb.init that resumes `run_id` (None: a new run, or the sweep agent's WANDB_RUN_ID)."""
+  try:
+    return wandb.init(mode=mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    # No API key, no network, a bad entity: say what to change, in one line.
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise UserError(f"wandb.init failed ({type(e).__name__}: {first}): run `wandb login`, or set "
+                    "--config.wandb.mode=offline (sync later with `wandb sync`) or disabled"
+                    ) from None
+
+
+class WandbRun:
+  """One live W&B run; RunLog forwards to it."""
+
+  def __init__(self, wandb, run):
+    self.wandb, self.run, self.id = wandb, run, run.id
+    _OPEN[self.id] = self
+
+  def metric(self, step: int, split: str, values: dict):
+    """Logs {split/key: value} at `step` (numbers only)."""
+    data = {f"{split}/{k}": v for k, v in ((k, _number(v)) for k, v in values.items())
+            if v is not None}
+    # A resumed run replays the steps after its last checkpoint; W&B already holds those (it
+    # drops steps below its counter, with a warning each), so they are skipped here.
+    if data and step >= self.run.step:
+      self.run.log(data, step=int(step))
+
+  def summarize(self, results: dict):
+    """results.json into the run summary, flattened with '/' (the config is logged already)."""
+    flat = flatten({k: v for k, v in results.items() if k != "config"})
+    self.run.summary.update({k: v for k, v in flat.items() if v is not None})
+
+  def images(self, paths, prefix: str = "plots"):
+    """Logs the image files among `paths` as `{prefix}/<file stem>`."""
+    data = image_dict(self.wandb, paths, prefix)
+    if data:
+      self.run.log(data)
+
+  def preempting(self):
+    """Tells W&B the run will stop and resume (a sweep requeues it rather than count a crash)."""
+    self.run.mark_preempting()
+
+  def close(self, exit_code: int = 0):
+    if _OPEN.pop(self.id, None) is not None:
+      self.run.finish(exit_code=exit_code)
+
+
+def _number(v):
+  """A float/int from a Python or NumPy number; None for anything else."""
+  if hasattr(v, "item") and getattr(v, "size", 1) == 1:
+    v = v.item()
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return None
+  return v
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a/b': 1}; lists stay values."""
+  flat = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      flat.update(flatten(v, key + "/"))
+    else:
+      flat[key] = v
+  return flat
+
+
+def image_dict(wandb, paths, prefix: str) -> dict:
+  """{prefix/stem: wandb.Image} for the existing .png/.jpg/.jpeg/.gif files among `paths`."""
+  out = {}
+  for p in paths:
+    stem, ext = os.path.splitext(os.path.basename(p))
+    if ext.lower() in (".png", ".jpg", ".jpeg", ".gif") and os.path.isfile(p):
+      out[f"{prefix}/{stem}"] = wandb.Image(p)
+  return out
+
+
+# --- a sweep's report ------------------------------------------------------------------------
+
+def log_report(config, sweep_workdir: str, files):
+  """Logs a sweep's report as one more run, named "report", in the sweep's group.
+
+  Args:
+    config: the sweep's base config (wandb.* keys; logged as the run's config).
+    sweep_workdir: the sweep's directory (W&B files go to <sweep_workdir>/wandb).
+    files: what report.write_report returned ({name: path}), or a list of paths. CSV files become
+      W&B tables (`report/<stem>`), images `plots/<stem>`; the CSV and Markdown files are also
+      saved with the run.
+
+  Returns:
+    The report run's id, or None when wandb.mode is disabled. The id is kept in
+    <sweep_workdir>/wandb_report_id, so writing the report again updates the same run.
+  """
+  if not enabled(config):
+    return None
+  wandb = import_wandb(config.wandb.mode)
+  paths = [p for p in (files.values() if isinstance(files, dict) else files) if p]
+  id_path = os.path.join(sweep_workdir, REPORT_ID_FILE)
+  saved = read_id(id_path)
+  run = init_run(wandb, config.wandb.mode, project=config.wandb.project or None,
+                 entity=config.wandb.entity or None, group=sweep_group(config, sweep_workdir),
+                 name="report", job_type="report", run_id=saved, dir=sweep_workdir,
+                 config=config.to_dict())
+  if run.id != saved:
+    write_id(id_path, run.id)
+  try:
+    data = image_dict(wandb, paths, "plots")
+    for p in paths:
+      if p.endswith(".csv") and os.path.isfile(p):
+        data[f"report/{os.path.splitext(os.path.basename(p))[0]}"] = csv_table(wandb, p)
+    if data:
+      run.log(data)
+    for p in paths:
+      if p.endswith((".csv", ".md")) and os.path.isfile(p):
+        run.save(os.path.abspath(p), base_path=os.path.dirname(os.path.abspath(p)), policy="now")
+  except BaseException:
+    run.finish(exit_code=1)
+    raise
+  run.finish()
+  return run.id
+
+
+def csv_table(wandb, path: str):
+  """A wandb.Table of a CSV file: numeric columns as floats (empty cells None), others text."""
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  if not rows:
+    return wandb.Table(columns=["empty"], data=[])
+  width = len(rows[0])
+  header, body = rows[0], [(r + [""] * width)[:width] for r in rows[1:]]  # ragged rows: padded
+  columns = list(zip(*body)) if body else [() for _ in header]
+  # W&B tables fix each column's type, so a column is numeric only when every cell is.
+  typed = [_numeric_column(c) or [c_ or None for c_ in c] for c in columns]
+  return wandb.Table(columns=header, data=[list(r) for r in zip(*typed)] if body else [])
+
+
+def _numeric_column(cells):
+  """The cells as floats (None for empty), or None if any cell is not a number."""
+  out = []
+  for c in cells:
+    if c == "":
+      out.append(None)
+      continue
+    try:
+      out.append(float(c))
+    except ValueError:
+      return None
+  return out
