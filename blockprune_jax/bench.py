@@ -4,15 +4,37 @@
     python -m blockprune_jax.bench train --preset=gpt2 --seq_len=1024 --batch=16 --dtype=bfloat16
     python -m blockprune_jax.bench mask     # cost of masked training vs a dense step
     python -m blockprune_jax.bench compact  # eval of a 50 %-neuron compacted model vs dense
+    python -m blockprune_jax.bench all --batch=16 --eval_batch=32  # all four, one process
 
-Random weights and tokens (speed does not depend on them). FLOPs follow PaLM's count:
+stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
+also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
+the JAX version and the date. Speed records add tokens_per_s, step_ms, compile_s (ahead-of-time
+compilation of the step, excluded from the timing), mfu (None where the chip's peak is unknown),
+attention_impl (what the compiled step really runs: cudnn or xla), program_memory_gb (XLA's
+figure for the compiled step: arguments + outputs + temporaries) and peak_memory_gb (the
+device's high-water mark of this process so far, from `device.memory_stats()`; None on CPU; in
+`all` it covers the earlier figures too, so `all` runs the evaluations before the training).
+mask_overhead is dense / masked training speed - 1; compact_speedup is compacted / dense
+evaluation speed. A figure that fails becomes {"bench": ..., "error": ...} and `all` goes on.
+
+`all` shares the dense train and eval figures with mask and compact (4 compilations instead of
+6) and starts JAX once: on 2 CPU cores with the tiny preset it takes 9 s where the four commands
+take 20-25 s. Separate commands give each figure its own peak memory. `--vocab_size` shrinks the
+vocabulary for quick CPU smoke runs (launch/gpu_bench.sh --tiny).
+
+Random weights and tokens (speed does not depend on them). Timing: `--warmup` untimed calls,
+then `--steps` calls, waited for with `jax.block_until_ready`. FLOPs follow PaLM's count:
 6 N + 12 L D T per trained token and a third of that per evaluated token, with N the
 parameters that take part in matrix multiplies (all but the position table; the tied LM head
 counts). For GPT-2 124M at T = 1024 that is ~0.86 GFLOP per trained token (DESIGN.md).
 """
 import dataclasses
+import datetime
+import functools
 import json
+import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -25,139 +47,283 @@ from blockprune_jax import parallel
 
 _PRESET = flags.DEFINE_string("preset", "gpt2", f"model shape: {', '.join(model_lib.PRESETS)}")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "tokens per sequence")
-_BATCH = flags.DEFINE_integer("batch", 16, "global batch (sequences)")
+_BATCH = flags.DEFINE_integer("batch", 16, "global batch (sequences) of training, and of "
+                              "evaluation unless --eval_batch is set")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "evaluation batch; 0 = --batch")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
 _ATTN = flags.DEFINE_string("attention", "auto", "auto | cudnn | xla")
-_STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after 2 warm-up steps)")
+_VOCAB = flags.DEFINE_integer("vocab_size", 50257, "vocabulary (smaller: quick CPU smoke runs)")
+_STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after --warmup untimed ones)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "mask / compact: pruned fraction of the MLPs")
-_JSON = flags.DEFINE_string("json", "", "also append the result as a JSON line to this file")
+_JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+WHATS = ("eval", "train", "mask", "compact", "all")
+
+
+# --- figures that do not depend on the flags ---------------------------------------------
+
+def peak_flops_for(kind: str, count: int = 1):
+  """Peak FLOP/s of `count` chips whose name contains a PEAK_FLOPS key; None if unknown."""
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak * count
+  return None
+
+
+def matmul_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int,
+                           train: bool) -> float:
+  """PaLM's count from N (parameters in matrix multiplies): shared with bench_torch."""
+  f = 6 * n_params + 12 * n_layer * n_embd * seq_len
+  return f if train else f / 3
 
 
 def flops_per_token(cfg: model_lib.GPT2Config, seq_len: int, train: bool) -> float:
   shapes = model_lib.init_shapes(cfg)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) - cfg.n_positions * cfg.n_embd
-  f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
-  return f if train else f / 3
+  return matmul_flops_per_token(n, cfg.n_layer, cfg.n_embd, seq_len, train)
 
 
 def peak_flops():
-  kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak * jax.device_count()
-  return None
+  return peak_flops_for(jax.devices()[0].device_kind, jax.device_count())
 
 
 def peak_memory_gb():
+  """The first device's high-water mark of this process (GiB); None where not reported (CPU)."""
   try:
     stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 3) or None
   except Exception:  # pylint: disable=broad-except  # CPU backends may not report
     return None
 
 
-def _time(fn, steps):
-  """Seconds per call of fn() after two warm-up calls; fn returns something to block on."""
-  for _ in range(2):
+def program_memory_gb(compiled):
+  """XLA's memory figure of a compiled step (GiB): arguments + outputs + temporaries - aliased.
+
+  Unlike the device high-water mark it belongs to this one program, whatever ran before."""
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return round(total / 2**30, 3)
+  except Exception:  # pylint: disable=broad-except  # not every backend / version reports it
+    return None
+
+
+def attention_impl(compiled) -> str:
+  """'cudnn' if the compiled step calls cuDNN's fused attention, else 'xla'.
+
+  Read from the program, not the config: `attention=auto` falls back to XLA silently."""
+  try:
+    return "cudnn" if "__cudnn$fmha" in compiled.as_text() else "xla"
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def compile_step(step, *args):
+  """(compiled step, seconds): ahead of time, so the timing below never includes compilation."""
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def time_calls(fn, steps: int, warmup: int) -> float:
+  """Seconds per call of fn() over `steps` calls after `warmup` untimed ones.
+
+  fn returns device arrays; every output is waited for with jax.block_until_ready (dispatch is
+  asynchronous: without it the loop would time the host queueing work, not the device doing it).
+  """
+  for _ in range(warmup):
     jax.block_until_ready(fn())
   t0 = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
+  outs = [fn() for _ in range(steps)]
+  jax.block_until_ready(outs)
   return (time.perf_counter() - t0) / steps
 
 
+# --- the benches -------------------------------------------------------------------------
+
 def model_config():
   return model_lib.preset(_PRESET.value, dtype=_DTYPE.value, attention=_ATTN.value,
-                          n_positions=max(1024, _SEQ.value), dropout=0.0)
+                          n_positions=max(1024, _SEQ.value), dropout=0.0,
+                          vocab_size=_VOCAB.value)
 
 
-def bench_eval(cfg, params=None):
+@functools.lru_cache(maxsize=None)
+def random_params(cfg):
+  """init_params(cfg, 0), made once per shape: every figure of `all` reuses it (a jitted init
+  compiles anew on each call). Read-only: training copies it before donating its state."""
+  return model_lib.init_params(cfg, 0)
+
+
+def eval_batch() -> int:
+  return _EVAL_BATCH.value or _BATCH.value
+
+
+def bench_eval(cfg, params=None, label="eval"):
+  """Forward + per-token NLL of one batch: the step that perplexity evaluation runs."""
   mesh = parallel.data_mesh()
-  params = parallel.replicate(params if params is not None else model_lib.init_params(cfg, 0), mesh)
+  params = parallel.replicate(params if params is not None else random_params(cfg), mesh)
   step = eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh)
-  b, t = _BATCH.value, _SEQ.value
+  b, t = eval_batch(), _SEQ.value
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)).astype(np.int32)
   batch = parallel.shard_batch((ids, ids, np.ones((b, t), np.float32)), mesh)
-  sec = _time(lambda: step(params, *batch), _STEPS.value)
-  return _report("eval", cfg, b * t / sec, train=False)
+  compiled, compile_s = compile_step(step, params, *batch)
+  sec = time_calls(lambda: compiled(params, *batch), _STEPS.value, _WARMUP.value)
+  return _speed_record(label, cfg, b, sec, compiled, compile_s, train=False)
 
 
 def bench_train(cfg, masks=None, label="train"):
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  """One optimizer step (AdamW, clipping, masks applied to gradients, updates and weights)."""
   from blockprune_jax import train  # pylint: disable=import-outside-toplevel
   mesh = parallel.data_mesh()
-  t_cfg = ml_collections.ConfigDict(dict(
-      warmup_steps=10, learning_rate=1e-4, schedule="cosine", grad_clip=1.0, b1=0.9, b2=0.95,
-      weight_decay=0.1))
-  optimizer, _ = train.make_optimizer(t_cfg, 1000)
-  params = model_lib.init_params(cfg, 0)
-  state = parallel.replicate(train.init_state(params, optimizer, masks or {}, seed=0), mesh,
-                             donatable=True)
-  step = train.make_train_step(cfg, optimizer, mesh)
+  t_cfg = types.SimpleNamespace(warmup_steps=10, learning_rate=1e-4, schedule="cosine",
+                                grad_clip=1.0, b1=0.9, b2=0.95, weight_decay=0.1)
+  optimizer, _ = train.make_optimizer(t_cfg, 1000)  # for the optimizer state's structure
+  state = parallel.replicate(train.init_state(random_params(cfg), optimizer, masks or {}, seed=0),
+                             mesh, donatable=True)
+  step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh)
   b, t = _BATCH.value, _SEQ.value
   seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, b, t + 1)).astype(np.int32)
   batch = parallel.shard_batch(seq, mesh, axis=1)
+  lr = parallel.replicate(np.float32(t_cfg.learning_rate), mesh)  # an input of the step
+  compiled, compile_s = compile_step(step, state, batch, {}, lr)
   holder = {"state": state}
 
   def one():
-    holder["state"], m = step(holder["state"], batch, {})
+    # The state is donated: keep only the newest one alive.
+    holder["state"], m = compiled(holder["state"], batch, {}, lr)
     return m["loss"]
-  sec = _time(one, _STEPS.value)
-  return _report(label, cfg, b * t / sec, train=True)
+  sec = time_calls(one, _STEPS.value, _WARMUP.value)
+  return _speed_record(label, cfg, b, sec, compiled, compile_s, train=True)
 
 
-def _report(what, cfg, tok_s, train):
-  peak = peak_flops()
-  f = flops_per_token(cfg, _SEQ.value, train)
-  r = {"bench": what, "preset": _PRESET.value, "seq_len": _SEQ.value, "batch": _BATCH.value,
-       "dtype": cfg.dtype, "attention": cfg.attention, "tokens_per_s": round(tok_s),
-       "mfu": round(tok_s * f / peak, 4) if peak else None,
-       "gflop_per_token": round(f / 1e9, 4), "peak_memory_gb": peak_memory_gb(),
-       "backend": jax.default_backend(), "devices": jax.device_count(),
-       "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
-  print(json.dumps(r))
-  if _JSON.value:
-    with open(_JSON.value, "a") as f_out:
-      f_out.write(json.dumps(r) + "\n")
-  return r
+def bench_mask(cfg, dense=None):
+  """Masked vs dense training step: the masks multiply gradients, updates and parameters.
 
-
-def bench_mask(cfg):
-  """Masked vs dense training step: the masks multiply gradients, updates and parameters."""
+  `dense`: an already measured dense train record (from `all`) to compare against."""
   from blockprune_jax import pruning  # pylint: disable=import-outside-toplevel
-  dense = bench_train(cfg, label="train_dense")
-  params = model_lib.init_params(cfg, 0)
+  dense = dense or bench_train(cfg, label="train_dense")
+  params = random_params(cfg)
   ratios = [_SPARSITY.value] * cfg.n_layer
   masks = pruning.compute_masks(params, ratios, method="magnitude", targets="mlp", scope="matrix",
                                 blocks=3)
   masked = bench_train(cfg, masks=masks, label="train_masked")
   overhead = dense["tokens_per_s"] / masked["tokens_per_s"] - 1
-  print(json.dumps({"bench": "mask_overhead", "overhead": round(overhead, 4)}))
+  return emit({"bench": "mask_overhead", "overhead": round(overhead, 4),
+               "dense_tokens_per_s": dense["tokens_per_s"],
+               "masked_tokens_per_s": masked["tokens_per_s"], "sparsity": _SPARSITY.value,
+               **_shape(cfg, _BATCH.value)})
 
 
-def bench_compact(cfg):
-  """Eval speed of a model whose MLPs lost `sparsity` of their hidden units, compacted."""
+def bench_compact(cfg, dense=None):
+  """Eval speed of a model whose MLPs lost `sparsity` of their hidden units, compacted.
+
+  `dense`: an already measured dense eval record (from `all`) to compare against."""
   from blockprune_jax import pruning  # pylint: disable=import-outside-toplevel
-  dense = bench_eval(cfg)
-  params = model_lib.init_params(cfg, 0)
+  dense = dense or bench_eval(cfg)
+  params = random_params(cfg)
   masks = pruning.compute_masks(params, [_SPARSITY.value] * cfg.n_layer, method="neurons",
                                 targets="mlp", scope="matrix", blocks=3)
   small, widths = pruning.compact_mlp(pruning.apply_masks(params, masks), masks)
-  compact = bench_eval(dataclasses.replace(cfg, mlp_widths=tuple(widths)), small)
-  print(json.dumps({"bench": "compact_speedup",
-                    "speedup": round(compact["tokens_per_s"] / dense["tokens_per_s"], 4)}))
+  compact = bench_eval(dataclasses.replace(cfg, mlp_widths=tuple(widths)), small,
+                       label="eval_compact")
+  return emit({"bench": "compact_speedup",
+               "speedup": round(compact["tokens_per_s"] / dense["tokens_per_s"], 4),
+               "dense_tokens_per_s": dense["tokens_per_s"],
+               "compact_tokens_per_s": compact["tokens_per_s"], "sparsity": _SPARSITY.value,
+               "mlp_widths": [int(w) for w in widths], **_shape(cfg, eval_batch())})
+
+
+def bench_all(cfg) -> int:
+  """eval, compact, train, mask in one process; returns the number of failed figures.
+
+  Evaluations first: the device high-water mark only grows, and training needs more memory per
+  sequence, so each speed record's peak_memory_gb stays close to its own."""
+  results, failed = {}, 0
+  plan = [("eval", lambda: bench_eval(cfg)),
+          ("compact_speedup", lambda: bench_compact(cfg, dense=results.get("eval"))),
+          ("train", lambda: bench_train(cfg)),
+          ("mask_overhead", lambda: bench_mask(cfg, dense=results.get("train")))]
+  for name, run in plan:
+    try:
+      results[name] = run()
+    except Exception as e:  # pylint: disable=broad-except  # one failure must not stop the rest
+      failed += 1
+      emit({"bench": name, "error": f"{type(e).__name__}: {e}"[:1000], **_shape(cfg, None)})
+  return failed
+
+
+# --- records -----------------------------------------------------------------------------
+
+def _shape(cfg, batch):
+  return {"preset": _PRESET.value, "seq_len": _SEQ.value, "batch": batch, "dtype": cfg.dtype}
+
+
+def _speed_record(what, cfg, batch, sec, compiled, compile_s, train):
+  tok_s = batch * _SEQ.value / sec
+  peak = peak_flops()
+  f = flops_per_token(cfg, _SEQ.value, train)
+  return emit({"bench": what, **_shape(cfg, batch), "attention": cfg.attention,
+               "attention_impl": attention_impl(compiled), "tokens_per_s": round(tok_s),
+               "step_ms": round(sec * 1e3, 3), "compile_s": round(compile_s, 3),
+               "steps": _STEPS.value, "warmup": _WARMUP.value,
+               "mfu": round(tok_s * f / peak, 4) if peak else None,
+               "gflop_per_token": round(f / 1e9, 4), "peak_memory_gb": peak_memory_gb(),
+               "program_memory_gb": program_memory_gb(compiled)})
+
+
+def emit(record: dict) -> dict:
+  """Adds where and when, prints the record as one JSON line and appends it to --json."""
+  record = {**record, "backend": jax.default_backend(), "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": utc_now()}
+  line = json.dumps(record)
+  print(line, flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "a") as f_out:
+      f_out.write(line + "\n")
+  return record
+
+
+def check_flags(what: str) -> None:
+  """Refuses settings that would give a meaningless figure, before anything compiles."""
+  if what not in WHATS:
+    raise app.UsageError(f"unknown bench {what!r}: expected one of {', '.join(WHATS)}")
+  if _PRESET.value not in model_lib.PRESETS:
+    raise app.UsageError(f"--preset={_PRESET.value}: expected one of "
+                         f"{', '.join(model_lib.PRESETS)}")
+  if _STEPS.value < 1:
+    raise app.UsageError(f"--steps={_STEPS.value}: at least one timed step is needed")
+  if _WARMUP.value < 0:
+    raise app.UsageError(f"--warmup={_WARMUP.value} must be >= 0")
+  if not 0.0 <= _SPARSITY.value < 1.0:
+    raise app.UsageError(f"--sparsity={_SPARSITY.value} must be in [0, 1)")
+  if _VOCAB.value < 2:
+    raise app.UsageError(f"--vocab_size={_VOCAB.value} must be >= 2")
+  if _SEQ.value < 2:
+    raise app.UsageError(f"--seq_len={_SEQ.value} must be >= 2")
+  n = jax.device_count()
+  for name, b in (("batch", _BATCH.value), ("eval_batch", eval_batch())):
+    if b < 1 or b % n:
+      raise app.UsageError(f"--{name}={b} must be a positive multiple of the {n} devices "
+                           "(the batch is split across them)")
 
 
 def main(argv):
   what = argv[1] if len(argv) > 1 else "eval"
+  check_flags(what)
   cfg = model_config()
+  if what == "all":
+    sys.exit(1 if bench_all(cfg) else 0)
   {"eval": bench_eval, "train": bench_train, "mask": bench_mask,
    "compact": bench_compact}[what](cfg)
 
