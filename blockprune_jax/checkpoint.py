@@ -30,26 +30,39 @@ What protects the checkpoints (Orbax behaviour we rely on, checked against orbax
     write, which raises if it failed, before deleting), and an existing step is never
     overwritten. A run that dies mid-save therefore keeps its previous good checkpoints.
   * `save` refuses parameters with NaN or Inf, so a diverged step never displaces good ones.
+
+What we add for checkpoints damaged after they were written (a full disk, a bad copy, a file
+truncated by hand): every save stores a checksum of the state in its metadata, and `restore`
+verifies it. A newest step that cannot be read or fails its checksum is moved aside to
+`<directory>.unreadable/<step>-<time>` (never deleted) with a one-line warning, and the next
+newest is tried. Orbax alone would not notice: a flipped byte in an array file restores
+silently as a wrong number.
 """
 
 import logging as std_logging
 import math
 import os
 import signal
+import sys
 import threading
+import time
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
+
+from blockprune_jax.errors import Preempted, UserError
 
 METRIC = 'perplexity'  # the name under which Orbax stores the best-keeping metric (lower is better)
 # Orbax writes this file into a step's temporary directory just before renaming it into place.
 # A step directory without it was not made by a completed save (e.g. an interrupted copy on a
 # filesystem whose rename is not atomic, such as gcsfuse), so it is never restored.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+CHECKSUM = 'checksum'  # the meta key holding the state's checksum (see state_checksum)
 
 
 class Checkpointer:
@@ -113,17 +126,59 @@ class Checkpointer:
     return self._manager.best_step() if self.keep_best else None
 
   def restore(self, target_state, step=None):
-    """Restores `step` (default: the latest) into the structure, dtypes and shardings of
-    `target_state` (e.g. a freshly initialised state). Returns (state, meta dict)."""
+    """Restores `step` (default: the newest that restores) into the structure, dtypes and
+    shardings of `target_state` (e.g. a freshly initialised state). Returns (state, meta dict).
+
+    Without `step`, a newest step that is unreadable or fails its checksum is moved aside (one
+    warning line) and the next newest is tried; UserError if none restores. With `step`, that
+    step or a UserError.
+    """
     self.wait()  # a step this process is still writing is not readable yet
-    step = self.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      state, meta, error = self._try_restore(target_state, step)
+      if error:
+        raise UserError(f'checkpoint step {step} in {self.directory} does not restore ({error})')
+      return state, meta
+    if self.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint to restore in {self.directory}')
+    while (step := self.latest_step()) is not None:
+      state, meta, error = self._try_restore(target_state, step)
+      if not _all_processes_ok(not error):
+        self._set_aside(step, error or 'unreadable on another process')
+        continue
+      return state, meta
+    raise UserError(f'no checkpoint in {self.directory} restores (each was moved to '
+                    f'{self.directory}.unreadable): run the same command again to start over')
+
+  def _try_restore(self, target_state, step):
+    """(state, meta, None) if `step` restores and matches its checksum, else (.., reason)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    _hide_closed_loop_noise()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      state, meta = restored['state'], dict(restored['meta'] or {})
+      saved = meta.pop(CHECKSUM, None)
+      if saved is not None and list(saved) != state_checksum(state):
+        return None, None, 'its checksum does not match: a file was changed after it was written'
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax / TensorStore raise many types (ValueError, JSONDecodeError, OSError, ...) for a
+      # damaged file; any of them means this step cannot be trusted.
+      return None, None, _one_line(e)
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
-    return restored['state'], dict(restored['meta'] or {})
+    return state, meta, None
+
+  def _set_aside(self, step, reason):
+    """Moves step `step` out of the way (never deletes it) and forgets it."""
+    aside_root = os.path.abspath(self.directory) + '.unreadable'
+    aside = os.path.join(aside_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      os.rename(os.path.join(os.path.abspath(self.directory), str(step)), aside)
+    _sync(f'checkpoint step {step} set aside')
+    self._manager.reload()
+    logging.warning('Checkpoint step %d in %s does not restore (%s); moved it to %s and '
+                    'falling back to the previous step.', step, self.directory, reason, aside)
 
   def save(self, step, state, meta=None, metric=None, force=False):
     """Saves `state` and the JSON-able `meta` at `step` if it is a save step (a multiple of
@@ -147,9 +202,10 @@ class Checkpointer:
     metrics = None
     if self.keep_best and metric is not None and math.isfinite(float(metric)):
       metrics = {METRIC: float(metric)}
+    meta = dict(meta or {}, **{CHECKSUM: state_checksum(state)})
     return self._manager.save(
         step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))),
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics=metrics, force=True)
 
   def wait(self):
@@ -173,6 +229,50 @@ def _all_finite(tree):
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
+def _leaf_checksum(x):
+  """A uint32 checksum of one array's bits: sum of bits * odd position weights, mod 2**32.
+
+  Integer addition mod 2**32 is associative, so the result does not depend on how XLA orders
+  the reduction (same on any device count); any single changed bit changes it (odd weights).
+  """
+  x = jnp.ravel(jnp.asarray(x))
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
+  weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree):
+  leaves = jax.tree.leaves(tree)
+  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+
+
+def _host(x):
+  """A leaf as numpy (this process's copy of an array replicated over processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(x)
+
+
+def state_checksum(state) -> list:
+  """[uint32 per leaf] of `state` (arrays, numpy or Python scalars), as JSON-able ints.
+
+  Computed where the state lives (a replicated training state: on its devices, no copy); leaves
+  on different devices, as Orbax restores them (each where it was saved from), go via the host.
+  """
+  try:
+    out = _checksums(state)
+  except ValueError:  # jit refuses arguments committed to different devices
+    out = _checksums(jax.tree.map(_host, state))
+  if hasattr(out, 'addressable_data'):  # replicated over processes: read the local copy
+    out = out.addressable_data(0)
+  return [int(v) for v in np.asarray(out)]
+
+
 def params_are_finite(state):
   """Whether every float leaf of `state['params']` (of `state` if it has no 'params') is finite.
 
@@ -183,33 +283,43 @@ def params_are_finite(state):
 
 
 class PreemptionFlag:
-  """Tells the train loop to save and stop: on SIGTERM (one process) or, with several processes,
-  at jax's preemption sync point.
+  """Tells the train loop to save and stop: on SIGTERM or SIGINT (Ctrl-C) with one process or,
+  with several processes, at jax's preemption sync point.
 
   Use as a context manager and call `check(step)` once per step on every process. With one
-  process a SIGTERM handler sets `requested`; the previous handler is put back on exit. With
+  process a handler for each signal sets `requested`; the previous handlers are put back on
+  exit. A second Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint is kept). With
   several processes the decision must be the same on all of them, so it comes from
   `multihost_utils.reached_preemption_sync_point(step)`: jax's own preemption notifier catches the
   SIGTERM on the preempted host and agrees a step with the others. Installing a Python handler
-  there would replace jax's (installed from C) and break that agreement, so none is installed.
+  there would replace jax's (installed from C) and break that agreement, so none is installed
+  for SIGTERM; a Ctrl-C there is turned into a SIGTERM to this process, for the same agreement.
+
+  `signum` is the signal that asked to stop (SIGTERM when it came from the sync point) and
+  `error(message)` the exception the loop raises, whose `exit_code` is 128 + signum.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.signum = None
     self._signals = tuple(signals)
     self._previous = {}
 
   def install(self):
     if jax.process_count() > 1:
+      if (signal.SIGINT in self._signals and _in_main_thread()
+          and signal.getsignal(signal.SIGINT) not in (None, signal.SIG_IGN)):
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_as_sigterm)
       return self
-    if threading.current_thread() is not threading.main_thread():
+    if not _in_main_thread():
       logging.warning('PreemptionFlag: signal handlers can only be set from the main thread; '
                       'SIGTERM will not trigger a final checkpoint.')
       return self
     for sig in self._signals:
-      if signal.getsignal(sig) is None:
-        # A handler set outside Python (e.g. jax.distributed's preemption notifier): it cannot be
-        # restored once replaced, and the sync point in `check` already covers it.
+      if signal.getsignal(sig) in (None, signal.SIG_IGN):
+        # None: a handler set outside Python (e.g. jax.distributed's preemption notifier): it
+        # cannot be restored once replaced, and the sync point in `check` already covers it.
+        # SIG_IGN: the launcher chose to ignore it (a shell does so for SIGINT of `cmd &`).
         continue
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -221,22 +331,88 @@ class PreemptionFlag:
 
   def _handle(self, signum, frame):
     del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, the last checkpoint is kept
     # Only set a flag: the handler runs between bytecodes, possibly inside a save.
     self.requested = True
-    logging.warning('Received signal %d: will save a checkpoint and stop.', signum)
+    self.signum = signum
+    logging.warning('Received %s: will save a checkpoint and stop (at the end of this step).',
+                    signal.Signals(signum).name)
+
+  def _forward_as_sigterm(self, signum, frame):
+    """Several processes: Ctrl-C becomes the SIGTERM jax's notifier turns into an agreed stop."""
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning('Received SIGINT: asking all processes to save a checkpoint and stop.')
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def check(self, step):
     """Returns True once the loop should save and stop; call it at every step on every process."""
-    if not self.requested and not self._previous and _reached_preemption_sync_point(step):
+    if (not self.requested and signal.SIGTERM not in self._previous
+        and _reached_preemption_sync_point(step)):
       self.requested = True
+      self.signum = self.signum or signal.SIGTERM
       logging.warning('Step %d: reached the preemption sync point; saving and stopping.', step)
     return self.requested
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum or signal.SIGTERM).name
+
+  def error(self, message) -> Preempted:
+    """The exception that ends the run: main exits with its `exit_code` (130 for SIGINT,
+    143 for SIGTERM, as shells and schedulers expect of a job ended by that signal)."""
+    e = Preempted(f'{self.signal_name}: {message}')
+    e.exit_code = 128 + int(self.signum or signal.SIGTERM)
+    return e
 
   def __enter__(self):
     return self.install()
 
   def __exit__(self, *exc):
     self.uninstall()
+
+
+def _in_main_thread():
+  return threading.current_thread() is threading.main_thread()
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (one process: `ok`)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(bool(ok)))))
+
+
+def _sync(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _one_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
+
+
+def _hide_closed_loop_noise():
+  """After a failed restore, TensorStore callbacks into Orbax's closed asyncio loop each print a
+  'RuntimeError: Event loop is closed' traceback (as unraisable exceptions). They say nothing
+  the one-line warning does not, so only those are dropped; other unraisables print as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, '_blockprune_filter', False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+      return
+    previous(unraisable)
+  hook._blockprune_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _reached_preemption_sync_point(step):

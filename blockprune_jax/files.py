@@ -1,8 +1,25 @@
-"""Files a run writes: atomically (a killed process never leaves half a file), as plain JSON."""
+"""Files a run writes: atomically (a killed process never leaves half a file), as plain JSON;
+files a run reads back (results.json) checked, and a workdir locked while a run uses it.
+
+Nothing here deletes a user's file: an unreadable results.json or a replaced export is moved
+aside under a new name (`<name>.unreadable-<time>`, `<name>.replaced-<time>`), never removed.
+"""
 import contextlib
+import errno
+import fcntl
+import filecmp
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
+
+from absl import logging
+
+from blockprune_jax.errors import UserError
+
+LOCK_FILE = ".lock"  # in the workdir, held (flock) while a run uses it
 
 
 @contextlib.contextmanager
@@ -18,6 +35,7 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; what a run writes is meant to be read
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -45,3 +63,172 @@ def write_json(path: str, obj, indent: int = 2) -> None:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=indent, default=to_jsonable)
       f.write("\n")
+
+
+# --- reading back what a run wrote ------------------------------------------------------
+
+def load_json(path: str):
+  """The JSON object in `path`; None when there is no file. Raises ValueError (with the reason)
+  when the file exists but is not a readable JSON object."""
+  if not os.path.lexists(path):
+    return None
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a directory, where a run keeps a file: move it away")
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(_one_line(e)) from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"holds a {type(obj).__name__}, not a JSON object")
+  return obj
+
+
+def readable_json(path: str) -> bool:
+  """Whether `path` holds a readable JSON object (a sweep counts such a run as done)."""
+  try:
+    return load_json(path) is not None
+  except ValueError:
+    return False
+
+
+def read_results(path: str, primary: bool = True):
+  """A finished run's results.json, or None when the run has to (re)run.
+
+  An unreadable file (truncated by a full disk, hand-edited, ...) is not a finished run: it is
+  moved aside (by the primary process) with a one-line warning and the run goes again, which
+  resumes from its checkpoints. Nothing is deleted.
+  """
+  try:
+    return load_json(path)
+  except ValueError as e:
+    aside = move_aside(path, "unreadable") if primary else path
+    logging.warning("%s is unreadable (%s); moved it to %s and running again (the run resumes "
+                    "from its checkpoints)", path, e, aside)
+    return None
+
+
+def move_aside(path: str, why: str) -> str:
+  """Renames `path` to `<path>.<why>-<time>` (a free name) and returns the new name."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for i in range(1000):
+    new = f"{path}.{why}-{stamp}" + (f"-{i}" if i else "")
+    if not os.path.lexists(new):
+      os.rename(path, new)
+      return new
+  raise UserError(f"cannot move {path} aside: too many {path}.{why}-* already; remove old ones")
+
+
+def _one_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+# --- paths a user gives -----------------------------------------------------------------
+
+def check_directory(path: str, name: str) -> None:
+  """UserError unless `path` is a directory or does not exist yet (it will be created)."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise UserError(f"{name}={path!r} is a file, not a directory: give a new or existing "
+                    "directory")
+
+
+def check_file(path: str, name: str) -> None:
+  """UserError unless `path` is an existing, readable file."""
+  if os.path.isdir(path):
+    raise UserError(f"{name}={path!r} is a directory, not a file: give the file's path")
+  if not os.path.isfile(path):
+    raise UserError(f"{name}={path!r}: no such file")
+  if not os.access(path, os.R_OK):
+    raise UserError(f"{name}={path!r} is not readable: check its permissions")
+
+
+# What a workdir holds and of which kind; a wrong kind would only fail after all the work.
+_WORKDIR_LAYOUT = {"results.json": "file", "log.jsonl": "file", "metrics.jsonl": "file",
+                   "checkpoints": "directory", "export": "directory"}
+
+
+def check_workdir_layout(workdir: str) -> None:
+  """UserError if an entry the run will write is there with the wrong kind (file vs dir)."""
+  for name, kind in _WORKDIR_LAYOUT.items():
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and os.path.isdir(path) != (kind == "directory"):
+      raise UserError(f"{path} should be a {kind} (the run writes one there): move it away")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, name: str = "--workdir"):
+  """Holds an exclusive lock on `<workdir>/.lock` for the body; UserError if another process
+  holds it.
+
+  flock locks belong to the open file, so the kernel releases one whose process died (even by
+  SIGKILL): a killed run never leaves its workdir stuck. The file itself stays (removing it
+  would race with a process that has just opened it); it holds the last holder's pid and host.
+  """
+  check_directory(workdir, name)
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f"{name}={workdir!r}: cannot write there ({_one_line(e)}): choose a "
+                    "writable directory") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise UserError(f"{name}={workdir!r}: cannot lock {path} ({_one_line(e)})") from None
+      holder = _read_holder(fd)
+      raise UserError(f"{workdir} is in use by another run ({holder}; lock {path}): wait for "
+                      "it to finish, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    yield path
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _read_holder(fd) -> str:
+  try:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+  except OSError:
+    return "pid unknown"
+
+
+# --- whole directories --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+  """Yields a temporary directory beside `path`; on success it becomes `path`.
+
+  If `path` already exists with the same files (same names, same bytes) it is kept as it is;
+  if it differs it is moved aside to `<path>.replaced-<time>` (one warning line) before the new
+  one takes its place, so an earlier export is never overwritten. The temporary directory is
+  removed if the body raises.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  try:
+    yield tmp
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+    if os.path.isdir(path) and same_files(tmp, path):
+      shutil.rmtree(tmp)
+      return
+    if os.path.lexists(path):
+      aside = move_aside(path, "replaced")
+      logging.warning("%s held other files; moved them to %s", path, aside)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def same_files(a: str, b: str) -> bool:
+  """Whether directories `a` and `b` hold the same file names with the same bytes (flat)."""
+  names = sorted(os.listdir(a))
+  if names != sorted(os.listdir(b)):
+    return False
+  _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+  return not mismatch and not errors

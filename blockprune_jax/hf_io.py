@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 
+from blockprune_jax import files
 from blockprune_jax import model as model_lib
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
@@ -26,12 +27,16 @@ def resolve_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
   if os.path.isdir(name_or_path):
     for d in (name_or_path, os.path.join(name_or_path, "export")):
       if os.path.isfile(os.path.join(d, "config.json")):
+        check_json_files(d)
         return d
     raise UserError(f"{key}={name_or_path!r} is a directory without config.json "
                     "(nor export/config.json): point it at a Hugging Face GPT-2 directory")
+  if os.path.lexists(name_or_path):
+    raise UserError(f"{key}={name_or_path!r} is a file, not a directory: point it at a Hugging "
+                    "Face GPT-2 directory (config.json + model.safetensors)")
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
-    return snapshot_download(name_or_path, allow_patterns=[
+    d = snapshot_download(name_or_path, allow_patterns=[
         "config.json", "model.safetensors", "model.safetensors.index.json",
         "model-*.safetensors", "pytorch_model.bin", *_TOKENIZER_FILES])
   except Exception as e:  # pylint: disable=broad-except
@@ -39,12 +44,43 @@ def resolve_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
         f"{key}={name_or_path!r}: not a local directory and the Hugging Face hub "
         f"could not provide it ({type(e).__name__}). Offline, pass a local HF directory or "
         "--config.model.init=scratch") from None
+  check_json_files(d)
+  return d
+
+
+# The JSON files of a checkpoint directory: a truncated one fails here, naming the file, rather
+# than deep inside transformers or safetensors.
+_JSON_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "vocab.json", "special_tokens_map.json")
+
+
+def check_json_files(ckpt_dir: str) -> None:
+  """UserError naming the first JSON file of `ckpt_dir` that is unreadable or not JSON."""
+  for name in _JSON_FILES:
+    _read_json(os.path.join(ckpt_dir, name), required=name == "config.json")
+
+
+def _read_json(path: str, required: bool = True):
+  """The JSON object in `path` (None if absent and not required); UserError naming the file."""
+  try:
+    obj = files.load_json(path)
+  except ValueError as e:
+    raise UserError(f"{path} is unreadable ({e}): the checkpoint directory is damaged; "
+                    "export or download it again") from None
+  if obj is None and required:
+    raise UserError(f"{path}: no such file; point the key at a complete Hugging Face directory")
+  return obj
 
 
 def load_config(ckpt_dir: str, **overrides) -> model_lib.GPT2Config:
   """GPT2Config from an HF config.json (dtype / dropout / attention come from overrides)."""
-  with open(os.path.join(ckpt_dir, "config.json")) as f:
-    hf = json.load(f)
+  path = os.path.join(ckpt_dir, "config.json")
+  hf = _read_json(path)
+  missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+             if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool) or hf[k] < 1]
+  if missing:
+    raise UserError(f"{path}: {missing[0]} is missing or not a positive integer "
+                    f"({hf.get(missing[0])!r}); is this a GPT-2 checkpoint?")
   if hf.get("model_type", "gpt2") != "gpt2":
     raise UserError(f"{ckpt_dir}/config.json: model_type={hf.get('model_type')!r}, "
                     "only GPT-2 checkpoints are supported")
@@ -67,17 +103,39 @@ def _read_tensors(ckpt_dir: str) -> dict:
   binf = os.path.join(ckpt_dir, "pytorch_model.bin")
   if os.path.isfile(st) or os.path.isfile(index):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    files = [st] if os.path.isfile(st) else sorted(
-        {os.path.join(ckpt_dir, v) for v in json.load(open(index))["weight_map"].values()})
+    shards = [st] if os.path.isfile(st) else _shard_files(ckpt_dir, index)
     out = {}
-    for fn in files:
-      out.update(load_file(fn))
+    for fn in shards:
+      out.update(_load_weights(fn, load_file))
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
   if os.path.isfile(binf):
     import torch  # pylint: disable=import-outside-toplevel
-    sd = torch.load(binf, map_location="cpu", weights_only=True)
+    sd = _load_weights(binf, lambda fn: torch.load(fn, map_location="cpu", weights_only=True))
     return {k: v.float().numpy() for k, v in sd.items()}
   raise UserError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin found")
+
+
+def _shard_files(ckpt_dir: str, index: str) -> list:
+  """The safetensors shards an index names (each must exist)."""
+  weight_map = (_read_json(index) or {}).get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise UserError(f"{index} has no weight_map: the checkpoint directory is damaged")
+  shards = sorted({os.path.join(ckpt_dir, str(v)) for v in weight_map.values()})
+  for fn in shards:
+    if not os.path.isfile(fn):
+      raise UserError(f"{fn} (named in {index}) is missing: download the checkpoint again")
+  return shards
+
+
+def _load_weights(path: str, load):
+  """load(path), or a UserError naming the file: a truncated or damaged weight file (a killed
+  download, a full disk) must not end in a traceback from safetensors or torch."""
+  try:
+    return load(path)
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"{path} is unreadable ({type(e).__name__}: {first}): the file is truncated "
+                    "or damaged; export or download it again") from None
 
 
 def _our_path(hf_name: str):
@@ -120,9 +178,13 @@ def load_params(ckpt_dir: str, cfg: model_lib.GPT2Config) -> dict:
 
 def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> str:
   """Writes config.json + model.safetensors (+ tokenizer files) loadable by
-  transformers.GPT2LMHeadModel.from_pretrained. Dense parameters only (no compacted MLPs)."""
+  transformers.GPT2LMHeadModel.from_pretrained. Dense parameters only (no compacted MLPs).
+
+  The files are written into a temporary directory that then becomes `out_dir` in one rename:
+  a killed export never looks complete. An existing `out_dir` with the same files is kept; one
+  with different files is moved aside (files.atomic_directory), never overwritten.
+  """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(out_dir, exist_ok=True)
   tensors = {}
   for path in trees.leaf_paths(params):
     leaf = np.asarray(trees.get_path(params, path), np.float32)
@@ -142,15 +204,12 @@ def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> s
       "initializer_range": 0.02, "bos_token_id": eos, "eos_token_id": eos,
       "tie_word_embeddings": True, "torch_dtype": "float32",
   }
-  # Write to temporary names, then rename: a killed export never looks complete.
-  tmp = os.path.join(out_dir, ".tmp")
-  save_file(tensors, tmp + ".safetensors", metadata={"format": "pt"})
-  with open(tmp + ".json", "w") as f:
-    json.dump(hf_config, f, indent=2)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
-  os.replace(tmp + ".safetensors", os.path.join(out_dir, "model.safetensors"))
-  os.replace(tmp + ".json", os.path.join(out_dir, "config.json"))
+  with files.atomic_directory(out_dir) as tmp:
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
   return out_dir
 
 

@@ -5,6 +5,7 @@ Both evaluation and training write their step for ONE device and map it over the
 We use shard_map rather than pmap because JAX >= 0.8 implements pmap on top of it and
 recommends it for new code; the same function then also runs on a multi-host pod slice.
 """
+import contextlib
 import functools
 import os
 
@@ -12,15 +13,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from blockprune_jax import files
+from blockprune_jax.errors import UserError
+
 AXIS = "data"
 
 
 def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` (cluster autodetected) when this is a multi-process job.
+  """Calls `jax.distributed.initialize()` when this is a multi-process job.
 
   Multi-process means: `BLOCKPRUNE_DISTRIBUTED=1` (the TPU pod launcher sets it), or SLURM /
   Open MPI reporting more than one task, or `JAX_COORDINATOR_ADDRESS` set. `BLOCKPRUNE_DISTRIBUTED=0`
-  turns it off. Must run before anything uses JAX; safe to call twice.
+  turns it off. The cluster is autodetected (TPU, SLURM, Open MPI, ...); elsewhere, e.g. several
+  processes on one machine, give `JAX_COORDINATOR_ADDRESS=host:port` with `JAX_NUM_PROCESSES`
+  and `JAX_PROCESS_ID` (jax itself reads only the first). On CPU the processes exchange
+  collectives over gloo (jax's default CPU collectives). Must run before anything uses JAX;
+  safe to call twice. A bad setting or an unreachable coordinator is one UserError line.
   """
   flag = os.environ.get("BLOCKPRUNE_DISTRIBUTED", "")
   if flag == "0":
@@ -34,10 +42,61 @@ def maybe_initialize_distributed() -> None:
     return 1
   multi = (flag == "1" or _count("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") > 1
            or _count("OMPI_COMM_WORLD_SIZE") > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ)
-  if not multi:
+  if not multi or jax.distributed.is_initialized():
     return
-  if not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  kwargs = _explicit_cluster()
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    # jax raises ValueError / RuntimeError / XlaRuntimeError for a missing setting, a
+    # coordinator that never answered, ...: all fixed by the environment the user gave.
+    where = os.environ.get("JAX_COORDINATOR_ADDRESS", "autodetected cluster")
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"jax.distributed.initialize failed (coordinator {where}, "
+                    f"{kwargs or 'cluster autodetection'}): {type(e).__name__}: {first}; check "
+                    "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or set "
+                    "BLOCKPRUNE_DISTRIBUTED=0 for one process") from None
+
+
+def _explicit_cluster() -> dict:
+  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID, where given."""
+  kwargs = {}
+  for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if env in os.environ:
+      try:
+        kwargs[arg] = int(os.environ[env])
+      except ValueError:
+        raise UserError(f"{env}={os.environ[env]!r} is not an integer") from None
+  n, i = kwargs.get("num_processes"), kwargs.get("process_id")
+  if (n is None) != (i is None):
+    raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (autodetection)")
+  if n is not None and not 0 <= i < n:
+    raise UserError(f"JAX_PROCESS_ID={i} must be in 0..JAX_NUM_PROCESSES-1 ({n - 1})")
+  return kwargs
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (one process: `flag`)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """files.workdir_lock for the whole job: process 0 holds the lock (the workdir is shared), and
+  every process raises the same UserError when it is refused, so none waits for the others."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(files.workdir_lock(workdir))
+      except UserError as e:
+        error = e
+    if not agree(error is None):
+      raise error or UserError(f"process 0 could not lock {workdir} (see its error line)")
+    yield
 
 
 def data_mesh() -> Mesh:

@@ -1,0 +1,420 @@
+"""Faults injected for real: each ends in one clear line, and no work is lost.
+
+Damaged checkpoints (truncated files after a SIGKILL, flipped bytes), two processes on one
+workdir, Ctrl-C, unreadable results.json / sweep.json, a sweep run that fails, an export that
+dies half-way or meets a different export, and damaged model directories. The runs that must
+end like an uninterrupted one go through the command line (one CPU device) and are compared
+bitwise with `straight`, the same command run once without faults.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from blockprune_jax import checkpoint
+from blockprune_jax import files
+from blockprune_jax import hf_io
+from blockprune_jax import model as model_lib
+from blockprune_jax import pipeline
+from blockprune_jax import sweep
+from blockprune_jax.errors import UserError
+from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+
+STEPS, EVERY = 40, 4  # checkpoints at 4, 8, ...; the last two are kept (checkpoint.keep=2)
+
+
+def _cmd(workdir, steps=STEPS):
+  """The faulted command: dropout on (so the resumed RNG matters), a checkpoint every 4 steps."""
+  return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
+          f"--workdir={workdir}", f"--config.train.steps={steps}",
+          f"--config.checkpoint.every_steps={EVERY}", "--config.export.hf=true",
+          "--config.model.dropout=0.1"]
+
+
+def _run(workdir, **kwargs):
+  return subprocess.run(_cmd(workdir, **kwargs), env=subprocess_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _start(workdir, err_path, **kwargs):
+  return subprocess.Popen(_cmd(workdir, **kwargs), env=subprocess_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
+
+
+def _wait_for(proc, condition, err_path, timeout=180):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, "exited too early:\n" + open(err_path).read()[-3000:]
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+def _last_step_logged(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  return max((json.loads(l)["step"] for l in open(path) if '"train"' in l), default=0)
+
+
+def _steps(ckpt_dir):
+  return sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit())
+
+
+def _final_params(workdir):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  return load_file(os.path.join(workdir, "export", "model.safetensors"))
+
+
+def _assert_same_params(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _events(workdir, kind):
+  return [e for e in map(json.loads, open(os.path.join(workdir, "log.jsonl")))
+          if e["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The exported weights of the faulted command run once, uninterrupted."""
+  d = tmp_path_factory.mktemp("straight") / "run"
+  r = _run(d)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return _final_params(d)
+
+
+# --- checkpoints damaged after a kill --------------------------------------------------------
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_uninterrupted(
+    tmp_path, straight):
+  d, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  proc = _start(d, tmp_path / "killed.err")
+  _wait_for(proc, lambda: (ckpts / str(2 * EVERY)).is_dir(), tmp_path / "killed.err")
+  proc.kill()  # SIGKILL: no chance to save anything more
+  proc.wait(timeout=60)
+  assert not (d / "results.json").exists(), "killed too late"
+  steps = _steps(ckpts)
+  assert len(steps) >= 2
+
+  # Half-written: every file of the newest step cut in half.
+  for f in (ckpts / str(steps[-1])).rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  r = _run(d)
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  warned = [l for l in r.stderr.splitlines() if "does not restore" in l]
+  assert len(warned) == 1 and f"Checkpoint step {steps[-1]} " in warned[0], warned
+  assert _events(d, "resume")[-1]["step"] == steps[-2]  # the newest step that restores
+  _assert_same_params(_final_params(d), straight)
+
+  # Damaged: one flipped byte in each data file of the (new) newest step (OCDBT's CRC catches
+  # some; a flip Orbax restores silently is caught by our checksum, see the test below).
+  newest = _steps(ckpts)[-1]
+  assert newest == STEPS
+  for f in (ckpts / str(newest) / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      data = bytearray(f.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      f.write_bytes(bytes(data))
+  (d / "results.json").unlink()  # as if killed right after its last checkpoint
+  r = _run(d)
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  warned = [l for l in r.stderr.splitlines() if "does not restore" in l]
+  assert len(warned) == 1 and f"Checkpoint step {STEPS} " in warned[0], warned
+  assert _events(d, "resume")[-1]["step"] == STEPS - EVERY
+  _assert_same_params(_final_params(d), straight)
+  # Nothing was deleted: both damaged steps are kept aside; the export was rewritten
+  # identically, so no earlier export was moved away.
+  assert len(os.listdir(tmp_path / "run" / "checkpoints.unreadable")) == 2
+  assert not [p for p in os.listdir(d) if p.startswith("export.replaced")]
+
+
+def _state(seed):
+  rng = np.random.RandomState(seed)
+  return {"params": {"w": rng.randn(64, 64).astype(np.float32),
+                     "b": rng.randn(64).astype(np.float32)}, "step": np.array(seed, np.int32)}
+
+
+def _orbax_restore(directory, step, target):
+  """Orbax alone, without our checksum: what a flipped byte turns into (or its error)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  with ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta")) as m:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return m.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
+
+
+# Orbax's failed restores (the CRC cases the loop skips) leave TensorStore callbacks into a closed
+# asyncio loop; our Checkpointer hides that noise, the raw Orbax calls here do not.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_flip_orbax_restores_silently_is_caught_by_the_checksum(tmp_path, caplog):
+  import shutil  # pylint: disable=import-outside-toplevel
+  src = tmp_path / "src"
+  with checkpoint.Checkpointer(src, keep=2, every_steps=1) as ckpt:
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+  data_files = sorted(f.relative_to(src) for f in (src / "2" / "state").rglob("*")
+                      if f.is_file() and f.parent.name == "d")
+  for i, rel in enumerate(data_files):
+    d = tmp_path / f"flip{i}"
+    shutil.copytree(src, d)
+    data = bytearray((d / rel).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (d / rel).write_bytes(bytes(data))
+    try:
+      raw = _orbax_restore(d, 2, _state(0))
+    except Exception:  # pylint: disable=broad-except
+      continue  # detected by TensorStore itself (a CRC, a short read): not the silent case
+    if all(np.array_equal(a, b) for a, b in zip(_leaves(raw), _leaves(_state(2)))):
+      continue  # the byte was not one of the arrays' values
+    # Orbax returned wrong numbers without a word; our restore refuses them and falls back.
+    with checkpoint.Checkpointer(d, keep=2, every_steps=1) as ckpt:
+      state, _ = ckpt.restore(_state(0))
+      assert ckpt.latest_step() == 1
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(state), _leaves(_state(1))))
+    assert any("checksum does not match" in r.getMessage() for r in caplog.records)
+    return
+  pytest.fail(f"no silent flip found among {len(data_files)} data files")
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_checksum_catches_a_changed_array(tmp_path):
+  state = {"params": {"w": np.arange(6, dtype=np.float32)}, "step": np.int32(3)}
+  same = {"params": {"w": np.arange(6, dtype=np.float32)}, "step": np.int32(3)}
+  assert checkpoint.state_checksum(state) == checkpoint.state_checksum(same)
+  bits = state["params"]["w"].view(np.uint32)
+  for i in range(6):
+    for b in (0, 17, 31):  # any single bit, anywhere
+      changed = bits.copy()
+      changed[i] ^= np.uint32(1 << b)
+      other = {"params": {"w": changed.view(np.float32)}, "step": np.int32(3)}
+      assert checkpoint.state_checksum(other) != checkpoint.state_checksum(state)
+  del tmp_path
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_path, straight):
+  d, err = tmp_path / "run", tmp_path / "sigint.err"
+  proc = _start(d, err)
+  _wait_for(proc, lambda: _last_step_logged(d) >= 6, err)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=120) == 130
+  text = open(err).read()
+  assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+  last = text.strip().splitlines()[-1]
+  assert last.startswith("interrupted: SIGINT: checkpoint saved at step "), last
+  saved = int(last.split("step ")[1].split()[0])
+  assert saved >= 6 and checkpoint.Checkpointer(d / "checkpoints").latest_step() == saved
+  assert not (d / "results.json").exists()
+  r = _run(d)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _events(d, "resume")[-1]["step"] == saved
+  _assert_same_params(_final_params(d), straight)
+
+
+# --- two processes, one workdir ----------------------------------------------------------------
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_goes_on(tmp_path):
+  d, err = tmp_path / "run", tmp_path / "first.err"
+  first = _start(d, err, steps=100000)
+  _wait_for(first, lambda: _last_step_logged(d) >= 1, err)
+  second = _run(d, steps=100000)
+  assert second.returncode == 2
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: {d} is in use by another run (pid {first.pid} on "), lines
+  # The first is unharmed: still training, alone in its log, and it stops cleanly.
+  step = _last_step_logged(d)
+  _wait_for(first, lambda: _last_step_logged(d) > step, err)
+  first.send_signal(signal.SIGTERM)
+  assert first.wait(timeout=120) == 143
+  assert len(_events(d, "start")) == 1
+  assert checkpoint.Checkpointer(d / "checkpoints").latest_step() > step
+
+
+def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path):
+  d = str(tmp_path / "w")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom blockprune_jax import files\n"
+       "lock = files.workdir_lock(sys.argv[1])\nlock.__enter__()\nprint('locked', flush=True)\n"
+       "time.sleep(600)",
+       d], env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} on "):
+    with files.workdir_lock(d):
+      pass
+  holder.kill()
+  holder.wait(timeout=30)
+  with files.workdir_lock(d):  # the kernel dropped the dead holder's lock
+    pass
+
+
+# --- unreadable results.json / sweep.json ----------------------------------------------------
+
+def _truncate(path):
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:len(data) // 2])
+  return data[:len(data) // 2]
+
+
+def test_unreadable_results_json_is_set_aside_and_the_run_goes_again(tmp_path):
+  d = tmp_path / "run"
+  config = tiny_config(train__steps=3, export__hf=True)
+  first = pipeline.run(config, str(d))
+  cut = _truncate(d / "results.json")
+  again = pipeline.run(config, str(d))  # one warning line, then a clean rerun
+  assert again["perplexity"] == first["perplexity"]
+  assert again["train"]["steps"] == 3
+  aside = [p for p in os.listdir(d) if p.startswith("results.json.unreadable-")]
+  assert len(aside) == 1 and (d / aside[0]).read_bytes() == cut  # kept, not deleted
+  assert json.load(open(d / "results.json")) == again
+  assert not [p for p in os.listdir(d) if p.startswith("export.replaced")]
+
+
+def test_a_sweep_with_unreadable_sweep_json_and_results_json_goes_on(tmp_path):
+  d = tmp_path / "sweep"
+  runs = [{"seed": 0}, {"seed": 1}]
+  rows = sweep.run_sweep(tiny_config(), str(d), runs, report=False)
+  assert [r["status"] for r in rows] == ["done", "done"]
+  _truncate(d / "sweep.json")
+  _truncate(d / "seed=1" / "results.json")
+  rows = sweep.run_sweep(tiny_config(), str(d), runs, report=False)
+  assert [(r["status"], r.get("reused", False)) for r in rows] == [("done", True),
+                                                                   ("done", False)]
+  state = json.load(open(d / "sweep.json"))
+  assert state["counts"]["done"] == 2
+  assert json.load(open(d / "seed=1" / "results.json"))["config"]["seed"] == 1
+
+
+def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
+  tests_dir = os.path.dirname(TINY_CONFIG)
+  config = tmp_path / "two_runs.py"
+  bad = {"train.steps": 4, "train.learning_rate": 1e30, "train.grad_clip": 0.0,
+         "train.warmup_steps": 1}
+  config.write_text(
+      f"import sys\nsys.path.insert(0, {tests_dir!r})\nfrom tiny import get_config\n\n"
+      f"def get_sweep(arg=None):\n  return [{{'train.steps': 4}}, {bad!r}]\n")
+  r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={config}",
+                      f"--workdir={tmp_path / 'sweep'}"], env=subprocess_env(), cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr[-3000:]
+  good_name, bad_name = sweep.run_name({"train.steps": 4}), sweep.run_name(bad)
+  lines = r.stderr.strip().splitlines()
+  assert lines[-1] == f"error: 1 of 2 runs failed (see sweep.json): {bad_name}"
+  assert lines[-2].startswith(f"failed: {bad_name}: Diverged: non-finite loss at step "), lines[-2]
+  assert (tmp_path / "sweep" / good_name / "results.json").exists()
+  assert (tmp_path / "sweep" / "report.md").exists()
+
+
+# --- exports ----------------------------------------------------------------------------------
+
+def test_export_is_atomic_and_never_overwrites_a_different_export(tmp_path, monkeypatch):
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+  out = tmp_path / "export"
+  hf_io.export(model_lib.init_params(cfg, 0), cfg, str(out))
+  before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+  hf_io.export(model_lib.init_params(cfg, 0), cfg, str(out))  # the same export again: kept
+  assert sorted(os.listdir(tmp_path)) == ["export"]
+
+  def dies(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(safetensors.numpy, "save_file", dies)
+  with pytest.raises(OSError, match="disk full"):
+    hf_io.export(model_lib.init_params(cfg, 1), cfg, str(out))
+  assert sorted(os.listdir(tmp_path)) == ["export"]  # no half export, no temporary left
+  assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+  monkeypatch.undo()
+
+  hf_io.export(model_lib.init_params(cfg, 1), cfg, str(out))  # a different model
+  aside = [p for p in os.listdir(tmp_path) if p.startswith("export.replaced-")]
+  assert len(aside) == 1
+  assert {p: (tmp_path / aside[0] / p).read_bytes() for p in before} == before
+  assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+# --- damaged inputs ----------------------------------------------------------------------------
+
+@pytest.fixture
+def model_dir(tmp_path):
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+  return hf_io.export(model_lib.init_params(cfg, 0), cfg, str(tmp_path / "model"))
+
+
+def _damage(model_dir, how):
+  st, cfg = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "config.json")
+  if how == "truncated model.safetensors":
+    _truncate(st)
+  elif how == "truncated config.json":
+    _truncate(cfg)
+  elif how == "config.json without n_embd":
+    c = json.load(open(cfg))
+    del c["n_embd"]
+    json.dump(c, open(cfg, "w"))
+  elif how == "truncated tokenizer.json":
+    open(os.path.join(model_dir, "tokenizer.json"), "w").write('{"version": "1.0", "mod')
+  elif how == "damaged pytorch_model.bin":
+    os.remove(st)
+    open(os.path.join(model_dir, "pytorch_model.bin"), "wb").write(b"PK\x03\x04 not a zip")
+  elif how == "index naming a missing shard":
+    os.rename(st, os.path.join(model_dir, "model-00001-of-00002.safetensors"))
+    json.dump({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors",
+                              "transformer.wpe.weight": "model-00002-of-00002.safetensors"}},
+              open(st + ".index.json", "w"))
+
+
+@pytest.mark.parametrize("how,names", [
+    ("truncated model.safetensors", "model.safetensors is unreadable"),
+    ("truncated config.json", "config.json is unreadable"),
+    ("config.json without n_embd", "config.json: n_embd is missing"),
+    ("truncated tokenizer.json", "tokenizer.json is unreadable"),
+    ("damaged pytorch_model.bin", "pytorch_model.bin is unreadable"),
+    ("index naming a missing shard", "model-00002-of-00002.safetensors"),
+])
+def test_a_damaged_model_directory_is_one_line_naming_the_file(model_dir, tmp_path, how, names):
+  _damage(model_dir, how)
+  config = tiny_config(model__init="pretrained", model__name_or_path=model_dir)
+  with pytest.raises(UserError) as e:
+    pipeline.run(config, str(tmp_path / "w"))
+  assert names in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_truncated_model_file_from_the_command_line(model_dir, tmp_path):
+  _damage(model_dir, "truncated model.safetensors")
+  r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
+                      f"--workdir={tmp_path / 'w'}", "--config.model.init=pretrained",
+                      f"--config.model.name_or_path={model_dir}"], env=subprocess_env(),
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {model_dir}/model.safetensors is unreadable ("), last
+  assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("entry,kind", [("", "file"), ("results.json", "directory"),
+                                        ("export", "file"), ("checkpoints", "file")])
+def test_a_wrong_kind_of_path_is_refused_before_any_work(tmp_path, entry, kind):
+  workdir = tmp_path / "w"
+  target = workdir / entry if entry else workdir
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if kind == "directory":
+    target.mkdir()
+  else:
+    target.write_text("not what the run expects")
+  with pytest.raises(UserError) as e:
+    pipeline.run(tiny_config(train__steps=2), str(workdir))
+  assert str(target) in str(e.value) or repr(str(target)) in str(e.value), str(e.value)
+  assert not (workdir / "log.jsonl").exists()
