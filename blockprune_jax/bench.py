@@ -5,6 +5,7 @@
     python -m blockprune_jax.bench mask     # cost of masked training vs a dense step
     python -m blockprune_jax.bench compact  # eval of a 50 %-neuron compacted model vs dense
     python -m blockprune_jax.bench all --batch=16 --eval_batch=32  # all four, one process
+    python -m blockprune_jax.bench sweep --preset=tiny --runs=4  # a sweep's cost beyond its steps
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
@@ -26,7 +27,7 @@ Random weights and tokens (speed does not depend on them). Timing: `--warmup` un
 then `--steps` calls, waited for with `jax.block_until_ready`. FLOPs follow PaLM's count:
 6 N + 12 L D T per trained token and a third of that per evaluated token, with N the
 parameters that take part in matrix multiplies (all but the position table; the tied LM head
-counts). For GPT-2 124M at T = 1024 that is ~0.86 GFLOP per trained token (DESIGN.md).
+counts). For GPT-2 124M at T = 1024 that is ~0.86 GFLOP per trained token (README, "Speed").
 """
 import dataclasses
 import datetime
@@ -56,13 +57,15 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "vocabulary (smaller: quick C
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after --warmup untimed ones)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "mask / compact: pruned fraction of the MLPs")
+_RUNS = flags.DEFINE_integer("runs", 4, "sweep: runs of one shape, one after another")
+_SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 20, "sweep: fine-tuning steps per run")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-WHATS = ("eval", "train", "mask", "compact", "all")
+WHATS = ("eval", "train", "mask", "compact", "all", "sweep")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
@@ -324,6 +327,14 @@ def main(argv):
   cfg = model_config()
   if what == "all":
     sys.exit(1 if bench_all(cfg) else 0)
+  if what == "sweep":
+    from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
+    emit({**bench_sweep.run(preset_shape=model_lib.PRESETS[_PRESET.value], seq_len=_SEQ.value,
+                            batch=_BATCH.value, dtype=_DTYPE.value, vocab_size=_VOCAB.value,
+                            steps=_SWEEP_STEPS.value, runs=_RUNS.value),
+          "preset": _PRESET.value, "seq_len": _SEQ.value, "batch": _BATCH.value,
+          "dtype": _DTYPE.value})
+    return
   {"eval": bench_eval, "train": bench_train, "mask": bench_mask,
    "compact": bench_compact}[what](cfg)
 

@@ -140,6 +140,7 @@ def _add(result, nll_sum, count):
 
 
 def _progress(total, desc, enabled):
+  """A progress bar on a terminal; none in log files (tqdm's disable=None: off without a TTY)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, desc=desc, unit="batch", leave=False,
-              disable=not enabled or jax.process_index() != 0 or total < 2)
+  off = not enabled or jax.process_index() != 0 or total < 2
+  return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=True if off else None)

@@ -97,3 +97,12 @@ def _jsonable(x):
   if hasattr(x, "tolist"):
     return x.tolist()
   return str(x)
+
+
+def quiet_console():
+  """Warnings and our own lines only: no INFO chatter from absl / JAX (e.g. JAX probing for a
+  TPU on every start) unless --verbosity asks for it. The run's log files hold everything."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)

@@ -5,13 +5,22 @@
 
 A config file that defines get_sweep() (hpml_grid, hpml_ramps, layer_scan, quickstart) runs as a
 sweep: one workdir per run under --workdir, finished runs skipped, a report at the end.
+
+Exit codes: 0 done; 1 a sweep finished with failed runs (each named, with its error); 2 a user
+error (bad flag, config value or file: one `error: ...` line); 130 stopped by Ctrl-C (SIGINT);
+143 stopped by SIGTERM. After 130 or 143 the same command resumes from the checkpoint saved on
+the way out.
 """
+import importlib.util
+import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from blockprune_jax import logs
 from blockprune_jax.errors import Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).",
@@ -19,31 +28,131 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
+
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # pylint: disable=import-outside-toplevel
-  from blockprune_jax import parallel, pipeline, sweep
+  logs.quiet_console()
   try:
-    parallel.maybe_initialize_distributed()
-    runs = sweep.load_get_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+    if len(argv) > 1:
+      raise UserError(f"unexpected arguments {argv[1:]}: every flag takes the form --name=value")
+    # pylint: disable=import-outside-toplevel
+    from blockprune_jax import config_lib, files, parallel, pipeline, sweep
+    from blockprune_jax import validate as validate_lib
+    workdir = _WORKDIR.value
+    if not workdir.strip():
+      raise UserError("--workdir is empty: give the directory for this run's files")
+    files.check_directory(workdir, "--workdir")
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    config = _load_config(config_path)
+    runs = sweep.load_get_sweep(config_path)
     if runs is None:
-      pipeline.run(_CONFIG.value, _WORKDIR.value)
-    else:
-      rows = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.expand_sweep(_CONFIG.value, None, runs))
-      failed = [r["name"] for r in rows if r["status"] == "failed"]
-      if failed:
-        print(f"error: {len(failed)} of {len(rows)} runs failed (see sweep.json): "
-              f"{', '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
+      parallel.maybe_initialize_distributed()
+      pipeline.run(config, workdir)  # validates the config unless the run is finished
+      return
+    runs = sweep.expand_sweep(config, None, runs)
+    for run in runs:  # every unfinished run's settings checked before the first one starts
+      name = sweep.run_name(run)
+      if not files.readable_json(os.path.join(workdir, name, sweep.RESULTS)):
+        try:
+          validate_lib.validate(config_lib.apply_overrides(config, run))
+        except UserError as e:
+          raise UserError(f"sweep run {name}: {e}") from None
+    parallel.maybe_initialize_distributed()
+    rows = sweep.run_sweep(config, workdir, runs)
+    _report_failed_runs(rows)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(EXIT_USER_ERROR, f"error: {e}")
   except Preempted as e:
-    print(f"preempted: {e}", file=sys.stderr)
-    sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a terminated job
+    code = getattr(e, "exit_code", EXIT_SIGTERM)
+    _exit(code, f"{'interrupted' if code == EXIT_SIGINT else 'preempted'}: {e}")
+  except KeyboardInterrupt:
+    _exit(EXIT_SIGINT, "interrupted: stopped at once (Ctrl-C); the last saved checkpoint is "
+          "kept, run the same command to resume")
+
+
+def _report_failed_runs(rows):
+  """Exit 1 with one line per failed run of a sweep (its name and error), if any failed."""
+  failed = [r for r in rows if r["status"] == "failed"]
+  if failed:
+    for r in failed:
+      print(f"failed: {r['name']}: {_first_line(r.get('error', ''))}", file=sys.stderr)
+    _exit(EXIT_FAILED_RUNS, f"error: {len(failed)} of {len(rows)} runs failed (see sweep.json): "
+          f"{', '.join(r['name'] for r in failed)}")
+
+
+def _load_config(config_path):
+  """The config with its --config.* overrides; one UserError line for a missing or broken file,
+  an unknown key or a value of the wrong type."""
+  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import files
+  from blockprune_jax.tokenizer import one_line
+  files.check_file(config_path.partition(":")[0], "--config")
+  try:
+    return _CONFIG.value
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # ml_collections raises AttributeError / KeyError / TypeError / whatever the file raised.
+    _check_override_keys(config_path)
+    raise UserError(f"--config={config_path}: could not load it ({one_line(e)})") from None
+
+
+def _check_override_keys(config_path):
+  """UserError (with a near miss) for an override naming no key of the config file."""
+  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import config_lib
+  from blockprune_jax.tokenizer import one_line
+  path, _, arg = config_path.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_blockprune_check_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"--config={config_path}: could not load it ({one_line(e)})") from None
+  for arg_text in sys.argv[1:]:
+    m = re.match(r"--?(?:no)?config\.([^=]+)", arg_text)
+    if m:
+      config_lib.lookup(base, m.group(1))
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag as one `error:` line and exit 2 (not absl's usage)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit(EXIT_USER_ERROR, f"error: {_first_line(str(e))}")
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file that fails while the flags are parsed (ml_collections loads it there), or
+    # an override naming no key of it.
+    config_path = next((a.split("=", 1)[1] for a in argv if re.match(r"--?config=", a)), "")
+    try:
+      if config_path:
+        _check_override_keys(config_path)
+    except UserError as bad:
+      _exit(EXIT_USER_ERROR, f"error: {bad}")
+    _exit(EXIT_USER_ERROR, f"error: --config={config_path}: could not load it "
+          f"({type(e).__name__}: {_first_line(str(e))})")
+
+
+def _first_line(text):
+  lines = str(text).strip().splitlines()
+  return lines[0] if lines else ""
+
+
+def _exit(code, line):
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def entry():
+  """`python -m blockprune_jax.main`: a Ctrl-C before the run starts is one line, too."""
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:
+    _exit(EXIT_SIGINT, "interrupted: stopped before any work was saved")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry()

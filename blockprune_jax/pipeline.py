@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from blockprune_jax import allocation
 from blockprune_jax import compile_stats
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
@@ -28,43 +27,55 @@ from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
+from blockprune_jax import validate as validate_lib
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
 
-# Allowed values of the keys that name a choice; the pruning ones come from their registries.
-_CHOICES = {
-    "model.init": ("pretrained", "scratch"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("auto", "cudnn", "xla"),
-    "data.source": ("hf", "text", "builtin"),
-    "prune.method": ("none", *pruning.CRITERIA),
-    "prune.targets": tuple(pruning.TARGETS),
-    "prune.allocation": allocation.ALLOCATIONS,
-    "prune.scope": pruning.SCOPES,
-    "prune.schedule": plan_lib.SCHEDULES,
-    "prune.when": ("before_finetune", "after_finetune"),
-    "prune.direction": ("increasing", "decreasing"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "wandb.mode": ("disabled", "online", "offline"),
-}
+# The allowed values of every key (choices from the registries) live in validate.py.
+_CHOICES = validate_lib.CHOICES
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes, or just reports) one experiment; returns the results dict."""
+def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
+        summary: bool | None = None) -> dict:
+  """Runs (or resumes, or just reports) one experiment; returns the results dict.
+
+  echo: print the run's progress lines; summary (default: echo): print its table at the end.
+  A sweep turns both off and prints one line per run; log.jsonl and metrics.jsonl hold
+  everything either way.
+  """
+  summary = echo if summary is None else summary
   results_path = os.path.join(workdir, "results.json")
-  if os.path.isfile(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
-    print(summary_table(results))
+  results = _finished(results_path, summary)
+  if results is not None:
     return results
   validate(config)
   parallel.maybe_initialize_distributed()
-  t_start = time.time()
-  compile_stats.enable_persistent_cache(
-      config.runtime.compile_cache or os.path.join(data_lib.cache_root(config.data), "jax_compile"))
-  compile_stats.install()
-  with RunLog(workdir, config=config) as log:  # closed (and marked failed) whatever happens
-    return _experiment(config, workdir, log, t_start)
+  with parallel.workdir_lock(workdir):  # a second process on this workdir is refused
+    files.check_workdir_layout(workdir)
+    results = _finished(results_path, summary)  # the lock's holder may just have finished it
+    if results is not None:
+      return results
+    t_start = time.time()
+    compile_stats.enable_persistent_cache(
+        config.runtime.compile_cache
+        or os.path.join(data_lib.cache_root(config.data), "jax_compile"))
+    compile_stats.install()
+    with RunLog(workdir, config=config, echo=echo) as log:  # closed (failed) whatever happens
+      results = _experiment(config, workdir, log, t_start)
+  if summary:
+    print(summary_table(results))
+  return results
+
+
+def _finished(results_path, echo=True):
+  """A finished run's results (its table printed), else None. An unreadable results.json is
+  moved aside with a warning and the run goes again (files.read_results)."""
+  # Before jax.distributed starts, asking jax for the process index would start a backend.
+  primary = not jax.distributed.is_initialized() or jax.process_index() == 0
+  results = files.read_results(results_path, primary=primary)
+  if results is not None and echo:
+    print(summary_table(results))
+  return results
 
 
 def _experiment(config, workdir, log, t_start) -> dict:
@@ -81,7 +92,10 @@ def _experiment(config, workdir, log, t_start) -> dict:
     base_dir = config.base.dir or os.path.join(workdir, "base")
     base = base_config(config)
     check_base(base, base_dir)
-    run(base, base_dir)
+    if not os.path.isfile(os.path.join(base_dir, "results.json")):
+      log.event("base", f"training the dense base model once ({base.train.steps} steps) in "
+                f"{base_dir}", base_dir=base_dir)
+    run(base, base_dir, summary=False)  # its training progress shows, not its table
     parallel.sync("base model exported")
     config = config_lib.apply_overrides(config, {
         "model.init": "pretrained", "model.name_or_path": os.path.join(base_dir, "export")})
@@ -104,6 +118,7 @@ def _experiment(config, workdir, log, t_start) -> dict:
   # --- pruning plan, masked fine-tuning, late pruning -----------------------------
   late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
           and config.prune.when == "after_finetune")
+  t_prune = time.time()
   plan = (plan_lib.NoPlan(config, model_cfg) if late
           else plan_lib.make_plan(config, model_cfg, params, streams, log))
   masks = {}
@@ -115,17 +130,25 @@ def _experiment(config, workdir, log, t_start) -> dict:
   oneshot = None
   if plan.active and config.prune.schedule == "oneshot" and not late:
     params, masks = plan.prune(params, plan.ratios_per_layer)
-    if steps > 0:  # what fine-tuning recovers: the same splits right after pruning
+    jax.block_until_ready(params)
+  # Calibration, allocation and masks (and SparseGPT's updates): what pruning itself costs.
+  prune_s = time.time() - t_prune if plan.active else 0.0
+  if plan.active and config.prune.schedule == "oneshot" and not late:
+    log.event("pruned", f"pruned in {prune_s:.1f} s", seconds=prune_s)
+    if steps > 0 and config.eval.oneshot:  # what fine-tuning recovers: the first split's
+      # perplexity right after pruning (one split: the comparisons use the first one)
       oneshot = evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log,
-                                label="one-shot")
+                                label="one-shot", splits=eval_splits(config)[:1])
   train_summary = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
   if steps > 0:
     params, masks, train_summary = train.fit(
         config, model_cfg, params, masks, total=steps, plan=plan if plan.active else None,
         streams=streams, mesh=mesh, workdir=workdir, log=log)
   if late:  # no recovery: scores and statistics from the fine-tuned weights
+    t_prune = time.time()
     plan = plan_lib.make_plan(config, model_cfg, jax.device_get(params), streams, log)
     params, masks = plan.prune(params, plan.ratios_per_layer)
+    prune_s = time.time() - t_prune
 
   # --- evaluation -------------------------------------------------------------------
   eval_params, compact_widths = params, None
@@ -149,7 +172,8 @@ def _experiment(config, workdir, log, t_start) -> dict:
                                           for x in jax.tree.leaves(params)))},
       "perplexity": {s: r["perplexity"] for s, r in evals.items()},
       "eval": evals,
-      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths),
+      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths,
+                      seconds=round(prune_s, 3)),
       "sparsity": plan_lib.measure(params, model_cfg, plan),
       "train": train_summary,
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
@@ -172,35 +196,22 @@ def _experiment(config, workdir, log, t_start) -> dict:
   parallel.sync("results written")
   log.event("done", f"results in {results_path}")
   log.finish(results)
-  print(summary_table(results))
   return results
 
 
 # --- pieces ------------------------------------------------------------------------------
 
 def validate(config):
-  """Fails early, in one line naming the key, on values that no code path accepts."""
-  for key, allowed in _CHOICES.items():
-    value = config_lib.lookup(config, key)
-    if value not in allowed:
-      raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-  pruning.parse_pattern(config.prune.pattern)
-  if config.data.seq_len < 2:
-    raise UserError(f"data.seq_len={config.data.seq_len} must be at least 2")
-  stride = config.eval.stride or config.data.seq_len
-  if not 0 < stride <= config.data.seq_len:
-    raise UserError(f"eval.stride={config.eval.stride} must be in 1..data.seq_len "
-                    f"({config.data.seq_len}); 0 means seq_len")
-  for key in ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every",
-              "checkpoint.every_steps", "checkpoint.keep"):
-    if config_lib.lookup(config, key) < 1:
-      raise UserError(f"{key}={config_lib.lookup(config, key)} must be at least 1")
+  """Fails early, in one line naming the key, on values that no code path accepts
+  (validate.py: every key's type, range or choice, then combinations)."""
+  validate_lib.validate(config)
 
 
-def evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log, label=""):
-  """{split: evaluate.evaluate(...) result} for every split of eval.splits."""
+def evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log, label="",
+                    splits=None):
+  """{split: evaluate.evaluate(...) result} for `splits` (default: every split of eval.splits)."""
   evals = {}
-  for split in eval_splits(config):
+  for split in splits or eval_splits(config):
     r = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
                           stride=config.eval.stride or config.data.seq_len,
                           batch_size=config.eval.batch_size, mesh=mesh, desc=split,
@@ -268,7 +279,11 @@ def train_steps(config, streams) -> int:
   if n_seq < per_step:
     raise UserError(f"the train split has {n_seq} sequences of data.seq_len={config.data.seq_len}, "
                     f"fewer than one step needs ({per_step}); lower train.batch_size")
-  return max(1, int(math.ceil(t.epochs * (n_seq // per_step))))
+  steps = max(1, int(math.ceil(t.epochs * (n_seq // per_step))))
+  if steps > validate_lib.INT_MAX:
+    raise UserError(f"train.epochs={t.epochs} means {steps} steps, more than the step counter "
+                    f"holds ({validate_lib.INT_MAX}): lower train.epochs")
+  return steps
 
 
 def base_config(config):
@@ -288,10 +303,9 @@ def base_config(config):
 def check_base(base, base_dir):
   """A finished base in base_dir must have been trained the way this run would train it."""
   path = os.path.join(base_dir, "results.json")
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)["config"]
+  if not files.readable_json(path):
+    return  # none yet, or unreadable: run(base) trains (or resumes) it again
+  saved = files.load_json(path).get("config") or {}
   try:
     train.check_resumable(train.resume_keys(saved), train.resume_keys(base), base_dir)
   except UserError as e:

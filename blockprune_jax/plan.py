@@ -93,10 +93,12 @@ class Plan:
       pruned, _ = self.prune(params, allocation.expand_to_layers(block_ratios, blocks))
       return loss(pruned)
     base = loss(params)
-    ratios = [0.0] * len(blocks)
+    ratios, best, tried = [0.0] * len(blocks), None, []
     for _ in range(int(p.sensitivity_rounds)):
-      # Block b's curve with the other blocks pruned as the last solve says (none at first):
-      # the second round sees how blocks interact, which one-block-at-a-time probes miss.
+      # Round 1 probes each block alone; later rounds probe block b with the other blocks
+      # pruned as the last solve says, which sees how blocks interact. Such fixed-point rounds
+      # can oscillate, so each round's solution is scored by its real calibration loss and the
+      # best one is kept: more rounds never give a worse allocation by that score.
       curves = []
       for b in range(len(blocks)):
         context = [0.0 if c == b else r for c, r in enumerate(ratios)]
@@ -104,8 +106,12 @@ class Plan:
         curves.append([pruned_loss([r if c == b else x for c, x in enumerate(context)]) - start
                        for r in grid])
       ratios = solve.solve_sensitivity(grid, curves, block_sizes, target)
+      tried.append({"ratios": ratios, "loss": pruned_loss(ratios), "loss_increase": curves})
+      if best is None or tried[-1]["loss"] < best["loss"]:
+        best = tried[-1]
+    ratios, curves = best["ratios"], tried[0]["loss_increase"]
     self.measured["sensitivity"] = {"grid": grid, "base_loss": base, "loss_increase": curves,
-                                    "rounds": int(p.sensitivity_rounds), "ratios": ratios}
+                                    "rounds": tried, "ratios": ratios}
     if p.allocation == "search":
       starts = {"sensitivity": ratios}
       outliers = self._outliers(params)

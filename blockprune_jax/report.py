@@ -27,13 +27,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from blockprune_jax import files
 from blockprune_jax import stats
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
-_GENERATED = ("uniform", "linear", "exponential", "owl")  # allocations solved for prune.target
+# Allocations solved for prune.target (generated or measured on the model).
+_GENERATED = ("uniform", "linear", "exponential", "owl", "sensitivity", "search")
 _SKIP_DIRS = {"checkpoints", "checkpoint", "ckpt", "export", "tensorboard", "tb"}
 _PPL = ("ppl_", "oneshot_", "delta_")  # prefixes of the perplexity columns, in table order
 
@@ -301,7 +303,8 @@ def _write_csv(path: str, table: pd.DataFrame, columns: Sequence[str]) -> None:
   """Floats in full (repr), blanks for None, CRLF rows as the csv module writes them."""
   cells = table[list(columns)].apply(lambda column: column.map(
       lambda v: "" if v is None else (repr(v) if isinstance(v, float) else v)))
-  cells.to_csv(path, index=False, lineterminator="\r\n")
+  with files.atomic_path(path) as tmp:  # a killed report never leaves half a table
+    cells.to_csv(tmp, index=False, lineterminator="\r\n")
 
 
 def _flatten(d: dict, prefix: str = "", skip: Iterable[str] = ()) -> dict:
@@ -530,7 +533,8 @@ def _dense_line(ax, dense: pd.DataFrame, style: str) -> float | None:
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.atomic_path(path) as tmp:  # the format comes from `path`, not the temporary name
+    fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
   _pyplot().close(fig)
   return path
 
@@ -785,7 +789,7 @@ def write_report(out_dir: str, sources: Sequence[str] | None = None) -> Report:
   if plots:
     md += ["", "## Plots", ""] + [f"![{n}]({os.path.basename(p)})" for n, p in plots.items()]
   written["md"] = os.path.join(out_dir, "report.md")
-  with open(written["md"], "w", encoding="utf-8") as f:
+  with files.atomic_path(written["md"]) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write("\n".join(md) + "\n")
   return written
 

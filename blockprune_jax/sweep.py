@@ -29,6 +29,7 @@ and its status. Every run shares one from-scratch base model in `<workdir>/base`
 unless the config sets `base.dir`. At the end, `report.write_report(workdir)` writes the tables and
 plots.
 """
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -178,8 +179,8 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
       controls.append(control)
       have |= sigs
   if controls:
-    log.info("sweep: %d dense control run(s) added (fine-tuned like the pruned runs; "
-             "sweep.controls=False turns this off)", len(controls))
+    _say(f"sweep: {len(controls)} dense control run(s) added, fine-tuned like the pruned runs "
+         "(sweep.controls=False turns this off)", _multihost()[0] == 0)
   return controls + list(runs)
 
 
@@ -219,6 +220,25 @@ def run_names(runs: Sequence[dict]) -> list[str]:
       name = f"{name}_{digest}"
     out.append(name)
   return out
+
+
+def _say(line: str, primary: bool) -> None:
+  """One console line of the sweep (process 0 only; logs hold the details)."""
+  if primary:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _outcome(run_dir: str) -> str:
+  """'validation ppl 11.47 (one-shot 11.75), sparsity 0.800' from a run's results.json."""
+  try:
+    with open(os.path.join(run_dir, RESULTS)) as f:
+      r = json.load(f)
+    split, ppl = next(iter(r["perplexity"].items()))
+    oneshot = (r.get("oneshot") or {}).get("perplexity", {}).get(split)
+    return (f"{split} ppl {ppl:.3f}" + (f" (one-shot {oneshot:.3f})" if oneshot else "")
+            + f", sparsity {r['sparsity']['overall']:.3f}")
+  except (OSError, ValueError, KeyError, StopIteration, TypeError):
+    return "done"
 
 
 def _multihost() -> tuple[int, int]:
@@ -262,7 +282,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   """
   if run_fn is None:
     from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
-    run_fn = pipeline.run
+    run_fn = functools.partial(pipeline.run, echo=False)  # this loop prints a line per run
   workdir = os.path.abspath(workdir)
   primary = _multihost()[0] == 0
   os.makedirs(workdir, exist_ok=True)
@@ -272,12 +292,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
 
   runs = with_controls(config, runs)
+  if "sweep" in config and config.sweep.batch_runs > 1:
+    _say(f"sweep: sweep.batch_runs={config.sweep.batch_runs}: runs go one after another (training "
+         "runs side by side as one program is not implemented yet)", _multihost()[0] == 0)
   names = run_names(runs)
   configs = [config_lib.apply_overrides(config, r) for r in runs]  # all type errors before any work
   rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": files.plain(r),
            "status": "pending"} for n, r in zip(names, runs)]
   for row in rows:
-    if os.path.exists(os.path.join(row["workdir"], RESULTS)):
+    # An unreadable results.json is no finished run: pipeline.run moves it aside and reruns.
+    if files.readable_json(os.path.join(row["workdir"], RESULTS)):
       row.update(status="done", reused=True)
 
   def save():
@@ -299,7 +323,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     os.makedirs(row["workdir"], exist_ok=True)
     if primary:
       files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
-    log.info("sweep [%d/%d] %s", i + 1, len(rows), row["name"])
+    _say(f"[{i + 1}/{len(rows)}] {row['name']} ...", primary)
     row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     row.pop("error", None)
     save()
@@ -325,6 +349,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       row.update(status="failed", error=f"the run returned without writing {RESULTS}")
     else:
       row["status"] = "done"
+      _say(f"[{i + 1}/{len(rows)}] {row['name']}: {_outcome(row['workdir'])} "
+           f"({row['seconds']:.1f} s)", primary)
     save()
 
   if report and primary:
@@ -351,7 +377,8 @@ def main(argv: Sequence[str]) -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  logging.getLogger().setLevel(logging.INFO)
+  from blockprune_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_console()
   try:
     parallel.maybe_initialize_distributed()
     config = FLAGS.config
@@ -362,10 +389,13 @@ def main(argv: Sequence[str]) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  failed = [r["name"] for r in rows if r["status"] == "failed"]
-  if failed:
-    print(f"{len(failed)} of {len(rows)} runs failed (see sweep.json): {', '.join(failed)}",
+  failed = [r for r in rows if r["status"] == "failed"]
+  for r in failed:  # which run, and why (its error's first line)
+    print(f"failed: {r['name']}: {((r.get('error') or '').splitlines() or [''])[0]}",
           file=sys.stderr)
+  if failed:
+    print(f"{len(failed)} of {len(rows)} runs failed (see sweep.json): "
+          f"{', '.join(r['name'] for r in failed)}", file=sys.stderr)
     sys.exit(1)
 
 

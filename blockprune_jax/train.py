@@ -24,7 +24,7 @@ from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pruning
-from blockprune_jax.errors import Preempted, UserError
+from blockprune_jax.errors import UserError
 
 
 class Diverged(UserError):
@@ -258,6 +258,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   t0, t_last, step_last = time.time(), time.time(), step
   t_first, step_first = None, step  # throughput excludes the first (compiling) step
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
+  t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
   try:  # whatever ends the loop, pending asynchronous saves finish before we leave
     with ckpt_lib.PreemptionFlag() as preemption:
       while step < total:
@@ -305,14 +306,20 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
           if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
             meta["best_perplexity"] = metric
-        # A step with a validation metric is always saved, so the best one can be kept.
-        ckpt.save(step, state, meta, metric=metric, force=step == total or metric is not None)
+        # A step with a validation metric is always saved, so the best one can be kept. The
+        # last step is saved only if redoing the steps since the last save would cost more
+        # than checkpoint.final_after_s: a finished run writes results.json moments later, and
+        # a short run killed in between loses less by retraining than it pays for the save.
+        last = step == total and time.time() - t_saved > config.checkpoint.final_after_s
+        if ckpt.save(step, state, meta, metric=metric, force=last or metric is not None):
+          t_saved = time.time()
         if preemption.check(step):
           ckpt.save(step, state, meta, force=True)
           ckpt.wait()
-          log.event("preempted", f"SIGTERM: saved step {step}; run the same command to resume")
-          raise Preempted(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
-                          "run the same command to resume")
+          log.event("preempted", f"{preemption.signal_name}: saved step {step}; run the same "
+                    "command to resume", signal=preemption.signal_name)
+          raise preemption.error(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
+                                 "run the same command to resume")
   finally:
     ckpt.close()  # waits for pending saves
   jax.block_until_ready(state)

@@ -51,6 +51,7 @@ def get_config():
   e.stride = 0  # window step; 0 means seq_len (non-overlapping blocks)
   e.batch_size = 8  # windows per evaluation step, global (padded to a multiple of devices)
   e.max_tokens = 0  # >0: evaluate only the first max_tokens tokens of each split (quick checks)
+  e.oneshot = True  # pruned and fine-tuned runs: also evaluate the first split before fine-tuning
 
   # --- fine-tuning -----------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -77,8 +78,9 @@ def get_config():
 
   # --- checkpoints -----------------------------------------------------------
   c.checkpoint = ck = ml_collections.ConfigDict()
-  ck.every_steps = 500  # also saved at the end and on SIGTERM
+  ck.every_steps = 500  # also saved on SIGTERM, and at the end (see final_after_s)
   ck.keep = 2  # last N kept (plus the best by validation perplexity)
+  ck.final_after_s = 60.0  # save the last step too when the steps since the last save took longer
 
   # --- pruning -----------------------------------------------------------
   c.prune = p = ml_collections.ConfigDict()

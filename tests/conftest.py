@@ -1,10 +1,17 @@
 """Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# As flax's lm1b tests do: XLA's optimisation passes cost more compile time than the tiny test
+# models ever win back (subprocesses inherit it through the environment).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# Token caches and JAX's persistent compilation cache of this session only: a test that counts
+# compilations must not find programs an earlier session left in ~/.cache.
+os.environ.setdefault("BLOCKPRUNE_CACHE", tempfile.mkdtemp(prefix="blockprune_tests_"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -72,3 +72,13 @@ def test_gpu_bench_script_records_skipped_steps(tmp_path):
   assert set(errors) == {"check", "jax_all", "torch"}
   assert all(e.startswith("skipped") for e in errors.values())
   assert "ERROR jax_all: skipped" in run.stdout
+
+
+def test_bench_sweep_reports_a_sweeps_cost_beyond_its_steps(tmp_path):
+  from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
+  r = bench_sweep.run(preset_shape=(2, 32, 2), seq_len=32, batch=8, dtype="float32",
+                      vocab_size=257, steps=6, runs=3, workdir=str(tmp_path / "sweep"))
+  assert r["runs"] == 3 and r["runs_per_hour"] > 0
+  assert r["compilations_later"] == [0, 0]  # runs after the first reuse every compiled step
+  assert 0 <= r["overhead_share_later"] < r["overhead_share_first"] <= 1
+  assert r["projected_216_runs_s"] > r["first_run_s"]

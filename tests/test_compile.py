@@ -14,7 +14,9 @@ def _steps(compiled: dict) -> dict:
 
 
 def test_a_second_run_in_the_process_compiles_no_train_or_eval_step(tmp_path):
-  common = dict(train__steps=3, prune__method="magnitude", runtime__compile_cache="off")
+  # A shape no other test compiles (seq_len 24), so the first run here really compiles.
+  common = dict(train__steps=3, prune__method="magnitude", runtime__compile_cache="off",
+                data__seq_len=24)
   first = pipeline.run(tiny_config(prune__target=0.3, **common), str(tmp_path / "a"))
   # Another sparsity, learning rate and seed: all inputs of the compiled steps, not constants.
   second = pipeline.run(tiny_config(prune__target=0.6, train__learning_rate=1e-3, seed=3,

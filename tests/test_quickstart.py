@@ -1,5 +1,6 @@
-"""The offline quickstart, shrunk: base model, three allocations, table and plot; a sweep
-killed part-way and restarted does not redo finished runs."""
+"""The offline quickstart, shrunk: base model, three allocations x three seeds and the dense
+controls, table, paired comparison and plot; a sweep killed part-way and restarted does not redo
+finished runs."""
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ from conftest import REPO, subprocess_env
 SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.n_positions=64", "--config.data.seq_len=32", "--config.base.steps=20",
           "--config.train.steps=4", "--config.eval.max_tokens=3000", "--config.train.log_every=5",
-          "--config.train.batch_size=8"]
+          "--config.train.batch_size=8", "--config.prune.sensitivity_ratios=0.4,0.8,0.95",
+          "--config.prune.sensitivity_rounds=1"]
 
 
 def _cmd(workdir):
@@ -23,7 +25,7 @@ def _cmd(workdir):
 
 def test_quickstart_killed_and_restarted(tmp_path):
   workdir = tmp_path / "quickstart"
-  first = workdir / "prune.allocation=uniform" / "results.json"
+  first = workdir / "prune.allocation=uniform__seed=0" / "results.json"
   env = subprocess_env(BLOCKPRUNE_CACHE=str(tmp_path / "cache"))
   proc = subprocess.Popen(_cmd(workdir), env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -45,14 +47,18 @@ def test_quickstart_killed_and_restarted(tmp_path):
   assert (workdir / "base" / "results.json").stat().st_mtime_ns == base_stamp
   assert os.path.isfile(workdir / "base" / "export" / "model.safetensors")
   sweep = json.load(open(workdir / "sweep.json"))
-  assert sweep["counts"]["done"] == 4  # three allocations and the dense control
+  assert sweep["counts"]["done"] == 12  # three allocations x three seeds, three controls
 
   # The table holds each run's measured numbers; the plot is a real picture.
   table = open(workdir / "report.md").read()
-  for allocation in ("uniform", "linear", "exponential"):
-    res = json.load(open(workdir / f"prune.allocation={allocation}" / "results.json"))
-    assert res["pruning"]["allocation"] == allocation
-    assert abs(res["sparsity"]["overall"] - 0.5) < 0.01
-    assert f"{res['perplexity']['validation']:.2f}" in table
-    assert f"{res['perplexity']['test']:.2f}" in table
+  for allocation in ("uniform", "linear", "sensitivity"):
+    for seed in range(3):
+      res = json.load(open(workdir / f"prune.allocation={allocation}__seed={seed}" / "results.json"))
+      assert res["pruning"]["allocation"] == allocation
+      assert abs(res["sparsity"]["overall"] - 0.8) < 0.01
+      assert f"{res['perplexity']['validation']:.2f}" in table
+      assert f"{res['oneshot']['perplexity']['validation']:.2f}" in table
+  assert "## Paired comparison" in table and "| control |" in table
   assert os.path.getsize(workdir / "ppl_vs_sparsity.png") > 5000
+  # The console: one line per run, and the comparison table at the end.
+  assert r.stderr.count("] prune.allocation=") >= 2 and "| run |" in r.stdout

@@ -312,7 +312,7 @@ def test_cli_end_to_end(tmp_path):
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
       import test_sweep_report as t
       fake = types.ModuleType("blockprune_jax.pipeline")
-      fake.run = lambda config, workdir: (print("RUN", workdir, config.train.steps,
+      fake.run = lambda config, workdir, **kw: (print("RUN", workdir, config.train.steps,
                                                  config.base.dir), t.fake_run(config, workdir))
       sys.modules["blockprune_jax.pipeline"] = fake
       from absl import app

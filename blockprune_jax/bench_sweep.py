@@ -1,0 +1,81 @@
+"""What a sweep costs beyond its steps: K pruned runs of one shape, one after another in one
+process, split into steady-state compute and everything else (as ../shared/tools/sweep_profile.py
+does from results.json).
+
+    python -m blockprune_jax.bench sweep --preset=tiny --runs=4 --sweep_steps=20
+    python -m blockprune_jax.bench sweep --preset=gpt2 --seq_len=1024 --batch=16 --runs=4 \
+        --sweep_steps=146 --dtype=bfloat16   # ~1 epoch of WikiText-2 (2.4M tokens) per run
+
+A scratch model of the preset's shape on the builtin corpus (bytes for --vocab_size < 50257,
+else GPT-2's BPE), magnitude pruning of the MLPs at a different sparsity per run, masked
+fine-tuning, validation perplexity. Prints one JSON line: runs per hour, the share of wall time
+outside steady-state steps for the runs after the first, compile seconds, and the projected wall
+time of the course project's 216-run grid at that pace.
+"""
+import json
+import os
+import tempfile
+import time
+
+from blockprune_jax import config_lib
+from blockprune_jax import sweep
+
+
+def steady_seconds(results: dict) -> float:
+  """Train steps after the first plus evaluation batches after the first (sweep_profile's split)."""
+  tr, steady = results.get("train") or {}, 0.0
+  if tr.get("steps") and tr.get("tokens_per_s"):
+    steady += tr["tokens"] / tr["steps"] / tr["tokens_per_s"] * (tr["steps"] - 1)
+  for e in list((results.get("eval") or {}).values()) + list(
+      ((results.get("oneshot") or {}).get("eval") or {}).values()):
+    steady += max(0.0, e["seconds"] - e["first_batch_s"])
+  return steady
+
+
+def sweep_config(*, preset_shape, seq_len, batch, dtype, vocab_size, steps):
+  """The base config of the benchmark sweep (no base model, no controls, no report)."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  n_layer, n_embd, n_head = preset_shape
+  c = base.get_config()
+  c.lock()
+  return config_lib.apply_overrides(c, {
+      "model.init": "scratch", "model.n_layer": n_layer, "model.n_embd": n_embd,
+      "model.n_head": n_head, "model.n_positions": max(seq_len, 64), "model.dtype": dtype,
+      "model.dropout": 0.0, "data.source": "builtin", "data.seq_len": seq_len,
+      "data.tokenizer": "bytes" if vocab_size < 50257 else "gpt2-offline",
+      "eval.splits": ("validation",), "eval.batch_size": batch, "eval.max_tokens": 64 * seq_len,
+      "train.steps": steps, "train.batch_size": batch, "train.log_every": max(1, steps // 4),
+      "checkpoint.every_steps": 10 * steps, "prune.method": "magnitude",
+      "prune.allocation": "uniform", "prune.blocks": min(3, n_layer), "sweep.controls": False, "wandb.mode": "disabled"})
+
+
+def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir="") -> dict:
+  """Runs the sweep and returns the figures (see the module docstring)."""
+  config = sweep_config(preset_shape=preset_shape, seq_len=seq_len, batch=batch, dtype=dtype,
+                        vocab_size=vocab_size, steps=steps)
+  workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
+  targets = [round(0.3 + 0.4 * i / max(runs - 1, 1), 4) for i in range(runs)]
+  t0 = time.time()
+  rows = sweep.run_sweep(config, workdir, [{"prune.target": t} for t in targets], report=False)
+  wall = time.time() - t0
+  failed = [r for r in rows if r["status"] != "done"]
+  if failed:
+    raise RuntimeError(f"bench sweep: run {failed[0]['name']} failed: {failed[0].get('error')}")
+  results = [json.load(open(os.path.join(r["workdir"], "results.json"))) for r in rows]
+  seconds = [r["runtime"]["seconds"] for r in results]
+  steady = [steady_seconds(r) for r in results]
+  later = slice(1, None) if runs > 1 else slice(0, None)
+  later_s = sum(seconds[later])
+  per_run = later_s / len(seconds[later])
+  return {
+      "bench": "sweep", "runs": runs, "steps_per_run": steps, "wall_s": round(wall, 2),
+      "first_run_s": round(seconds[0], 2), "later_run_s": round(per_run, 2),
+      "runs_per_hour": round(3600 / per_run, 1),
+      "overhead_share_first": round(1 - steady[0] / seconds[0], 4),
+      "overhead_share_later": round(1 - sum(steady[later]) / later_s, 4),
+      "compile_s_first": results[0]["runtime"]["compile_s"],
+      "compile_s_later": round(sum(r["runtime"]["compile_s"] for r in results[later])
+                               / len(results[later]), 3),
+      "compilations_later": [r["runtime"]["compilations"] for r in results[later]],
+      "projected_216_runs_s": round(seconds[0] + 215 * per_run, 1),
+  }
