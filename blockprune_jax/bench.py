@@ -43,6 +43,7 @@ from absl import app
 from absl import flags
 
 from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import files
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 
@@ -289,12 +290,7 @@ def emit(record: dict) -> dict:
   record = {**record, "backend": jax.default_backend(), "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": utc_now()}
-  line = json.dumps(record)
-  print(line, flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "a") as f_out:
-      f_out.write(line + "\n")
-  return record
+  return files.emit_json_line(record, _JSON.value)
 
 
 def check_flags(what: str) -> None:

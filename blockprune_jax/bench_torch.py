@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from blockprune_jax import files  # stdlib + absl only: no JAX imported here
+
 # Not JAX flags: argparse, so this module never clashes with bench.py's absl flags.
 WHATS = ("eval", "train", "all", "check", "summary")
 
@@ -90,12 +92,7 @@ def emit(record: dict, args) -> dict:
   import transformers  # pylint: disable=import-outside-toplevel
   record = {**record, "torch": torch.__version__, "transformers": transformers.__version__,
             "date": utc_now()}
-  line = json.dumps(record)
-  print(line, flush=True)
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(line + "\n")
-  return record
+  return files.emit_json_line(record, args.json)
 
 
 def torch_device(name: str):

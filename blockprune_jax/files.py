@@ -232,3 +232,13 @@ def same_files(a: str, b: str) -> bool:
     return False
   _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
   return not mismatch and not errors
+
+
+def emit_json_line(record: dict, path: str = "") -> dict:
+  """Prints `record` as one JSON line on stdout and, with `path`, appends the line there too."""
+  line = json.dumps(record)
+  print(line, flush=True)
+  if path:
+    with open(path, "a") as f:
+      f.write(line + "\n")
+  return record

@@ -35,7 +35,7 @@ class Plan:
     if self.sequential and self.criterion.calibration == "":
       raise UserError(f"prune.sequential=True with prune.method={p.method}: only data-aware "
                       "methods (wanda, sparsegpt) calibrate layer by layer; set it to False")
-    if self.criterion.sequential_only and p.schedule == "gradual":
+    if self.sequential and p.schedule == "gradual":
       raise UserError(f"prune.method={p.method} is one-shot (it rewrites the kept weights once "
                       "from calibration data): set --config.prune.schedule=oneshot")
     measured = p.allocation in allocation.MEASURED

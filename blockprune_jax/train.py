@@ -310,7 +310,9 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
         # last step is saved only if redoing the steps since the last save would cost more
         # than checkpoint.final_after_s: a finished run writes results.json moments later, and
         # a short run killed in between loses less by retraining than it pays for the save.
-        last = step == total and time.time() - t_saved > config.checkpoint.final_after_s
+        # Every process must join a save: process 0's clock decides for all.
+        last = step == total and parallel.agree(
+            time.time() - t_saved > config.checkpoint.final_after_s)
         if ckpt.save(step, state, meta, metric=metric, force=last or metric is not None):
           t_saved = time.time()
         if preemption.check(step):
@@ -351,10 +353,20 @@ def resume_keys(config) -> dict:
   return {k: v for k, v in flat.items() if not k.startswith(free)}
 
 
+# Keys added after checkpoints were first written, with the value that reproduces a checkpoint
+# that lacks them: its behaviour from before they existed, or (for methods that did not exist
+# then, so cannot be what it ran) whatever the current run says.
+_LEGACY_DEFAULTS = {"prune.pattern": "unstructured", "prune.sequential": False}
+_LEGACY_ANY = ("prune.sparsegpt_damp", "prune.sparsegpt_blocksize", "prune.sensitivity_ratios",
+               "prune.sensitivity_rounds", "prune.search_evals")
+
+
 def check_resumable(saved: dict, current: dict, workdir: str):
   """Refuses to continue a checkpoint under a config that would change its trajectory."""
   if not saved:
     return
+  if "prune.method" in saved:  # a pruned run's checkpoint from before the keys above existed
+    saved = {**_LEGACY_DEFAULTS, **{k: current[k] for k in _LEGACY_ANY if k in current}, **saved}
   diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if diff:
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])

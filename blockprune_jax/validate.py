@@ -384,6 +384,12 @@ def _check_gradual(config):
                     "train.epochs, or use prune.schedule=oneshot")
   if (p.start <= 1) == (p.end <= 1) and p.start > p.end:
     raise UserError(f"prune.start={p.start} must not come after prune.end={p.end}")
+  if p.pattern != "unstructured":
+    raise UserError(f"prune.pattern={p.pattern} with prune.schedule=gradual: GMP's ratios grow "
+                    "through values that are not 0 or N/M; use prune.schedule=oneshot")
+  if p.sequential:
+    raise UserError("prune.sequential=True with prune.schedule=gradual: layer-by-layer "
+                    "calibration prunes once; set prune.sequential=False or prune.schedule=oneshot")
   generated = p.allocation not in ("explicit", "layer") + allocation.MEASURED
   if generated and p.initial > p.target:
     raise UserError(f"prune.initial={p.initial} exceeds prune.target={p.target}: masks only "

@@ -243,3 +243,14 @@ def test_resuming_under_other_settings_is_refused(tmp_path):
   again = pipeline.run(tiny_config(train__steps=4, train__log_every=2, eval__batch_size=4),
                        workdir)
   assert again["train"]["steps"] == 4
+
+
+def test_a_checkpoint_from_before_the_second_stage_keys_still_resumes():
+  from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  current = train.resume_keys(tiny_config(prune__method="magnitude", train__steps=4))
+  old = {k: v for k, v in current.items()
+         if k not in ("prune.pattern", "prune.sequential", "prune.sparsegpt_damp",
+                      "prune.sensitivity_ratios", "prune.search_evals")}
+  train.check_resumable(old, current, "w")  # what it ran is what these keys' defaults do
+  with pytest.raises(UserError, match="prune.pattern"):
+    train.check_resumable(old, dict(current, **{"prune.pattern": "2:4"}), "w")
