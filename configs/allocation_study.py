@@ -12,11 +12,13 @@ same way (the control); the report gives one-shot and fine-tuned perplexity, the
 the control, mean +- std over seeds, and per sparsity the paired differences between
 allocations with 95 % intervals and one sentence on which wins.
 
-Variants (`--config=configs/allocation_study.py:ARG`): `layers` (one block per layer),
-`seeds=5`, `targets=0.5,0.8`. Offline: `--config.model.init=scratch --config.base.steps=2000
---config.data.source=builtin` (or `text` with `data.text_dir`).
+Variants (`--config=configs/allocation_study.py:ARG`, comma-separated): `layers` (one block per
+layer), `seeds=5`, `targets=0.5,0.8`, `offline` (the quickstart's small byte-level model trained
+on the builtin corpus, 20 fine-tuning steps; add --config.base.dir=runs/quickstart/base to reuse a
+quickstart's base model).
 """
 from configs import _pruned
+from configs import quickstart
 
 ALLOCATIONS = (
     {"prune.allocation": "uniform"},
@@ -44,8 +46,12 @@ def _args(arg):
 
 
 def get_config(arg=None):
-  c = _pruned.get_config()
-  c.prune.calib_batches = 32
+  if _args(arg).get("offline"):
+    c = quickstart.get_config()
+    c.train.steps = 20
+  else:
+    c = _pruned.get_config()
+    c.prune.calib_batches = 32
   if _args(arg).get("layers"):
     c.prune.blocks = c.model.n_layer
   return c
