@@ -649,6 +649,37 @@ def plot_layer_scan(rows, path: str) -> str | None:
   return _save(fig, path)
 
 
+def _sensitivity(run_dir: str):
+  """A run's measured sensitivity curves (results.json pruning.sensitivity), or None."""
+  try:
+    with open(os.path.join(run_dir, RESULTS)) as f:
+      sens = (json.load(f).get("pruning") or {}).get("sensitivity")
+    return sens if sens and sens.get("grid") and sens.get("loss_increase") else None
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def plot_sensitivity(rows, path: str) -> str | None:
+  """The curves `sensitivity` (and `search`) allocations were solved from: calibration-loss
+  increase when one block alone is pruned, per block, one faint line per run."""
+  df = _as_frame(rows)
+  found = [c for c in map(_sensitivity, df["_dir"]) if c]
+  if not found:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for curves in found:
+    for b, losses in enumerate(curves["loss_increase"]):
+      ax.plot([0.0] + list(curves["grid"]), [0.0] + list(losses), marker=".", alpha=0.6,
+              color=colors[b % len(colors)], label=f"block {b}" if curves is found[0] else None)
+  ax.set(xlabel="ratio of the block alone", ylabel="calibration loss increase (nats)",
+         title=f"Sensitivity curves ({len(found)} run{'s' if len(found) > 1 else ''})")
+  ax.legend(fontsize=8)
+  ax.grid(True, alpha=0.3)
+  return _save(fig, path)
+
+
 def read_metrics(path: str) -> list[dict]:
   """The JSON lines of a metrics.jsonl; bad lines (a run killed mid-write) are skipped."""
   out = []
@@ -715,7 +746,8 @@ def _plots(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   df = df[df["role"] != "base"] if (df["role"] != "base").any() else df  # base: own scale
   plots = {}
   for name, fn in (("ppl_vs_sparsity", plot_ppl_vs_sparsity), ("layer_scan", plot_layer_scan),
-                   ("training_curves", plot_training_curves), ("heatmaps", plot_heatmaps)):
+                   ("training_curves", plot_training_curves), ("sensitivity", plot_sensitivity),
+                   ("heatmaps", plot_heatmaps)):
     try:
       if fn is plot_heatmaps:  # one file per middle ratio
         plots.update(fn(df, out_dir))
@@ -762,7 +794,7 @@ def write_report(out_dir: str, sources: Sequence[str] | None = None) -> Report:
 
   Returns {name: path} of the files written: csv, md, seeds_csv (if any seed groups),
   paired_csv (if any paired comparison), ppl_vs_sparsity, heatmap_mid<r>..., layer_scan,
-  training_curves (each only when the runs allow that plot); its `.table` attribute holds the
+  training_curves, sensitivity (each only when the runs allow that plot); its `.table` attribute holds the
   Markdown table of the runs (the dense control first), for printing.
   """
   sources = list(sources or [out_dir])

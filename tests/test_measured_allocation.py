@@ -4,6 +4,8 @@ One small model is trained for real (4 layers x 128, 600 steps on the builtin co
 each allocation prunes 80 % of its MLP weights, one block per layer, with no fine-tuning, and
 is scored on held-out validation text it never saw.
 """
+import os
+
 import pytest
 
 from blockprune_jax import pipeline
@@ -16,8 +18,12 @@ COMMON = dict(model__n_layer=4, model__n_embd=128, model__n_head=4, model__n_pos
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  root = tmp_path_factory.mktemp("measured")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("measured")
+
+
+@pytest.fixture(scope="module")
+def study(root):
   out = {}
   for allocation in ("uniform", "linear", "exponential", "owl", "sensitivity", "search"):
     config = tiny_config(prune__allocation=allocation, base__dir=str(root / "base"), **COMMON)
@@ -43,3 +49,11 @@ def test_measured_allocations_hit_the_budget_and_record_their_curves(study):
   assert curves["loss_increase"][0][-1] > curves["loss_increase"][-1][-1]
   search = study["search"]["pruning"]["search"]
   assert search["score"] <= min(search["start_scores"].values())
+
+
+
+def test_the_report_plots_the_measured_curves(study, root, tmp_path):
+  from blockprune_jax import report  # pylint: disable=import-outside-toplevel
+  written = report.write_report(str(tmp_path), sources=[str(root)])
+  assert os.path.getsize(written["sensitivity"]) > 5000
+  assert "sensitivity.png" in open(written["md"]).read()
