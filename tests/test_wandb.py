@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 
 import pytest
@@ -97,7 +98,18 @@ def offline_runs(wandb_parent):
   runs = []
   for d in sorted(glob.glob(os.path.join(str(wandb_parent), "wandb", "offline-run-*"))):
     (path,) = glob.glob(os.path.join(d, "run-*.wandb"))
-    runs.append(dict(offline_run(read_records(path)), dir=d))
+    # W&B's service process writes the file; finish() can return a moment before its last
+    # block reaches the disk, so wait (bounded) for the run's records to be there.
+    deadline = time.time() + 20
+    while True:
+      try:
+        run = offline_run(read_records(path))
+      except Exception:  # pylint: disable=broad-except  # a block still being written
+        run = {}
+      if ("id" in run and run.get("exit") is not None) or time.time() > deadline:
+        break
+      time.sleep(0.2)
+    runs.append(dict(run, dir=d))
   return runs
 
 
