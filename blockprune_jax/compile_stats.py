@@ -91,6 +91,7 @@ def enable_persistent_cache(directory: str) -> str:
 
   Every program is cached, however quick to compile: on a CPU the small steps of a sweep are
   exactly what a second process would otherwise compile again. Returns the directory used.
+  JAX opens its cache once per process: the first run's choice holds for the rest of a sweep.
   """
   if directory == "off":
     return ""

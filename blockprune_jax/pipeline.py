@@ -31,10 +31,6 @@ from blockprune_jax import validate as validate_lib
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
 
-# The allowed values of every key (choices from the registries) live in validate.py.
-_CHOICES = validate_lib.CHOICES
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
         summary: bool | None = None) -> dict:
   """Runs (or resumes, or just reports) one experiment; returns the results dict.

@@ -14,7 +14,6 @@ from blockprune_jax import gmp
 from blockprune_jax import parallel
 from blockprune_jax import pruning
 from blockprune_jax import solve
-from blockprune_jax.errors import UserError
 
 SCHEDULES = ("oneshot", "gradual")
 
@@ -32,12 +31,8 @@ class Plan:
     self.pattern = pruning.parse_pattern(p.pattern)
     self.criterion = pruning.criterion(p.method)
     self.sequential = self.criterion.sequential_only or bool(p.sequential)
-    if self.sequential and self.criterion.calibration == "":
-      raise UserError(f"prune.sequential=True with prune.method={p.method}: only data-aware "
-                      "methods (wanda, sparsegpt) calibrate layer by layer; set it to False")
-    if self.sequential and p.schedule == "gradual":
-      raise UserError(f"prune.method={p.method} is one-shot (it rewrites the kept weights once "
-                      "from calibration data): set --config.prune.schedule=oneshot")
+    # Impossible combinations (sequential without data, one-shot methods on a schedule, free
+    # ratios with N:M) were refused by validate.py before any work started.
     measured = p.allocation in allocation.MEASURED
     needs_data = self.criterion.calibration or p.allocation in ("owl", "search")
     self.calib_seqs = calibration.calibration_sequences(config, streams) if needs_data else None
@@ -79,9 +74,6 @@ class Plan:
     loss is taken on calibration sequences other than those the criteria's statistics use.
     """
     p = self.p
-    if self.pattern:
-      raise UserError(f"prune.allocation={p.allocation} chooses free ratios, but prune.pattern="
-                      f"{p.pattern} allows only 0 or N/M per block: use allocation explicit")
     grid = sorted(float(r) for r in p.sensitivity_ratios)
     blocks, target = self.block_layers, float(p.target)
     block_sizes = [sum(self.sizes[l] for l in b) for b in blocks]
