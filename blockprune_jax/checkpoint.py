@@ -400,8 +400,9 @@ def _one_line(e: BaseException) -> str:
 
 def _hide_closed_loop_noise():
   """After a failed restore, TensorStore callbacks into Orbax's closed asyncio loop each print a
-  'RuntimeError: Event loop is closed' traceback (as unraisable exceptions). They say nothing
-  the one-line warning does not, so only those are dropped; other unraisables print as before."""
+  'RuntimeError: Event loop is closed' traceback (as unraisable exceptions), and abandoned read
+  tasks log their error again. They say nothing the one-line warning does not, so only those are
+  dropped; other unraisables and asyncio errors print as before."""
   previous = sys.unraisablehook
   if getattr(previous, '_blockprune_filter', False):
     return
@@ -413,6 +414,16 @@ def _hide_closed_loop_noise():
     previous(unraisable)
   hook._blockprune_filter = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+  # The same failed restore can leave Orbax's read tasks with their (already reported) error
+  # unretrieved; asyncio then logs it with a traceback when the task is collected.
+  std_logging.getLogger('asyncio').addFilter(_UnretrievedTaskFilter())
+
+
+class _UnretrievedTaskFilter(std_logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' records (see _hide_closed_loop_noise)."""
+
+  def filter(self, record):
+    return 'exception was never retrieved' not in record.getMessage()
 
 
 def _reached_preemption_sync_point(step):
