@@ -6,6 +6,7 @@
     python -m blockprune_jax.bench compact  # eval of a 50 %-neuron compacted model vs dense
     python -m blockprune_jax.bench all --batch=16 --eval_batch=32  # all four, one process
     python -m blockprune_jax.bench sweep --preset=tiny --runs=4  # a sweep's cost beyond its steps
+    python -m blockprune_jax.bench sweep --preset=tiny --runs=3 --batch_runs=3  # vs side by side
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
@@ -60,6 +61,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "mask / compact: pruned fraction of the MLPs")
 _RUNS = flags.DEFINE_integer("runs", 4, "sweep: runs of one shape, one after another")
 _SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 20, "sweep: fine-tuning steps per run")
+_BATCH_RUNS = flags.DEFINE_integer("batch_runs", 1, "sweep: > 1 also runs the same sweep with "
+                                   "sweep.batch_runs=K (side by side) and reports the ratio")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
@@ -327,7 +330,8 @@ def main(argv):
     from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
     emit({**bench_sweep.run(preset_shape=model_lib.PRESETS[_PRESET.value], seq_len=_SEQ.value,
                             batch=_BATCH.value, dtype=_DTYPE.value, vocab_size=_VOCAB.value,
-                            steps=_SWEEP_STEPS.value, runs=_RUNS.value),
+                            steps=_SWEEP_STEPS.value, runs=_RUNS.value,
+                            batch_runs=_BATCH_RUNS.value),
           "preset": _PRESET.value, "seq_len": _SEQ.value, "batch": _BATCH.value,
           "dtype": _DTYPE.value})
     return

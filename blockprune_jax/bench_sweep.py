@@ -11,13 +11,17 @@ else GPT-2's BPE), magnitude pruning of the MLPs at a different sparsity per run
 fine-tuning, validation perplexity. Prints one JSON line: runs per hour, the share of wall time
 outside steady-state steps for the runs after the first, compile seconds, and the projected wall
 time of the course project's 216-run grid at that pace.
+
+--batch_runs=K > 1 then runs the same sweep again with sweep.batch_runs=K (groups of K runs
+side by side as one program) in the same process, and adds its wall time, the ratio of the two
+(`side_by_side_ratio`: < 1 is faster) and the largest perplexity difference between them.
 """
-import json
 import os
 import tempfile
 import time
 
 from blockprune_jax import config_lib
+from blockprune_jax import files
 from blockprune_jax import sweep
 
 
@@ -49,25 +53,22 @@ def sweep_config(*, preset_shape, seq_len, batch, dtype, vocab_size, steps):
       "prune.allocation": "uniform", "prune.blocks": min(3, n_layer), "sweep.controls": False, "wandb.mode": "disabled"})
 
 
-def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir="") -> dict:
-  """Runs the sweep and returns the figures (see the module docstring)."""
+def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir="",
+        batch_runs=1) -> dict:
+  """Runs the sweep (and with batch_runs > 1 again side by side); returns the figures (see the
+  module docstring)."""
   config = sweep_config(preset_shape=preset_shape, seq_len=seq_len, batch=batch, dtype=dtype,
                         vocab_size=vocab_size, steps=steps)
   workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
   targets = [round(0.3 + 0.4 * i / max(runs - 1, 1), 4) for i in range(runs)]
-  t0 = time.time()
-  rows = sweep.run_sweep(config, workdir, [{"prune.target": t} for t in targets], report=False)
-  wall = time.time() - t0
-  failed = [r for r in rows if r["status"] != "done"]
-  if failed:
-    raise RuntimeError(f"bench sweep: run {failed[0]['name']} failed: {failed[0].get('error')}")
-  results = [json.load(open(os.path.join(r["workdir"], "results.json"))) for r in rows]
+  runs_list = [{"prune.target": t} for t in targets]
+  wall, results = _timed_sweep(config, os.path.join(workdir, "one_by_one"), runs_list)
   seconds = [r["runtime"]["seconds"] for r in results]
   steady = [steady_seconds(r) for r in results]
   later = slice(1, None) if runs > 1 else slice(0, None)
   later_s = sum(seconds[later])
   per_run = later_s / len(seconds[later])
-  return {
+  out = {
       "bench": "sweep", "runs": runs, "steps_per_run": steps, "wall_s": round(wall, 2),
       "first_run_s": round(seconds[0], 2), "later_run_s": round(per_run, 2),
       "runs_per_hour": round(3600 / per_run, 1),
@@ -79,3 +80,27 @@ def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir
       "compilations_later": [r["runtime"]["compilations"] for r in results[later]],
       "projected_216_runs_s": round(seconds[0] + 215 * per_run, 1),
   }
+  if batch_runs > 1:
+    batched = config_lib.apply_overrides(config, {"sweep.batch_runs": batch_runs})
+    wall_b, results_b = _timed_sweep(batched, os.path.join(workdir, "side_by_side"), runs_list)
+    out.update({
+        "batch_runs": batch_runs, "side_by_side_wall_s": round(wall_b, 2),
+        "side_by_side_ratio": round(wall_b / wall, 3),
+        "side_by_side_runs_per_hour": round(3600 * runs / wall_b, 1),
+        "side_by_side_compilations": sum(r["runtime"]["compilations"] for r in results_b),
+        "max_perplexity_diff": max(
+            abs(a["perplexity"][s] - b["perplexity"][s])
+            for a, b in zip(results, results_b) for s in a["perplexity"]),
+    })
+  return out
+
+
+def _timed_sweep(config, workdir, runs_list):
+  """(wall seconds, results of every run) of one sweep."""
+  t0 = time.time()
+  rows = sweep.run_sweep(config, workdir, runs_list, report=False)
+  wall = time.time() - t0
+  failed = [r for r in rows if r["status"] != "done"]
+  if failed:
+    raise RuntimeError(f"bench sweep: run {failed[0]['name']} failed: {failed[0].get('error')}")
+  return wall, [files.load_json(os.path.join(r["workdir"], "results.json")) for r in rows]

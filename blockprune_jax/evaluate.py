@@ -55,28 +55,34 @@ def token_nll(logits, labels):
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_step(apply_fn, mesh):
+def make_eval_step(apply_fn, mesh, batched=False):
   """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
 
   apply_fn(params, inputs) -> logits (model.logits_fn, one per model config). Inputs are
-  sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh), so every
-  evaluation of a model shape in this process shares one compiled step.
+  sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh, batched), so every
+  evaluation of a model shape in this process shares one compiled step. batched=True: params
+  hold K runs stacked on a leading axis, all scored on the same windows, and the sums are [K].
   """
   def eval_step(params, inputs, labels, weights):
     nll = token_nll(apply_fn(params, inputs), labels)
     return (jax.lax.psum(jnp.sum(nll * weights), parallel.AXIS),
             jax.lax.psum(jnp.sum(weights), parallel.AXIS))
 
+  if batched:
+    eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
   spec = P(parallel.AXIS)
   return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
 
 
 def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None,
-             desc="eval", progress=True, step_fn=None):
+             desc="eval", progress=True, step_fn=None, runs=None):
   """Perplexity of `stream` (1-D int array). Returns a dict with loss, perplexity,
   tokens_scored, tokens_per_s (window tokens per second after the first, compiling, batch).
 
-  Pass the same `step_fn` (make_eval_step) to repeated calls so they compile only once."""
+  Pass the same `step_fn` (make_eval_step) to repeated calls so they compile only once.
+  runs=K: `params` are K runs stacked on a leading axis and `step_fn` is
+  make_eval_step(..., batched=True); returns K dicts, whose times are the whole program's
+  (tokens_per_s counts the windows' tokens once per run)."""
   mesh = mesh or parallel.data_mesh()
   if len(stream) < 2:
     raise UserError(f"{desc}: {len(stream)} token(s) to evaluate, at least 2 are needed: check "
@@ -90,7 +96,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   if pad:  # padded windows carry weight 0, so they add nothing to either sum
     inputs, labels, weights = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
                                for a in (inputs, labels, weights))
-  step = step_fn or make_eval_step(apply_fn, mesh)
+  step = step_fn or make_eval_step(apply_fn, mesh, batched=runs is not None)
   params = parallel.replicate(params, mesh)
 
   def shard(i):
@@ -100,7 +106,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   # The first batch compiles (once per shape: jit caches it for later calls with the same
   # step_fn); throughput is timed over the batches after it.
   t_start = time.time()
-  nll_sum, count = _add(step(params, *shard(0)), 0.0, 0.0)
+  nll_sum, count = _add(step(params, *shard(0)), 0.0, 0.0)  # [K] each when runs=K
   t_first = time.time() - t_start
   bar = _progress(total // batch, desc, progress)
   bar.update(1)
@@ -121,22 +127,29 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
     tokens_per_s = (total - batch) * seq_len / max(after_first, 1e-9)
   else:  # a single batch: its time includes compilation
     tokens_per_s = batch * seq_len / max(t_first, 1e-9)
-  loss = nll_sum / max(count, 1.0)
-  return {
-      "loss": loss,
-      "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-      "tokens_scored": int(round(count)),
-      "tokens": int(len(stream)),
-      "windows": n_win,
-      "tokens_per_s": tokens_per_s,
-      "seconds": time.time() - t_start,
-      "first_batch_s": t_first,
-  }
+  seconds = time.time() - t_start
+
+  def result(nll_sum, count, n_runs=1):
+    loss = nll_sum / max(count, 1.0)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "tokens_scored": int(round(count)),
+        "tokens": int(len(stream)),
+        "windows": n_win,
+        "tokens_per_s": tokens_per_s * n_runs,
+        "seconds": seconds,
+        "first_batch_s": t_first,
+    }
+  if runs is None:
+    return result(float(nll_sum), float(count))
+  return [result(float(s), float(c), runs) for s, c in zip(nll_sum, count)]
 
 
 def _add(result, nll_sum, count):
+  """Adds a step's sums (scalars, or [K] for K runs) in float64 on the host."""
   s, c = jax.device_get(result)
-  return nll_sum + float(s), count + float(c)
+  return nll_sum + np.asarray(s, np.float64), count + np.asarray(c, np.float64)
 
 
 def _progress(total, desc, enabled):

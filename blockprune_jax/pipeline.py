@@ -41,14 +41,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
   """
   summary = echo if summary is None else summary
   results_path = os.path.join(workdir, "results.json")
-  results = _finished(results_path, summary)
+  results = finished(results_path, summary)
   if results is not None:
     return results
   validate(config)
   parallel.maybe_initialize_distributed()
   with parallel.workdir_lock(workdir):  # a second process on this workdir is refused
     files.check_workdir_layout(workdir)
-    results = _finished(results_path, summary)  # the lock's holder may just have finished it
+    results = finished(results_path, summary)  # the lock's holder may just have finished it
     if results is not None:
       return results
     t_start = time.time()
@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
   return results
 
 
-def _finished(results_path, echo=True):
+def finished(results_path, echo=True):
   """A finished run's results (its table printed), else None. An unreadable results.json is
   moved aside with a warning and the run goes again (files.read_results)."""
   # Before jax.distributed starts, asking jax for the process index would start a backend.
@@ -76,8 +76,74 @@ def _finished(results_path, echo=True):
 
 def _experiment(config, workdir, log, t_start) -> dict:
   """The body of run(): every phase, top to bottom."""
-  results_path = os.path.join(workdir, "results.json")
+  return complete(prepare(config, workdir, log, t_start))
+
+
+def complete(prep: "Prepared") -> dict:
+  """The phases after `prepare`: one-shot evaluation, fine-tuning, (late pruning), evaluation,
+  results."""
+  config, workdir, log = prep.config, prep.workdir, prep.log
   mesh = parallel.data_mesh()
+  apply_fn = model_lib.logits_fn(prep.model_cfg)
+  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all evaluations
+  oneshot = None
+  if wants_oneshot(prep):  # what fine-tuning recovers: the first split's perplexity right
+    # after pruning (one split: the comparisons use the first one)
+    oneshot = evaluate_splits(config, apply_fn, prep.params, prep.streams, mesh, eval_step, log,
+                              label="one-shot", splits=eval_splits(config)[:1])
+  params, masks, train_summary = prep.params, prep.masks, dict(NO_TRAINING)
+  if prep.steps > 0:
+    params, masks, train_summary = train.fit(
+        config, prep.model_cfg, params, masks, total=prep.steps,
+        plan=prep.plan if prep.plan.active else None, streams=prep.streams, mesh=mesh,
+        workdir=workdir, log=log)
+  if prep.late:  # no recovery: scores and statistics from the fine-tuned weights
+    t_prune = time.time()
+    prep.plan = plan_lib.make_plan(config, prep.model_cfg, jax.device_get(params), prep.streams, log)
+    params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
+    prep.prune_s = time.time() - t_prune
+
+  # --- evaluation -------------------------------------------------------------------
+  eval_params, compact_widths = params, None
+  if prep.plan.active and config.prune.method == "neurons" and config.prune.compact:
+    # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
+    # dense parameters, identical in output, are what results and the export describe).
+    eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
+    apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, compact_widths))
+    eval_step = eval_lib.make_eval_step(apply_fn, mesh)
+    log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
+              widths=list(compact_widths))
+  evals = evaluate_splits(config, apply_fn, eval_params, prep.streams, mesh, eval_step, log)
+  return finish(prep, params, train_summary, evals, oneshot, compact_widths=compact_widths)
+
+
+NO_TRAINING = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
+
+
+@dataclasses.dataclass
+class Prepared:
+  """One run with its model loaded and (for one-shot pruning) pruned: what training and
+  evaluation start from. The batched runner (batched.py) prepares K of these one by one."""
+  config: ml_collections.ConfigDict  # with a trained base resolved to model.name_or_path
+  workdir: str
+  log: RunLog
+  t_start: float
+  tok: object
+  streams: "Streams"
+  model_cfg: model_lib.GPT2Config
+  params: dict
+  masks: dict  # {} = dense
+  plan: object  # plan.Plan or plan.NoPlan
+  steps: int  # fine-tuning steps
+  late: bool  # prune.when=after_finetune: pruned after fine-tuning, in _experiment
+  prune_s: float  # what pruning itself took (calibration, allocation, masks, SparseGPT)
+  n_params: int
+  compiled_before: dict  # compile_stats.snapshot() once the base was done
+
+
+def prepare(config, workdir, log, t_start) -> Prepared:
+  """The first phases of a run: base model, tokenizer, data, model, pruning plan, one-shot
+  pruning."""
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
             f"{jax.process_count()} process(es)", config=config.to_dict(),
@@ -109,9 +175,8 @@ def _experiment(config, workdir, log, t_start) -> dict:
   log.event("model", f"GPT-2 {model_cfg.n_layer} layers x {model_cfg.n_embd} wide, "
             f"{n_params / 1e6:.2f}M parameters, compute {model_cfg.dtype}",
             model=dataclasses.asdict(model_cfg), params=n_params)
-  apply_fn = model_lib.logits_fn(model_cfg)
 
-  # --- pruning plan, masked fine-tuning, late pruning -----------------------------
+  # --- pruning plan and one-shot pruning -----------------------------------------------
   late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
           and config.prune.when == "after_finetune")
   t_prune = time.time()
@@ -122,68 +187,62 @@ def _experiment(config, workdir, log, t_start) -> dict:
   if plan.active and config.prune.schedule == "gradual" and steps == 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
-  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all evaluations
-  oneshot = None
   if plan.active and config.prune.schedule == "oneshot" and not late:
     params, masks = plan.prune(params, plan.ratios_per_layer)
     jax.block_until_ready(params)
-  # Calibration, allocation and masks (and SparseGPT's updates): what pruning itself costs.
   prune_s = time.time() - t_prune if plan.active else 0.0
   if plan.active and config.prune.schedule == "oneshot" and not late:
     log.event("pruned", f"pruned in {prune_s:.1f} s", seconds=prune_s)
-    if steps > 0 and config.eval.oneshot:  # what fine-tuning recovers: the first split's
-      # perplexity right after pruning (one split: the comparisons use the first one)
-      oneshot = evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log,
-                                label="one-shot", splits=eval_splits(config)[:1])
-  train_summary = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
-  if steps > 0:
-    params, masks, train_summary = train.fit(
-        config, model_cfg, params, masks, total=steps, plan=plan if plan.active else None,
-        streams=streams, mesh=mesh, workdir=workdir, log=log)
-  if late:  # no recovery: scores and statistics from the fine-tuned weights
-    t_prune = time.time()
-    plan = plan_lib.make_plan(config, model_cfg, jax.device_get(params), streams, log)
-    params, masks = plan.prune(params, plan.ratios_per_layer)
-    prune_s = time.time() - t_prune
+  return Prepared(config=config, workdir=workdir, log=log, t_start=t_start, tok=tok,
+                  streams=streams, model_cfg=model_cfg, params=params, masks=masks, plan=plan,
+                  steps=steps, late=late, prune_s=prune_s, n_params=n_params,
+                  compiled_before=compiled_before)
 
-  # --- evaluation -------------------------------------------------------------------
-  eval_params, compact_widths = params, None
-  if plan.active and config.prune.method == "neurons" and config.prune.compact:
-    # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
-    # dense parameters, identical in output, are what results and the export describe).
-    eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
-    apply_fn = model_lib.logits_fn(pruning.compacted_config(model_cfg, compact_widths))
-    eval_step = eval_lib.make_eval_step(apply_fn, mesh)
-    log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
-              widths=list(compact_widths))
-  evals = evaluate_splits(config, apply_fn, eval_params, streams, mesh, eval_step, log)
 
-  # --- results ----------------------------------------------------------------------
+def wants_oneshot(prep: Prepared) -> bool:
+  """Whether the run evaluates right after pruning, before fine-tuning (eval.oneshot)."""
+  c = prep.config
+  return (prep.plan.active and c.prune.schedule == "oneshot" and not prep.late
+          and prep.steps > 0 and c.eval.oneshot)
+
+
+def finish(prep: Prepared, params, train_summary, evals, oneshot, *, compact_widths=None,
+           seconds=None, compiled=None, batch=None) -> dict:
+  """results.json (and the Hugging Face export) of a run; returns the results dict.
+
+  seconds / compiled: the run's wall time and compilations (default: since it started); a
+  batched run passes its share of the group's time and `batch` (runtime.batch) says so.
+  """
+  config, log = prep.config, prep.log
+  results_path = os.path.join(prep.workdir, "results.json")
+  dev = jax.devices()[0]
   results = {
       "role": config.role,
       "config": config.to_dict(),
-      "model": {"n_layer": model_cfg.n_layer, "n_embd": model_cfg.n_embd,
-                "n_head": model_cfg.n_head, "params_total": n_params,
+      "model": {"n_layer": prep.model_cfg.n_layer, "n_embd": prep.model_cfg.n_embd,
+                "n_head": prep.model_cfg.n_head, "params_total": prep.n_params,
                 "params_nonzero": int(sum(int(np.count_nonzero(np.asarray(x)))
                                           for x in jax.tree.leaves(params)))},
       "perplexity": {s: r["perplexity"] for s, r in evals.items()},
       "eval": evals,
-      "pruning": dict(plan.describe(), compacted_mlp_widths=compact_widths,
-                      seconds=round(prune_s, 3)),
-      "sparsity": plan_lib.measure(params, model_cfg, plan),
+      "pruning": dict(prep.plan.describe(), compacted_mlp_widths=compact_widths,
+                      seconds=round(prep.prune_s, 3)),
+      "sparsity": plan_lib.measure(params, prep.model_cfg, prep.plan),
       "train": train_summary,
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                   "processes": jax.process_count(), "device_kind": dev.device_kind,
-                  "seconds": time.time() - t_start,
-                  **_compile_summary(compile_stats.since(compiled_before))},
+                  "seconds": time.time() - prep.t_start if seconds is None else seconds,
+                  **_compile_summary(compiled or compile_stats.since(prep.compiled_before))},
   }
+  if batch is not None:
+    results["runtime"]["batch"] = batch
   if oneshot is not None:
     results["oneshot"] = {"perplexity": {k: r["perplexity"] for k, r in oneshot.items()},
                           "eval": oneshot}
   if config.export.hf:
-    out = os.path.join(workdir, "export")
+    out = os.path.join(prep.workdir, "export")
     if jax.process_index() == 0:
-      hf_io.export(jax.device_get(params), model_cfg, out, tok)
+      hf_io.export(jax.device_get(params), prep.model_cfg, out, prep.tok)
       log.event("export", f"exported Hugging Face model to {out}")
     results["export"] = out
   results = json.loads(json.dumps(results, default=files.to_jsonable))  # what callers get == the file

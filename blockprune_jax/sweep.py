@@ -262,6 +262,86 @@ def _all_agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
+def _groups(config, rows, configs, primary) -> list[list[int]]:
+  """The run indices in the order they go: one by one, or (sweep.batch_runs > 1) groups of
+  runs that share a program, with a line for each pending run that has to go alone."""
+  k = config.sweep.batch_runs if "sweep" in config else 1
+  pending = [i for i, r in enumerate(rows) if r["status"] != "done"]
+  if k <= 1 or len(pending) < 2:
+    return [[i] for i in range(len(rows))]
+  if _multihost()[1] > 1:
+    _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another",
+         primary)
+    return [[i] for i in range(len(rows))]
+  from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
+  found, why = batched.plan_groups([configs[i] for i in pending], k)
+  for j, reason in sorted(why.items()):
+    _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}", primary)
+  done = [[i] for i, r in enumerate(rows) if r["status"] == "done"]
+  return done + [[pending[j] for j in g] for g in found]
+
+
+def _start(row, primary, line, save):
+  os.makedirs(row["workdir"], exist_ok=True)
+  if primary:
+    files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
+  if line:
+    _say(line, primary)
+  row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+  row.pop("error", None)
+  save()
+
+
+def _failed(row, e, seconds, save, fail_fast):
+  row.update(status="failed", seconds=seconds, error=f"{type(e).__name__}: {e}")
+  save()
+  if fail_fast:
+    raise e
+  # A mistake the user can fix is one line; anything else keeps its traceback.
+  detail = (str(e) if isinstance(e, UserError) else
+            "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+  log.error("sweep: run %s failed, continuing: %s", row["name"], detail)
+
+
+def _ended(row, i, n, seconds, primary):
+  """Marks a run that returned done (or failed, without its results.json) and says so."""
+  row["seconds"] = seconds
+  if primary and not os.path.exists(os.path.join(row["workdir"], RESULTS)):
+    row.update(status="failed", error=f"the run returned without writing {RESULTS}")
+  else:
+    row["status"] = "done"
+    _say(f"[{i + 1}/{n}] {row['name']}: {_outcome(row['workdir'])} ({seconds:.1f} s)", primary)
+
+
+def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
+  """One group of runs as one program (batched.run_group); each row ends done or failed."""
+  from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
+  n = len(rows)
+  _say(f"[{','.join(str(i + 1) for i in group)}/{n}] {len(group)} runs side by side: "
+       f"{', '.join(rows[i]['name'] for i in group)} ...", primary)
+  for i in group:
+    _start(rows[i], primary, "", save)
+  start = time.time()
+  try:
+    outcomes = batched.run_group([configs[i] for i in group], [rows[i]["workdir"] for i in group])
+  except (KeyboardInterrupt, SystemExit, Preempted):
+    for i in group:
+      rows[i].update(status="interrupted", seconds=round(time.time() - start, 1))
+    save()
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    outcomes = [e] * len(group)
+  for i, outcome in zip(group, outcomes):
+    # A run's results hold its share of the group's time (batched.py).
+    seconds = round(outcome["runtime"]["seconds"] if isinstance(outcome, dict)
+                    else time.time() - start, 1)
+    if isinstance(outcome, Exception):
+      _failed(rows[i], outcome, seconds, save, fail_fast)
+    else:
+      _ended(rows[i], i, n, seconds, primary)
+  save()
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[dict],
               run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
               fail_fast: bool = False, report: bool = True) -> list[dict]:
@@ -292,9 +372,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
 
   runs = with_controls(config, runs)
-  if "sweep" in config and config.sweep.batch_runs > 1:
-    _say(f"sweep: sweep.batch_runs={config.sweep.batch_runs}: runs go one after another (training "
-         "runs side by side as one program is not implemented yet)", _multihost()[0] == 0)
   names = run_names(runs)
   configs = [config_lib.apply_overrides(config, r) for r in runs]  # all type errors before any work
   rows = [{"name": n, "workdir": os.path.join(workdir, n), "overrides": files.plain(r),
@@ -316,17 +393,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   todo = sum(r["status"] != "done" for r in rows)
   log.info("sweep: %d runs in %s, %d already done, %d to run", len(rows), workdir,
            len(rows) - todo, todo)
-  for i, (row, cfg) in enumerate(zip(rows, configs)):
+  for group in _groups(config, rows, configs, primary):
+    if len(group) > 1:
+      _run_side_by_side(group, rows, configs, save, primary, fail_fast)
+      continue
+    i = group[0]
+    row, cfg = rows[i], configs[i]
     if _all_agree(row["status"] == "done"):
       log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
       continue
-    os.makedirs(row["workdir"], exist_ok=True)
-    if primary:
-      files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
-    _say(f"[{i + 1}/{len(rows)}] {row['name']} ...", primary)
-    row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    row.pop("error", None)
-    save()
+    _start(row, primary, f"[{i + 1}/{len(rows)}] {row['name']} ...", save)
     start = time.time()
     try:
       run_fn(cfg, row["workdir"])
@@ -335,22 +411,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       save()
       raise
     except Exception as e:  # pylint: disable=broad-except
-      row.update(status="failed", seconds=round(time.time() - start, 1),
-                 error=f"{type(e).__name__}: {e}")
-      save()
-      if fail_fast:
-        raise
-      # A mistake the user can fix is one line; anything else keeps its traceback.
-      detail = str(e) if isinstance(e, UserError) else traceback.format_exc()
-      log.error("sweep: run %s failed, continuing: %s", row["name"], detail)
+      _failed(row, e, round(time.time() - start, 1), save, fail_fast)
       continue
-    row["seconds"] = round(time.time() - start, 1)
-    if primary and not os.path.exists(os.path.join(row["workdir"], RESULTS)):
-      row.update(status="failed", error=f"the run returned without writing {RESULTS}")
-    else:
-      row["status"] = "done"
-      _say(f"[{i + 1}/{len(rows)}] {row['name']}: {_outcome(row['workdir'])} "
-           f"({row['seconds']:.1f} s)", primary)
+    _ended(row, i, len(rows), round(time.time() - start, 1), primary)
     save()
 
   if report and primary:

@@ -130,7 +130,7 @@ def batch_at(sequences, position: int, batch_size: int, seed: int):
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
-                    temperature=1.0):
+                    temperature=1.0, batched=False):
   """jit(shard_map(per-device update)) with the state donated, one per distinct setting.
 
   step(state, batch, teacher_params, learning_rate) -> (state, {loss, ce, kl, grad_norm}).
@@ -138,6 +138,11 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
   sharded over B; teacher_params: teacher params or {}; learning_rate: float32 scalar. Kept
   per (model, optimizer settings, mesh, distillation): a later run of a sweep with the same
   shapes reuses the compiled step instead of tracing and compiling it again.
+
+  batched=True: K runs side by side as one program (sweep.batch_runs). Every leaf of the state,
+  the batch ([K, accum, B, T + 1]) and the learning rate ([K]) gain a leading run axis, and
+  the metrics are [K]; the update of each run is the one above (jax.vmap), and the teacher
+  is shared.
   """
   model = model_lib.GPT2(model_cfg)
   teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
@@ -189,8 +194,11 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
     return new_state, metrics
 
   rep = P()
-  step = parallel.shard_map(train_step, mesh, (rep, P(None, parallel.AXIS), rep, rep),
-                            (rep, rep))
+  batch_spec = P(None, parallel.AXIS)
+  if batched:
+    train_step = jax.vmap(train_step, in_axes=(0, 0, None, 0))
+    batch_spec = P(None, None, parallel.AXIS)
+  step = parallel.shard_map(train_step, mesh, (rep, batch_spec, rep, rep), (rep, rep))
   return jax.jit(step, donate_argnums=0)
 
 
@@ -215,13 +223,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   t_cfg = config.train
   seq_len = config.data.seq_len
   sequences = data_lib.train_sequences(streams.get("train"), seq_len)
-  n_dev = mesh.devices.size
-  if t_cfg.batch_size % n_dev:
-    raise UserError(f"train.batch_size={t_cfg.batch_size} must be a multiple of the "
-                    f"{n_dev} devices")
-  if len(sequences) < t_cfg.batch_size:
-    raise UserError(f"the train split has {len(sequences)} sequences of data.seq_len={seq_len}, "
-                    f"fewer than train.batch_size={t_cfg.batch_size}")
+  check_batch(t_cfg, sequences, mesh, seq_len)
   optimizer, schedule = make_optimizer(t_cfg, total)
   teacher_params, teacher_cfg = load_teacher(config, model_cfg)
   step_fn = make_train_step(model_cfg, optimizer_settings(t_cfg), mesh, teacher_cfg=teacher_cfg,
@@ -283,20 +285,13 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           # The mean over the steps since the last line (lm1b): a smoother curve than one step.
           m = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
           window, window_steps = None, 0
-          loss = m["loss"]
-          if not math.isfinite(loss):
-            raise Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
-                           f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
-                           "train.warmup_steps, then run the same command again")
+          if not math.isfinite(m["loss"]):
+            raise diverged(step, ckpt)
           now = time.time()
-          tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-          eta = (total - step) * (now - t_last) / max(step - step_last, 1)
-          lr = float(lrs[step - 1])
-          log.metric(step, "train", loss=loss, ce=m["ce"], kl=m["kl"],
-                     grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s)
-          log.event("train", f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
-                    f"{tok_s:,.0f} tok/s  eta {eta:,.0f}s")
-          meta["final_loss"] = loss
+          log_train(log, m, step=step, total=total, lr=float(lrs[step - 1]),
+                    tok_s=(step - step_last) * tokens_per_step / max(now - t_last, 1e-9),
+                    seconds_per_step=(now - t_last) / max(step - step_last, 1))
+          meta["final_loss"] = m["loss"]
           t_last, step_last = now, step
         metric = None
         if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
@@ -318,10 +313,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
         if preemption.check(step):
           ckpt.save(step, state, meta, force=True)
           ckpt.wait()
-          log.event("preempted", f"{preemption.signal_name}: saved step {step}; run the same "
-                    "command to resume", signal=preemption.signal_name)
-          raise preemption.error(f"checkpoint saved at step {step} in {workdir}/checkpoints; "
-                                 "run the same command to resume")
+          raise preempted(preemption, step, [log], [workdir])
   finally:
     ckpt.close()  # waits for pending saves
   jax.block_until_ready(state)
@@ -333,6 +325,41 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
              "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
              "tokens_per_s": tok_s, "seconds": now - t0}
   return state["params"], state["masks"], summary
+
+
+def check_batch(t_cfg, sequences, mesh, seq_len):
+  """One line for a train batch that the devices or the train split cannot hold."""
+  n_dev = mesh.devices.size
+  if t_cfg.batch_size % n_dev:
+    raise UserError(f"train.batch_size={t_cfg.batch_size} must be a multiple of the "
+                    f"{n_dev} devices")
+  if len(sequences) < t_cfg.batch_size:
+    raise UserError(f"the train split has {len(sequences)} sequences of data.seq_len={seq_len}, "
+                    f"fewer than train.batch_size={t_cfg.batch_size}")
+
+
+def log_train(log, m, *, step, total, lr, tok_s, seconds_per_step):
+  """The train metrics (means since the last line) to metrics.jsonl and one console line."""
+  log.metric(step, "train", loss=m["loss"], ce=m["ce"], kl=m["kl"], grad_norm=m["grad_norm"],
+             learning_rate=lr, tokens_per_s=tok_s)
+  log.event("train", f"step {step}/{total}  loss {m['loss']:.4f}  lr {lr:.2e}  "
+            f"{tok_s:,.0f} tok/s  eta {(total - step) * seconds_per_step:,.0f}s")
+
+
+def diverged(step, ckpt) -> Diverged:
+  return Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
+                  f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
+                  "train.warmup_steps, then run the same command again")
+
+
+def preempted(preemption, step, logs, workdirs) -> Exception:
+  """The exception that ends a loop stopped by SIGTERM / Ctrl-C once its checkpoints are saved."""
+  for log in logs:
+    log.event("preempted", f"{preemption.signal_name}: saved step {step}; run the same "
+              "command to resume", signal=preemption.signal_name)
+  where = ", ".join(f"{w}/checkpoints" for w in workdirs)
+  return preemption.error(f"checkpoint saved at step {step} in {where}; "
+                          "run the same command to resume")
 
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
