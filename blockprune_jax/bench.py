@@ -63,6 +63,10 @@ _RUNS = flags.DEFINE_integer("runs", 4, "sweep: runs of one shape, one after ano
 _SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 20, "sweep: fine-tuning steps per run")
 _BATCH_RUNS = flags.DEFINE_integer("batch_runs", 1, "sweep: > 1 also runs the same sweep with "
                                    "sweep.batch_runs=K (side by side) and reports the ratio")
+_SWEEP_CONFIG = flags.DEFINE_string("sweep_config", "", "sweep: measure this config file's "
+                                     "sweep (get_sweep or --sweep) instead of --preset runs")
+_SWEEP_SPECS = flags.DEFINE_multi_string("sweep", [], "sweep, with --sweep_config: KEY=SPEC as "
+                                         "in blockprune_jax.sweep")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
@@ -328,6 +332,10 @@ def main(argv):
     sys.exit(1 if bench_all(cfg) else 0)
   if what == "sweep":
     from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
+    if _SWEEP_CONFIG.value:
+      emit(bench_sweep.run_config(_SWEEP_CONFIG.value, _SWEEP_SPECS.value,
+                                  batch_runs=_BATCH_RUNS.value))
+      return
     emit({**bench_sweep.run(preset_shape=model_lib.PRESETS[_PRESET.value], seq_len=_SEQ.value,
                             batch=_BATCH.value, dtype=_DTYPE.value, vocab_size=_VOCAB.value,
                             steps=_SWEEP_STEPS.value, runs=_RUNS.value,

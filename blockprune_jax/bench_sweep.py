@@ -15,7 +15,14 @@ time of the course project's 216-run grid at that pace.
 --batch_runs=K > 1 then runs the same sweep again with sweep.batch_runs=K (groups of K runs
 side by side as one program) in the same process, and adds its wall time, the ratio of the two
 (`side_by_side_ratio`: < 1 is faster) and the largest perplexity difference between them.
+
+--sweep_config=PATH measures a config file's own sweep instead (its get_sweep(), or the runs of
+--sweep=KEY=SPEC flags, without dense controls), after training its base model untimed:
+
+    python -m blockprune_jax.bench sweep --sweep_config=configs/quickstart.py --batch_runs=3 \
+        --sweep=prune.allocation=uniform,linear,sensitivity   # the quickstart's 3 pruned runs
 """
+import importlib.util
 import os
 import tempfile
 import time
@@ -61,7 +68,28 @@ def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir
                         vocab_size=vocab_size, steps=steps)
   workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
   targets = [round(0.3 + 0.4 * i / max(runs - 1, 1), 4) for i in range(runs)]
-  runs_list = [{"prune.target": t} for t in targets]
+  return measure(config, [{"prune.target": t} for t in targets], workdir, batch_runs, steps)
+
+
+def run_config(path, specs, *, workdir="", batch_runs=1) -> dict:
+  """The figures of `measure` for the sweep of a config file (see the module docstring)."""
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("_bench_sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = config_lib.apply_overrides(module.get_config(), {"sweep.controls": False})
+  runs = sweep.expand_sweep(config, specs, None if specs else sweep.load_get_sweep(path))
+  workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
+  if config.base.steps > 0 and config.model.init == "scratch":  # trained once, not timed
+    config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
+    pipeline.run(pipeline.base_config(config), config.base.dir, echo=False)
+  steps = config.train.steps
+  return dict(measure(config, runs, workdir, batch_runs, steps), config=path)
+
+
+def measure(config, runs_list, workdir, batch_runs, steps) -> dict:
+  """Runs the sweep one by one (and side by side with batch_runs > 1); returns the figures."""
+  runs = len(runs_list)
   wall, results = _timed_sweep(config, os.path.join(workdir, "one_by_one"), runs_list)
   seconds = [r["runtime"]["seconds"] for r in results]
   steady = [steady_seconds(r) for r in results]
@@ -86,7 +114,9 @@ def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir
     out.update({
         "batch_runs": batch_runs, "side_by_side_wall_s": round(wall_b, 2),
         "side_by_side_ratio": round(wall_b / wall, 3),
-        "side_by_side_runs_per_hour": round(3600 * runs / wall_b, 1),
+        "side_by_side_overhead_share": round(
+            1 - sum(map(steady_seconds, results_b)) / sum(r["runtime"]["seconds"]
+                                                           for r in results_b), 4),
         "side_by_side_compilations": sum(r["runtime"]["compilations"] for r in results_b),
         "max_perplexity_diff": max(
             abs(a["perplexity"][s] - b["perplexity"][s])

@@ -415,6 +415,12 @@ def summary(path) -> str:
   lines.append(f"mask overhead {_fmt(find('mask_overhead'), 'overhead', '+.1%')}, compact "
                f"speedup {_fmt(find('compact_speedup'), 'speedup', '.2f')}x (torch compile s: "
                "first step, compilation included; ours peak GB: the process so far)")
+  sweep = find("sweep")
+  if sweep:
+    lines.append(f"sweep of {sweep['runs']} runs: {sweep['wall_s']:.1f} s one after another, "
+                 f"{_fmt(sweep, 'side_by_side_wall_s', '.1f')} s side by side (ratio "
+                 f"{_fmt(sweep, 'side_by_side_ratio', '.2f')}); later runs "
+                 f"{sweep['overhead_share_later']:.0%} outside steady-state steps")
   lines += [f"{r['bench']:<17} {r['dtype']:<9} err {r['err']:.2e} tol {r['tol']:.0e} "
             f"{'PASS' if r['pass'] else 'FAIL'}" for r in recs if "pass" in r and "error" not in r]
   lines += [f"step {r['step']:<10} {r['seconds']:7.1f} s  exit {r['rc']}"

@@ -56,9 +56,14 @@ def test_gpu_bench_script_tiny(tmp_path):
   for name in ("torch_eval", "torch_train"):
     assert sorted(r["impl"] for r in by[name]) == ["sdpa", "sdpa+compile"]
     assert all(r["tokens_per_s"] > 0 and r["gflop_per_token"] > 0 for r in by[name])
-  assert {r["step"] for r in by["step_time"] if r["rc"] == 0} >= {"check", "jax_all", "torch"}
+  (sweep,) = by["sweep"]
+  assert sweep["batch_runs"] == 3 and sweep["side_by_side_ratio"] > 0
+  assert sweep["max_perplexity_diff"] < 1e-2
+  assert {r["step"] for r in by["step_time"] if r["rc"] == 0} >= {"check", "jax_all", "sweep",
+                                                                  "torch"}
   table = (out_dir / "summary.txt").read_text()
   assert "train" in table and table.count("PASS") == 4 and "FAIL" not in table
+  assert "side by side (ratio" in table
 
 
 def test_gpu_bench_script_records_skipped_steps(tmp_path):
@@ -69,7 +74,7 @@ def test_gpu_bench_script_records_skipped_steps(tmp_path):
   assert run.returncode == 1
   recs = [json.loads(l) for l in (tmp_path / "figures.jsonl").read_text().splitlines()]
   errors = {r["bench"]: r["error"] for r in recs if "error" in r}
-  assert set(errors) == {"check", "jax_all", "torch"}
+  assert set(errors) == {"check", "jax_all", "sweep", "torch"}
   assert all(e.startswith("skipped") for e in errors.values())
   assert "ERROR jax_all: skipped" in run.stdout
 
@@ -82,3 +87,4 @@ def test_bench_sweep_reports_a_sweeps_cost_beyond_its_steps(tmp_path):
   assert r["compilations_later"] == [0, 0]  # runs after the first reuse every compiled step
   assert 0 <= r["overhead_share_later"] < r["overhead_share_first"] <= 1
   assert r["projected_216_runs_s"] > r["first_run_s"]
+  assert "side_by_side_ratio" not in r  # only asked for with batch_runs > 1
