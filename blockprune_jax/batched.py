@@ -3,9 +3,11 @@
 
 Runs of a sweep that differ only in what a program takes as input -- masks, pruning ratios and
 method, seeds (data order, dropout), learning-rate values -- can be one program: every leaf of
-the training state gains a leading run axis and `jax.vmap` maps the one-run update over it
-(`train.make_train_step(batched=True)`, `evaluate.make_eval_step(batched=True)`). K small runs
-then fill an accelerator that one leaves half idle, and compile once.
+the training state gains a leading run axis and the one-run update is mapped over it
+(`train.make_train_step(batched=...)`, `evaluate.make_eval_step(batched=...)`). With
+`jax.vmap` (sweep.side_by_side=vmap, the default on accelerators) K small runs fill an
+accelerator that one leaves half idle; on a CPU (map, the default there) `jax.lax.map` runs them
+one after another inside the program. Either way the group compiles once.
 
 What stays per run is exactly what a run has on its own: its workdir, log, metrics, checkpoints
 (in the one-run format: a group's run can be resumed alone, and the other way round),
@@ -180,7 +182,7 @@ def _side_by_side(preps, outcomes, logs):
     outcomes[k] = pipeline.finish(
         prep, params, train_summary, evals, oneshot, seconds=own_s + shared_s / n,
         compiled=compiled, batch={"runs": n, "index": i, "names": names,
-                                  "seconds": round(shared_s, 3)})
+                                  "mode": _mode(prep.config), "seconds": round(shared_s, 3)})
 
 
 class _Closing:
@@ -239,7 +241,7 @@ def evaluate_group(preps, params, apply_fn, mesh, *, splits, label=""):
                                      eval_lib.make_eval_step(apply_fn, mesh), p.log, label=label,
                                      splits=splits) for p, x in zip(preps, params)]
   config, n = preps[0].config, len(preps)
-  step = eval_lib.make_eval_step(apply_fn, mesh, batched=True)
+  step = eval_lib.make_eval_step(apply_fn, mesh, batched=_mode(config))
   stacked = stack(params)
   out = [{} for _ in preps]
   for split in splits:
@@ -261,6 +263,10 @@ def evaluate_group(preps, params, apply_fn, mesh, *, splits, label=""):
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning side by side
 # ----------------------------------------------------------------------------------------------
+
+
+def _mode(config) -> str:
+  return parallel.side_by_side_mode(config.sweep.side_by_side)
 
 
 def stack(trees_):
@@ -363,9 +369,9 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
   accum, tokens_per_step = t_cfg.grad_accum, t_cfg.batch_size * t_cfg.grad_accum * config.data.seq_len
   seeds = [p.config.seed for p in preps]
   step_fn = train.make_train_step(preps[0].model_cfg, train.optimizer_settings(t_cfg), mesh,
-                                  batched=True)
+                                  batched=_mode(config))
   apply_fn = model_lib.logits_fn(preps[0].model_cfg)
-  eval_step = eval_lib.make_eval_step(apply_fn, mesh, batched=True)
+  eval_step = eval_lib.make_eval_step(apply_fn, mesh, batched=_mode(config))
   step = int(state["step"][0])  # every run stands at the same step (fit_group)
   state = parallel.replicate(state, mesh, donatable=True)
   failed = [None] * n  # the Diverged error of a run whose loss became NaN / Inf

@@ -55,13 +55,14 @@ def token_nll(logits, labels):
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_step(apply_fn, mesh, batched=False):
+def make_eval_step(apply_fn, mesh, batched=""):
   """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
 
   apply_fn(params, inputs) -> logits (model.logits_fn, one per model config). Inputs are
   sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh, batched), so every
-  evaluation of a model shape in this process shares one compiled step. batched=True: params
-  hold K runs stacked on a leading axis, all scored on the same windows, and the sums are [K].
+  evaluation of a model shape in this process shares one compiled step. batched="vmap" / "map":
+  params hold K runs stacked on a leading axis, all scored on the same windows (mapped by
+  parallel.over_runs), and the sums are [K].
   """
   def eval_step(params, inputs, labels, weights):
     nll = token_nll(apply_fn(params, inputs), labels)
@@ -69,7 +70,7 @@ def make_eval_step(apply_fn, mesh, batched=False):
             jax.lax.psum(jnp.sum(weights), parallel.AXIS))
 
   if batched:
-    eval_step = jax.vmap(eval_step, in_axes=(0, None, None, None))
+    eval_step = parallel.over_runs(eval_step, (0, None, None, None), batched)
   spec = P(parallel.AXIS)
   return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
 
@@ -81,7 +82,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
 
   Pass the same `step_fn` (make_eval_step) to repeated calls so they compile only once.
   runs=K: `params` are K runs stacked on a leading axis and `step_fn` is
-  make_eval_step(..., batched=True); returns K dicts, whose times are the whole program's
+  make_eval_step(..., batched=...); returns K dicts, whose times are the whole program's
   (tokens_per_s counts the windows' tokens once per run)."""
   mesh = mesh or parallel.data_mesh()
   if len(stream) < 2:
@@ -96,7 +97,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   if pad:  # padded windows carry weight 0, so they add nothing to either sum
     inputs, labels, weights = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
                                for a in (inputs, labels, weights))
-  step = step_fn or make_eval_step(apply_fn, mesh, batched=runs is not None)
+  step = step_fn or make_eval_step(apply_fn, mesh, batched="vmap" if runs else "")
   params = parallel.replicate(params, mesh)
 
   def shard(i):

@@ -144,6 +144,35 @@ def shard_batch(batch, mesh, axis=0):
   return jax.tree.map(put, batch)
 
 
+def over_runs(fn, in_axes, how: str):
+  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
+  are shared by every run), as one program.
+
+  how="vmap": jax.vmap, one batched computation: what fills an accelerator that one small run
+  leaves half idle. how="map": jax.lax.map, the runs one after another inside the program: on a
+  CPU, whose cores one run already keeps busy, batched matrix multiplies are slower than plain
+  ones (README, "Runs side by side"), while one dispatch per step for all runs still saves time.
+  """
+  if how == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  if how != "map":
+    raise ValueError(f"how must be 'vmap' or 'map', got {how!r}")
+
+  def mapped(*args):
+    def one(mapped_args):
+      it = iter(mapped_args)
+      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+    return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
+  return mapped
+
+
+def side_by_side_mode(setting: str) -> str:
+  """sweep.side_by_side resolved for this backend: auto is map on a CPU, vmap elsewhere."""
+  if setting != "auto":
+    return setting
+  return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
 def sync(name: str):
   """Waits for every process (no-op on one host), e.g. until process 0 has written a file."""
   if jax.process_count() > 1:

@@ -423,18 +423,42 @@ def compacted_config(cfg: model_lib.GPT2Config, widths) -> model_lib.GPT2Config:
 # --- exact counts --------------------------------------------------------------------------
 
 
+def _order_key(x):
+  """float32 -> uint32 with the same order (-inf < ... < 0 < ... < inf < NaN; -0 is +0, as in
+  a comparison)."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_smallest_key(keys, k):
+  """The k-th smallest (1-based) of uint32 `keys` along the last axis, [..., 1].
+
+  A bitwise binary search: 32 counting passes, each a compare and a sum, instead of a sort. It
+  gives the value a sort would put at position k - 1, and on a CPU (where XLA's sort is one
+  thread of comparisons) it is ~10x faster for a GPT-2 matrix; k may be traced.
+  """
+  def bit(i, t):
+    trial = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    # Keep the bit off while fewer than k keys lie below the trial value: the answer is >= it.
+    below = jnp.sum(keys < trial, axis=-1, keepdims=True, dtype=jnp.int32)
+    return jnp.where(below < k, trial, t)
+  start = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+  return jax.lax.fori_loop(0, 32, bit, start)
+
+
 def _smallest_k(scores, k):
   """bool mask of the k smallest entries along the last axis (ties: the lower index first).
 
-  Sorting finds the k-th smallest value; entries below it are taken, and of those equal to it
+  The k-th smallest value is the threshold; entries below it are taken, and of those equal to it
   only as many as are still needed, so exactly k are marked. k may be traced (one compile
-  serves every ratio of a GMP schedule).
+  serves every ratio of a GMP schedule or an allocation search).
   """
   n = scores.shape[-1]
-  ordered = jnp.sort(scores, axis=-1)
-  thr = jnp.take(ordered, jnp.clip(k - 1, 0, n - 1), axis=-1)[..., None]
-  below = scores < thr
-  tied = scores == thr
+  keys = _order_key(scores)
+  thr = _kth_smallest_key(keys, jnp.clip(k, 1, n))
+  below = keys < thr
+  tied = keys == thr
   still_needed = k - jnp.sum(below, axis=-1, keepdims=True)
   return (k > 0) & (below | (tied & (jnp.cumsum(tied, axis=-1) <= still_needed)))
 

@@ -130,7 +130,7 @@ def batch_at(sequences, position: int, batch_size: int, seed: int):
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
-                    temperature=1.0, batched=False):
+                    temperature=1.0, batched=""):
   """jit(shard_map(per-device update)) with the state donated, one per distinct setting.
 
   step(state, batch, teacher_params, learning_rate) -> (state, {loss, ce, kl, grad_norm}).
@@ -139,10 +139,10 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
   per (model, optimizer settings, mesh, distillation): a later run of a sweep with the same
   shapes reuses the compiled step instead of tracing and compiling it again.
 
-  batched=True: K runs side by side as one program (sweep.batch_runs). Every leaf of the state,
-  the batch ([K, accum, B, T + 1]) and the learning rate ([K]) gain a leading run axis, and
-  the metrics are [K]; the update of each run is the one above (jax.vmap), and the teacher
-  is shared.
+  batched="vmap" or "map": K runs side by side as one program (sweep.batch_runs). Every leaf of
+  the state, the batch ([K, accum, B, T + 1]) and the learning rate ([K]) gain a leading run
+  axis, and the metrics are [K]; the update of each run is the one above, mapped over the runs
+  by parallel.over_runs, and the teacher is shared.
   """
   model = model_lib.GPT2(model_cfg)
   teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
@@ -196,7 +196,7 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
   rep = P()
   batch_spec = P(None, parallel.AXIS)
   if batched:
-    train_step = jax.vmap(train_step, in_axes=(0, 0, None, 0))
+    train_step = parallel.over_runs(train_step, (0, 0, None, 0), batched)
     batch_spec = P(None, None, parallel.AXIS)
   step = parallel.shard_map(train_step, mesh, (rep, batch_spec, rep, rep), (rep, rep))
   return jax.jit(step, donate_argnums=0)

@@ -41,6 +41,7 @@ CHOICES = {
     "prune.direction": ("increasing", "decreasing"),
     "train.schedule": ("cosine", "linear", "constant"),
     "wandb.mode": wandb_log.MODES,
+    "sweep.side_by_side": ("auto", "vmap", "map"),
 }
 
 
@@ -225,6 +226,7 @@ RULES = {
     # export, runtime, sweep, wandb
     "export.hf": Bool(), "runtime.compile_cache": Str(),
     "sweep.controls": Bool(), "sweep.batch_runs": POSITIVE,
+    "sweep.side_by_side": Choice(),
     "wandb.mode": Choice(), "wandb.project": Str(), "wandb.entity": Str(), "wandb.group": Str(),
 }
 

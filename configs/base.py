@@ -124,6 +124,7 @@ def get_config():
   c.sweep = sw = ml_collections.ConfigDict()
   sw.controls = True  # add the dense model fine-tuned like the pruned runs (a fair baseline)
   sw.batch_runs = 1  # runs of one shape trained side by side as one program (1 = one by one)
+  sw.side_by_side = "auto"  # how: vmap (batched, for accelerators) | map (lax.map, the CPU) | auto
 
   # --- Weights & Biases (optional; wandb is imported only when mode is not disabled) -----
   c.wandb = wb = ml_collections.ConfigDict()

@@ -33,25 +33,26 @@ def _results(workdir):
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-  """The three runs one after another and side by side (4 devices, dropout on)."""
+  """The three runs one after another, and side by side both ways (4 devices, dropout on)."""
   config = tiny_config(train__steps=6, model__dropout=0.1, export__hf=True,
                        sweep__controls=False)
   out = {}
-  for k in (1, 3):
-    d = str(tmp_path_factory.mktemp(f"batch_runs_{k}"))
+  for k, mode in ((1, "auto"), (3, "vmap"), (3, "map")):
+    d = str(tmp_path_factory.mktemp(f"batch_runs_{k}_{mode}"))
     c = config.copy_and_resolve_references()
-    c.sweep.batch_runs = k
+    c.sweep.batch_runs, c.sweep.side_by_side = k, mode
     rows = sweep.run_sweep(c, d, RUNS, report=False)
     assert [r["status"] for r in rows] == ["done"] * 3, rows
-    out[k] = rows
+    out[mode if k > 1 else 1] = rows
   return out
 
 
-def test_side_by_side_gives_the_results_of_one_after_another(both):
-  for one, side in zip(both[1], both[3]):
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
+  for one, side in zip(both[1], both[mode]):
     a, b = _results(one["workdir"]), _results(side["workdir"])
     assert "batch" not in a["runtime"]
-    assert b["runtime"]["batch"]["runs"] == 3
+    assert b["runtime"]["batch"]["runs"] == 3 and b["runtime"]["batch"]["mode"] == mode
     for split, ppl in a["perplexity"].items():
       assert b["perplexity"][split] == pytest.approx(ppl, rel=1e-5)
     if "oneshot" in a:
@@ -70,9 +71,9 @@ def test_side_by_side_gives_the_results_of_one_after_another(both):
 
 
 def test_side_by_side_runs_share_one_compilation_and_their_time(both):
-  results = [_results(r["workdir"]) for r in both[3]]
+  results = [_results(r["workdir"]) for r in both["vmap"]]
   batch = results[0]["runtime"]["batch"]
-  assert batch["names"] == [r["name"] for r in both[3]]
+  assert batch["names"] == [r["name"] for r in both["vmap"]]
   # The group's programs are counted once (in its first run); the others compile nothing.
   assert [r["runtime"]["compilations"] for r in results[1:]] == [0, 0]
   assert "train_step" in " ".join(results[0]["runtime"]["compiled"])

@@ -148,6 +148,24 @@ def test_ties_still_give_exact_counts():
   assert zeros(masks["h_0"]["mlp"]["c_proj"]["kernel"]) == 48
 
 
+def test_smallest_k_marks_what_a_stable_sort_marks():
+  """The counting search behind every exact-count mask vs NumPy's stable argsort: ties (the lower
+  index first), -0 == +0, negatives, -inf (GMP's dead weights), k = 0 and k = n, per row."""
+  rng = np.random.default_rng(0)
+  rows = np.concatenate([
+      rng.normal(size=(3, 50)),
+      rng.integers(-2, 3, size=(3, 50)).astype(np.float64),  # many ties
+      np.where(rng.random((2, 50)) < 0.3, -np.inf, rng.random((2, 50))),
+      np.array([[0.0, -0.0] * 25]),
+  ]).astype(np.float32)
+  for k in (0, 1, 7, 25, 49, 50):
+    got = np.asarray(jax.jit(pruning._smallest_k)(jnp.asarray(rows), np.int32(k)))  # pylint: disable=protected-access
+    want = np.zeros(rows.shape, bool)
+    for i, row in enumerate(rows):
+      want[i, np.argsort(row, kind="stable")[:k]] = True
+    np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+
+
 def test_user_errors(params):
   with pytest.raises(UserError, match="prune.targets"):
     pruning.target_names("ffn")
