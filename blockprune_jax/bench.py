@@ -7,6 +7,7 @@
     python -m blockprune_jax.bench all --batch=16 --eval_batch=32  # all four, one process
     python -m blockprune_jax.bench sweep --preset=tiny --runs=4  # a sweep's cost beyond its steps
     python -m blockprune_jax.bench sweep --preset=tiny --runs=3 --batch_runs=3  # vs side by side
+    python -m blockprune_jax.bench side_by_side --runs=3  # one step of 3 runs (vmap, map) vs 1
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
@@ -59,7 +60,8 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "vocabulary (smaller: quick C
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after --warmup untimed ones)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "mask / compact: pruned fraction of the MLPs")
-_RUNS = flags.DEFINE_integer("runs", 4, "sweep: runs of one shape, one after another")
+_RUNS = flags.DEFINE_integer("runs", 4, "sweep: runs of one shape, one after another; "
+                             "side_by_side: runs in the one program")
 _SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 20, "sweep: fine-tuning steps per run")
 _BATCH_RUNS = flags.DEFINE_integer("batch_runs", 1, "sweep: > 1 also runs the same sweep with "
                                    "sweep.batch_runs=K (side by side) and reports the ratio")
@@ -73,7 +75,7 @@ _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-WHATS = ("eval", "train", "mask", "compact", "all", "sweep")
+WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
@@ -179,33 +181,43 @@ def eval_batch() -> int:
   return _EVAL_BATCH.value or _BATCH.value
 
 
-def bench_eval(cfg, params=None, label="eval"):
-  """Forward + per-token NLL of one batch: the step that perplexity evaluation runs."""
+def _runs_of(tree, runs):
+  """`tree` as `runs` identical runs stacked on a leading axis (runs=0: `tree` itself)."""
+  return jax.tree.map(lambda x: np.stack([np.asarray(x)] * runs), tree) if runs else tree
+
+
+def bench_eval(cfg, params=None, label="eval", runs=0, mode=""):
+  """Forward + per-token NLL of one batch: the step that perplexity evaluation runs.
+
+  runs=K, mode=vmap|map: K runs side by side as one program (sweep.batch_runs)."""
   mesh = parallel.data_mesh()
-  params = parallel.replicate(params if params is not None else random_params(cfg), mesh)
-  step = eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh)
+  params = params if params is not None else random_params(cfg)
+  params = parallel.replicate(_runs_of(params, runs), mesh)
+  step = eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh, batched=mode)
   b, t = eval_batch(), _SEQ.value
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)).astype(np.int32)
   batch = parallel.shard_batch((ids, ids, np.ones((b, t), np.float32)), mesh)
   compiled, compile_s = compile_step(step, params, *batch)
   sec = time_calls(lambda: compiled(params, *batch), _STEPS.value, _WARMUP.value)
-  return _speed_record(label, cfg, b, sec, compiled, compile_s, train=False)
+  return _speed_record(label, cfg, b * max(runs, 1), sec, compiled, compile_s, train=False)
 
 
-def bench_train(cfg, masks=None, label="train"):
-  """One optimizer step (AdamW, clipping, masks applied to gradients, updates and weights)."""
+def bench_train(cfg, masks=None, label="train", runs=0, mode=""):
+  """One optimizer step (AdamW, clipping, masks applied to gradients, updates and weights).
+
+  runs=K, mode=vmap|map: K runs side by side as one program (sweep.batch_runs)."""
   from blockprune_jax import train  # pylint: disable=import-outside-toplevel
   mesh = parallel.data_mesh()
   t_cfg = types.SimpleNamespace(warmup_steps=10, learning_rate=1e-4, schedule="cosine",
                                 grad_clip=1.0, b1=0.9, b2=0.95, weight_decay=0.1)
   optimizer, _ = train.make_optimizer(t_cfg, 1000)  # for the optimizer state's structure
-  state = parallel.replicate(train.init_state(random_params(cfg), optimizer, masks or {}, seed=0),
-                             mesh, donatable=True)
-  step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh)
+  state = train.init_state(random_params(cfg), optimizer, masks or {}, seed=0)
+  state = parallel.replicate(_runs_of(state, runs), mesh, donatable=True)
+  step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh, batched=mode)
   b, t = _BATCH.value, _SEQ.value
   seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, b, t + 1)).astype(np.int32)
-  batch = parallel.shard_batch(seq, mesh, axis=1)
-  lr = parallel.replicate(np.float32(t_cfg.learning_rate), mesh)  # an input of the step
+  batch = parallel.shard_batch(_runs_of(seq, runs), mesh, axis=2 if runs else 1)
+  lr = parallel.replicate(_runs_of(np.float32(t_cfg.learning_rate), runs), mesh)  # an input
   compiled, compile_s = compile_step(step, state, batch, {}, lr)
   holder = {"state": state}
 
@@ -214,7 +226,22 @@ def bench_train(cfg, masks=None, label="train"):
     holder["state"], m = compiled(holder["state"], batch, {}, lr)
     return m["loss"]
   sec = time_calls(one, _STEPS.value, _WARMUP.value)
-  return _speed_record(label, cfg, b, sec, compiled, compile_s, train=True)
+  return _speed_record(label, cfg, b * max(runs, 1), sec, compiled, compile_s, train=True)
+
+
+def bench_side_by_side(cfg, runs: int):
+  """Per-run cost of K runs side by side (vmap and lax.map) against one run alone, for the train
+  and the eval step: per_run_ratio = K-run step time / (K x one-run step time), < 1 is faster."""
+  out = []
+  for what, bench in (("train", bench_train), ("eval", bench_eval)):
+    one = bench(cfg, label=f"{what}_one_run")
+    for mode in ("vmap", "map"):
+      k = bench(cfg, label=f"{what}_{runs}_runs_{mode}", runs=runs, mode=mode)
+      out.append(emit({"bench": "side_by_side", "step": what, "mode": mode, "runs": runs,
+                       "per_run_ratio": round(k["step_ms"] / (runs * one["step_ms"]), 4),
+                       "one_run_step_ms": one["step_ms"], "runs_step_ms": k["step_ms"],
+                       **_shape(cfg, _BATCH.value if what == "train" else eval_batch())}))
+  return out
 
 
 def bench_mask(cfg, dense=None):
@@ -342,6 +369,9 @@ def main(argv):
                             batch_runs=_BATCH_RUNS.value),
           "preset": _PRESET.value, "seq_len": _SEQ.value, "batch": _BATCH.value,
           "dtype": _DTYPE.value})
+    return
+  if what == "side_by_side":
+    bench_side_by_side(cfg, _RUNS.value)
     return
   {"eval": bench_eval, "train": bench_train, "mask": bench_mask,
    "compact": bench_compact}[what](cfg)

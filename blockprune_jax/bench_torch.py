@@ -415,6 +415,10 @@ def summary(path) -> str:
   lines.append(f"mask overhead {_fmt(find('mask_overhead'), 'overhead', '+.1%')}, compact "
                f"speedup {_fmt(find('compact_speedup'), 'speedup', '.2f')}x (torch compile s: "
                "first step, compilation included; ours peak GB: the process so far)")
+  for r in recs:
+    if r.get("bench") == "side_by_side" and "error" not in r:
+      lines.append(f"side by side: {r['runs']} runs' {r['step']} step ({r['mode']}) costs "
+                   f"{r['per_run_ratio']:.2f}x one run's, per run")
   sweep = find("sweep")
   if sweep:
     lines.append(f"sweep of {sweep['runs']} runs: {sweep['wall_s']:.1f} s one after another, "

@@ -6,8 +6,9 @@
 #
 # Writes OUTDIR/figures.jsonl (one JSON line per figure: a meta record, check_logits and
 # check_perplexity with pass, eval / eval_compact / compact_speedup / train / train_masked /
-# mask_overhead from `blockprune_jax.bench all`, sweep (with batch_runs=3: the side-by-side
-# ratio) from `blockprune_jax.bench sweep`, torch_eval / torch_train from
+# mask_overhead from `blockprune_jax.bench all`, side_by_side (per-run step cost of 3 runs as
+# one program) and sweep (with batch_runs=3: the side-by-side ratio of a real sweep) from
+# `blockprune_jax.bench`, torch_eval / torch_train from
 # `blockprune_jax.bench_torch` without and with torch.compile, a step_time per step, and
 # {"bench": ..., "error": ...} for whatever failed), OUTDIR/logs/STEP.log and OUTDIR/summary.txt
 # (the table printed at the end). Exit status 1 when a step failed or a check did not pass.
@@ -53,7 +54,7 @@ if [[ $TINY == 1 ]]; then
   STEPS=(--steps=2 --warmup=1)
   COMPILE=(--compile_backend=eager)
   SWEEP=(--preset=tiny --seq_len=32 --batch=4 --vocab_size=257 --dtype=float32 --runs=3 --sweep_steps=4)
-  T_CHECK=60 T_JAX=90 T_TORCH=90 T_SWEEP=120
+  T_CHECK=60 T_JAX=90 T_TORCH=90 T_SIDE=60 T_SWEEP=120
 else
   SHAPE=(--preset=gpt2 --seq_len=1024 --batch=16 --eval_batch=32 --dtype=bfloat16)
   STEPS=(--steps=20 --warmup=3)
@@ -61,7 +62,7 @@ else
   # Three pruned GPT-2 124M runs of 40 steps (655k tokens each), one after another and side by
   # side (sweep.batch_runs=3): the ratio the sweep engine exists for.
   SWEEP=(--preset=gpt2 --seq_len=1024 --batch=16 --vocab_size=50257 --dtype=bfloat16 --runs=3 --sweep_steps=40)
-  T_CHECK=120 T_JAX=240 T_TORCH=300 T_SWEEP=150
+  T_CHECK=120 T_JAX=240 T_TORCH=300 T_SIDE=90 T_SWEEP=150
 fi
 
 elapsed_ms() { echo $(( $(date +%s%3N) - START_MS )); }
@@ -142,6 +143,9 @@ step check "$T_CHECK" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
   "$PY" -m blockprune_jax.bench_torch check --json="$FIG"
 # Ours: one process, JAX and the dense figures shared by mask and compact.
 step jax_all "$T_JAX" "$PY" -m blockprune_jax.bench all "${SHAPE[@]}" "${STEPS[@]}" --json="$FIG"
+# One train / eval step of 3 runs side by side (vmap and lax.map) against one run alone.
+step side_by_side "$T_SIDE" "$PY" -m blockprune_jax.bench side_by_side "${SHAPE[@]}" "${STEPS[@]}" \
+  --runs=3 --json="$FIG"
 # A sweep's cost beyond its steps, and the same runs side by side as one program.
 step sweep "$T_SWEEP" "$PY" -m blockprune_jax.bench sweep "${SWEEP[@]}" --batch_runs=3 --json="$FIG"
 # transformers' PyTorch GPT-2, same shapes: SDPA, then SDPA + torch.compile, one process (each

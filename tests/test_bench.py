@@ -56,11 +56,14 @@ def test_gpu_bench_script_tiny(tmp_path):
   for name in ("torch_eval", "torch_train"):
     assert sorted(r["impl"] for r in by[name]) == ["sdpa", "sdpa+compile"]
     assert all(r["tokens_per_s"] > 0 and r["gflop_per_token"] > 0 for r in by[name])
+  assert sorted((r["step"], r["mode"]) for r in by["side_by_side"]) == [
+      ("eval", "map"), ("eval", "vmap"), ("train", "map"), ("train", "vmap")]
+  assert all(r["per_run_ratio"] > 0 for r in by["side_by_side"])
   (sweep,) = by["sweep"]
   assert sweep["batch_runs"] == 3 and sweep["side_by_side_ratio"] > 0
   assert sweep["max_perplexity_diff"] < 1e-2
-  assert {r["step"] for r in by["step_time"] if r["rc"] == 0} >= {"check", "jax_all", "sweep",
-                                                                  "torch"}
+  assert {r["step"] for r in by["step_time"] if r["rc"] == 0} >= {
+      "check", "jax_all", "side_by_side", "sweep", "torch"}
   table = (out_dir / "summary.txt").read_text()
   assert "train" in table and table.count("PASS") == 4 and "FAIL" not in table
   assert "side by side (ratio" in table
@@ -74,7 +77,7 @@ def test_gpu_bench_script_records_skipped_steps(tmp_path):
   assert run.returncode == 1
   recs = [json.loads(l) for l in (tmp_path / "figures.jsonl").read_text().splitlines()]
   errors = {r["bench"]: r["error"] for r in recs if "error" in r}
-  assert set(errors) == {"check", "jax_all", "sweep", "torch"}
+  assert set(errors) == {"check", "jax_all", "side_by_side", "sweep", "torch"}
   assert all(e.startswith("skipped") for e in errors.values())
   assert "ERROR jax_all: skipped" in run.stdout
 
