@@ -375,8 +375,7 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
   step = int(state["step"][0])  # every run stands at the same step (fit_group)
   state = parallel.replicate(state, mesh, donatable=True)
   failed = [None] * n  # the Diverged error of a run whose loss became NaN / Inf
-  t0 = t_last = time.time()
-  t_first, step_first, step_last = None, step, step
+  clock = train.Clock(step, n * tokens_per_step)  # the program's throughput: every run's tokens
   window, window_steps, t_saved = None, 0, time.time()
 
   def save(step, force, metric=None):
@@ -392,22 +391,19 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
   with ckpt_lib.PreemptionFlag() as preemption:
     while step < total and not all(failed):
       with train.steady_state_guard():
-        batch = np.stack([np.stack([train.batch_at(sequences, step * accum + a, t_cfg.batch_size,
-                                                   seed) for a in range(accum)])
+        batch = np.stack([train.step_batch(sequences, step, accum, t_cfg.batch_size, seed)
                           for seed in seeds])
         state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=2), {},
                                  lrs[step])
         window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
         window_steps += 1
       step += 1
-      if t_first is None:
-        jax.block_until_ready(metrics)
-        t_first, step_first = time.time(), step
+      clock.stepped(step, metrics)
       if step % t_cfg.log_every == 0 or step == total:
         means = {k: np.asarray(v, np.float64) / window_steps
                  for k, v in jax.device_get(window).items()}
         window, window_steps = None, 0
-        now = time.time()
+        tok_s, seconds_per_step = clock.since_last(step)
         for i, p in enumerate(preps):
           m = {k: float(v[i]) for k, v in means.items()}
           if failed[i] is not None:
@@ -417,10 +413,8 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
             p.log.event("diverged", str(failed[i]))
             continue
           train.log_train(p.log, m, step=step, total=total, lr=float(lrs[step - 1, i]),
-                          tok_s=n * (step - step_last) * tokens_per_step / max(now - t_last, 1e-9),
-                          seconds_per_step=(now - t_last) / max(step - step_last, 1))
+                          tok_s=tok_s, seconds_per_step=seconds_per_step)
           metas[i]["final_loss"] = m["loss"]
-        t_last, step_last = now, step
       metric = None
       if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total:
         stream = preps[0].streams.get("validation")
@@ -448,9 +442,7 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
         raise train.preempted(preemption, step, [p.log for p in preps],
                               [p.workdir for p in preps])
   jax.block_until_ready(state)
-  now = time.time()
-  tok_s = (n * (step - step_first) * tokens_per_step / (now - t_first)
-           if t_first is not None and step > step_first else None)
+  tok_s = clock.overall(step)
   host = jax.device_get(state["params"])
   out = []
   for i, meta in enumerate(metas):
@@ -460,5 +452,5 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
     out.append((jax.tree.map(lambda x, i=i: x[i], host), {
         "steps": total, "tokens": total * tokens_per_step, "final_loss": meta["final_loss"],
         "best_validation_perplexity": meta["best_perplexity"], "tokens_per_s": tok_s,
-        "seconds": (now - t0) / n}))
+        "seconds": (time.time() - clock.t0) / n}))
   return out

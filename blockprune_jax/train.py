@@ -103,6 +103,34 @@ def init_state(params, optimizer, masks, seed: int) -> dict:
   }
 
 
+class Clock:
+  """Tokens per second of a training loop; the first (compiling) step is left out."""
+
+  def __init__(self, step: int, tokens_per_step: int):
+    self.t0 = self.t_last = time.time()
+    self.t_first, self.step_first, self.step_last = None, step, step
+    self.tokens_per_step = tokens_per_step
+
+  def stepped(self, step: int, metrics):
+    """After each step: the first one is waited for, so that the rate starts after it."""
+    if self.t_first is None:
+      jax.block_until_ready(metrics)
+      self.t_first, self.step_first = time.time(), step
+
+  def since_last(self, step: int) -> tuple[float, float]:
+    """(tokens/s, seconds per step) since the previous call (a log line)."""
+    now = time.time()
+    steps, seconds = step - self.step_last, now - self.t_last
+    self.t_last, self.step_last = now, step
+    return steps * self.tokens_per_step / max(seconds, 1e-9), seconds / max(steps, 1)
+
+  def overall(self, step: int):
+    """tokens/s after the first step (None when no step followed it)."""
+    if self.t_first is None or step <= self.step_first:
+      return None
+    return (step - self.step_first) * self.tokens_per_step / (time.time() - self.t_first)
+
+
 def steady_state_guard():
   """The scope of a steady-state step: no implicit device-to-host transfer may happen in it.
 
@@ -124,6 +152,11 @@ def batch_at(sequences, position: int, batch_size: int, seed: int):
   epoch, i = divmod(position, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(len(sequences))
   return sequences[order[i * batch_size:(i + 1) * batch_size]]
+
+
+def step_batch(sequences, step: int, accum: int, batch_size: int, seed: int) -> np.ndarray:
+  """[accum, B, T + 1]: the micro-batches of optimizer step `step` (see batch_at)."""
+  return np.stack([batch_at(sequences, step * accum + a, batch_size, seed) for a in range(accum)])
 
 
 # --- the update --------------------------------------------------------------------------
@@ -257,8 +290,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
                              progress=False, step_fn=eval_step)
 
   step = int(state["step"])
-  t0, t_last, step_last = time.time(), time.time(), step
-  t_first, step_first = None, step  # throughput excludes the first (compiling) step
+  clock = Clock(step, tokens_per_step)
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
   t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
   try:  # whatever ends the loop, pending asynchronous saves finish before we leave
@@ -271,28 +303,23 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
         with steady_state_guard():
           # The data position is a function of the step (resuming under another
           # train.grad_accum is refused), so it is known here without asking the device.
-          batch = np.stack([batch_at(sequences, step * accum + a, t_cfg.batch_size, config.seed)
-                            for a in range(accum)])
+          batch = step_batch(sequences, step, accum, t_cfg.batch_size, config.seed)
           state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1),
                                    teacher_params, lrs[step])
           window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
           window_steps += 1
         step += 1
-        if t_first is None:
-          jax.block_until_ready(metrics)
-          t_first, step_first = time.time(), step
+        clock.stepped(step, metrics)
         if step % t_cfg.log_every == 0 or step == total:
           # The mean over the steps since the last line (lm1b): a smoother curve than one step.
           m = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
           window, window_steps = None, 0
           if not math.isfinite(m["loss"]):
             raise diverged(step, ckpt)
-          now = time.time()
-          log_train(log, m, step=step, total=total, lr=float(lrs[step - 1]),
-                    tok_s=(step - step_last) * tokens_per_step / max(now - t_last, 1e-9),
-                    seconds_per_step=(now - t_last) / max(step - step_last, 1))
+          tok_s, seconds_per_step = clock.since_last(step)
+          log_train(log, m, step=step, total=total, lr=float(lrs[step - 1]), tok_s=tok_s,
+                    seconds_per_step=seconds_per_step)
           meta["final_loss"] = m["loss"]
-          t_last, step_last = now, step
         metric = None
         if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
           r = evaluate_validation()
@@ -317,13 +344,11 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   finally:
     ckpt.close()  # waits for pending saves
   jax.block_until_ready(state)
-  now = time.time()
-  tok_s = ((step - step_first) * tokens_per_step / (now - t_first)
-           if t_first is not None and step > step_first else None)
+  tok_s = clock.overall(step)
   state = jax.device_get(state)
   summary = {"steps": total, "tokens": total * tokens_per_step,
              "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
-             "tokens_per_s": tok_s, "seconds": now - t0}
+             "tokens_per_s": tok_s, "seconds": time.time() - clock.t0}
   return state["params"], state["masks"], summary
 
 
