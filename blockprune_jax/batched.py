@@ -70,12 +70,13 @@ def _shared(config) -> dict:
   return {k: v for k, v in config_lib.flatten(config).items() if not k.startswith(FREE_KEYS)}
 
 
-def plan_groups(configs, size: int) -> tuple[list[list[int]], dict[int, str]]:
+def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:
   """Splits run indices into groups of at most `size` runs that can share a program.
 
   Runs are grouped by the keys outside FREE_KEYS, in the order they first appear; a group is at
   most `size` long. Returns (groups, why): groups in run order (singletons included), and for
-  each run that trains alone although size > 1, one line saying why.
+  each run that trains alone although size > 1, one line saying why (naming the most similar
+  other run by `names`, default "run <index + 1>").
   """
   buckets, why = {}, {}
   for i, config in enumerate(configs):
@@ -86,7 +87,7 @@ def plan_groups(configs, size: int) -> tuple[list[list[int]], dict[int, str]]:
       continue
     buckets.setdefault(json.dumps(_shared(config), sort_keys=True, default=str), []).append(i)
   groups = []
-  for key, members in buckets.items():
+  for members in buckets.values():
     groups += [members[j:j + size] for j in range(0, len(members), size)]
   shared = {i: _shared(c) for i, c in enumerate(configs) if i not in why}
   for group in groups:
@@ -96,8 +97,9 @@ def plan_groups(configs, size: int) -> tuple[list[list[int]], dict[int, str]]:
       nearest = min(others, key=lambda j: _n_diff(shared[i], shared[j]))
       keys = sorted(k for k in set(shared[i]) | set(shared[nearest])
                     if shared[i].get(k) != shared[nearest].get(k))
-      why[i] = (f"no other run shares its program ({', '.join(keys[:3])} differ from run "
-                f"{nearest + 1})" if keys else "its group of the same shape was full")
+      other = names[nearest] if names else f"run {nearest + 1}"
+      why[i] = (f"no other run shares its program ({', '.join(keys[:3])} differ from {other})"
+                if keys else "its group of the same shape was full")
   groups.sort(key=lambda g: g[0])
   return groups, why
 

@@ -274,7 +274,8 @@ def _groups(config, rows, configs, primary) -> list[list[int]]:
          primary)
     return [[i] for i in range(len(rows))]
   from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
-  found, why = batched.plan_groups([configs[i] for i in pending], k)
+  found, why = batched.plan_groups([configs[i] for i in pending], k,
+                                   names=[rows[i]["name"] for i in pending])
   for j, reason in sorted(why.items()):
     _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}", primary)
   done = [[i] for i, r in enumerate(rows) if r["status"] == "done"]

@@ -103,14 +103,20 @@ def test_groups_share_shape_and_steps_and_say_why_a_run_goes_alone():
   assert batched.plan_groups(configs[:2], 3) == ([[0, 1]], {})
 
 
-def test_a_run_that_diverges_fails_alone(tmp_path):
+def test_a_run_that_diverges_fails_alone_and_a_longer_run_goes_alone(tmp_path, capsys):
   config = tiny_config(train__steps=4, prune__method="magnitude", sweep__controls=False,
                        sweep__batch_runs=2, train__grad_clip=0.0)
   rows = sweep.run_sweep(config, str(tmp_path), [{"train.learning_rate": 3e-3},
-                                                 {"train.learning_rate": 1e38}], report=False)
-  assert [r["status"] for r in rows] == ["done", "failed"], rows
+                                                 {"train.learning_rate": 1e38},
+                                                 {"train.steps": 2}], report=False)
+  assert [r["status"] for r in rows] == ["done", "failed", "done"], rows
   assert "non-finite loss" in rows[1]["error"]
   assert not os.path.exists(os.path.join(rows[1]["workdir"], "results.json"))
+  err = capsys.readouterr().err
+  assert (f"{rows[2]['name']} runs alone: no other run shares its program (train.steps differ "
+          f"from {rows[0]['name']})") in err, err
+  assert "batch" not in _results(rows[2]["workdir"])["runtime"]
+  assert _results(rows[0]["workdir"])["runtime"]["batch"]["runs"] == 2
 
 
 # --- a batched sweep killed part-way -------------------------------------------------------
