@@ -234,6 +234,18 @@ def same_files(a: str, b: str) -> bool:
   return not mismatch and not errors
 
 
+def dir_stamp(path: str) -> tuple:
+  """(real path, (name, size, mtime) of every file in it): changes whenever a file does, so a
+  cache keyed by it never serves a checkpoint or tokenizer that was rewritten since."""
+  path = os.path.realpath(path)
+  entries = []
+  for name in sorted(os.listdir(path)):
+    st = os.stat(os.path.join(path, name))
+    if os.path.isfile(os.path.join(path, name)):
+      entries.append((name, st.st_size, st.st_mtime_ns))
+  return path, tuple(entries)
+
+
 def emit_json_line(record: dict, path: str = "") -> dict:
   """Prints `record` as one JSON line on stdout and, with `path`, appends the line there too."""
   line = json.dumps(record)

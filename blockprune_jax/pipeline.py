@@ -295,16 +295,34 @@ def load_model(config, ckpt_dir, vocab_size):
   m = config.model
   overrides = dict(dtype=m.dtype, dropout=m.dropout, attention=m.attention)
   if ckpt_dir:
-    model_cfg = hf_io.load_config(ckpt_dir, **overrides)
+    model_cfg, params = _checkpoint(ckpt_dir, overrides)
     if vocab_size > model_cfg.vocab_size:
       raise UserError(f"the tokenizer has {vocab_size} tokens, the model at {ckpt_dir} only "
                       f"{model_cfg.vocab_size}: check data.tokenizer")
-    return model_cfg, hf_io.load_params(ckpt_dir, model_cfg)
+    return model_cfg, params
   if m.n_embd % m.n_head:
     raise UserError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
   model_cfg = model_lib.GPT2Config(vocab_size=vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                    n_head=m.n_head, n_positions=m.n_positions, **overrides)
   return model_cfg, model_lib.init_params(model_cfg, config.seed)
+
+
+_CHECKPOINTS = {}  # files.dir_stamp + overrides -> (GPT2Config, params): the last one read
+
+
+def _checkpoint(ckpt_dir, overrides):
+  """hf_io.load_config + load_params, read once per process while the files stay the same: the
+  runs of a sweep all start from one base model. One is kept (GPT-2 124M is 0.5 GB on the
+  host), and its arrays are read-only, so no run can change the start of another."""
+  key = (files.dir_stamp(ckpt_dir), tuple(sorted(overrides.items())))
+  if key not in _CHECKPOINTS:
+    _CHECKPOINTS.clear()
+    model_cfg = hf_io.load_config(ckpt_dir, **overrides)
+    params = hf_io.load_params(ckpt_dir, model_cfg)
+    for x in jax.tree.leaves(params):
+      x.setflags(write=False)
+    _CHECKPOINTS[key] = (model_cfg, params)
+  return _CHECKPOINTS[key]
 
 
 class Streams:

@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 import transformers
 
+from blockprune_jax import files
 from blockprune_jax.errors import UserError
 
 OFFLINE = "gpt2-offline"  # value of data.tokenizer that forces the offline GPT-2 BPE
@@ -132,7 +133,15 @@ def _finish(tok, where):
 
 
 def _load_dir(path):
-  """The tokenizer saved in directory `path`, or None when it holds no tokenizer files."""
+  """The tokenizer saved in directory `path`, or None when it holds no tokenizer files.
+
+  Read once per process while the directory's files stay the same (a sweep's runs share it)."""
+  return _load_dir_cached(files.dir_stamp(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dir_cached(stamp):
+  path = stamp[0]
   has = lambda name: os.path.isfile(os.path.join(path, name))
   if has("tokenizer.json") or has("tokenizer_config.json"):
     return transformers.AutoTokenizer.from_pretrained(path)
