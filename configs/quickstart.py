@@ -1,4 +1,4 @@
-"""Offline quickstart: the allocation study in miniature on a CPU, in about three minutes.
+"""Offline quickstart: the allocation study in miniature on a CPU, in about two minutes.
 
     python -m blockprune_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
