@@ -23,7 +23,8 @@ sweep is one run with the config as it is.
 
 Each run lives in `<workdir>/<name>/` (the name spells its overrides, e.g.
 `prune.ratios=0.0,0.3,0.6__seed=1`) with an `overrides.json`. Runs go one after another in the
-order listed; a run whose `results.json` exists is skipped, so re-running a killed sweep continues
+order listed (with `sweep.batch_runs=K` > 1, groups of up to K runs that share a program go side
+by side: blockprune_jax/batched.py); a run whose `results.json` exists is skipped, so re-running a killed sweep continues
 it (an interrupted run resumes from its own checkpoint). `<workdir>/sweep.json` lists every run
 and its status. Every run shares one from-scratch base model in `<workdir>/base` (`base.dir`)
 unless the config sets `base.dir`. At the end, `report.write_report(workdir)` writes the tables and
@@ -357,7 +358,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     config: the base config (already holding any --config.* overrides).
     workdir: the sweep's directory.
     runs: from `expand_sweep`.
-    run_fn: `run_fn(config, run_workdir)`; default `blockprune_jax.pipeline.run`.
+    run_fn: `run_fn(config, run_workdir)`; default `blockprune_jax.pipeline.run`. Groups of
+      runs side by side (sweep.batch_runs > 1) go through `batched.run_group` instead.
     fail_fast: re-raise the first failure instead of continuing.
     report: write the report at the end.
   """
