@@ -315,7 +315,7 @@ def fit_group(preps, *, total, mesh) -> list:
   kill between two runs' saves), the runs continue one at a time from their own.
   """
   config = preps[0].config
-  t_cfg, seq_len, n = config.train, config.data.seq_len, len(preps)
+  t_cfg, seq_len = config.train, config.data.seq_len
   sequences = data_lib.train_sequences(preps[0].streams.get("train"), seq_len)
   train.check_batch(t_cfg, sequences, mesh, seq_len)
   masks = union_masks([p.masks for p in preps], preps[0].params)
