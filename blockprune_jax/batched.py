@@ -242,24 +242,11 @@ def evaluate_group(preps, params, apply_fn, mesh, *, splits, label=""):
     return [pipeline.evaluate_splits(p.config, apply_fn, x, p.streams, mesh,
                                      eval_lib.make_eval_step(apply_fn, mesh), p.log, label=label,
                                      splits=splits) for p, x in zip(preps, params)]
-  config, n = preps[0].config, len(preps)
+  config = preps[0].config
   step = eval_lib.make_eval_step(apply_fn, mesh, batched=_mode(config))
-  stacked = stack(params)
-  out = [{} for _ in preps]
-  for split in splits:
-    results = eval_lib.evaluate(apply_fn, stacked, preps[0].streams.get(split),
-                                seq_len=config.data.seq_len,
-                                stride=config.eval.stride or config.data.seq_len,
-                                batch_size=config.eval.batch_size, mesh=mesh, desc=split,
-                                step_fn=step, runs=n)
-    for p, r, o in zip(preps, results, out):
-      r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
-      o[split] = r
-      p.log.event("eval", f"{label + ' ' if label else ''}{split}: perplexity "
-                  f"{r['perplexity']:.3f} over {r['tokens_scored']} tokens (side by side with "
-                  f"{n - 1} other run(s), {r['tokens_per_s']:,.0f} tokens/s)",
-                  split=split, label=label or "final", **r)
-  return out
+  return pipeline.evaluate_splits(config, apply_fn, stack(params), preps[0].streams, mesh, step,
+                                  [p.log for p in preps], label=label, splits=splits,
+                                  runs=len(preps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,12 +406,8 @@ def _loop(preps, state, lrs, ckpts, metas, *, total, mesh, sequences):
           metas[i]["final_loss"] = m["loss"]
       metric = None
       if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total:
-        stream = preps[0].streams.get("validation")
-        if t_cfg.eval_max_tokens:
-          stream = stream[:t_cfg.eval_max_tokens]
-        results = eval_lib.evaluate(apply_fn, state["params"], stream, seq_len=config.data.seq_len,
-                                    stride=config.data.seq_len, batch_size=config.eval.batch_size,
-                                    mesh=mesh, progress=False, step_fn=eval_step, runs=n)
+        results = train.periodic_validation(config, apply_fn, state["params"],
+                                            preps[0].streams, mesh, eval_step, runs=n)
         metric = [r["perplexity"] for r in results]
         for p, r, meta in zip(preps, results, metas):
           p.log.metric(step, "validation", loss=r["loss"], perplexity=r["perplexity"])

@@ -263,19 +263,27 @@ def validate(config):
 
 
 def evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log, label="",
-                    splits=None):
-  """{split: evaluate.evaluate(...) result} for `splits` (default: every split of eval.splits)."""
-  evals = {}
+                    splits=None, runs=None):
+  """{split: evaluate.evaluate(...) result} for `splits` (default: every split of eval.splits).
+
+  runs=K: `params` are K runs stacked (eval_step batched), `log` is their K logs, and the result
+  is K such dicts, each run's times its share of the program's (batched.py)."""
+  out = [{} for _ in range(runs or 1)]
+  logs = log if runs else [log]
   for split in splits or eval_splits(config):
-    r = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
-                          stride=config.eval.stride or config.data.seq_len,
-                          batch_size=config.eval.batch_size, mesh=mesh, desc=split,
-                          step_fn=eval_step)
-    evals[split] = r
-    log.event("eval", f"{label + ' ' if label else ''}{split}: perplexity {r['perplexity']:.3f} "
-              f"over {r['tokens_scored']} tokens ({r['tokens_per_s']:,.0f} tokens/s)",
-              split=split, label=label or "final", **r)
-  return evals
+    results = eval_lib.evaluate(apply_fn, params, streams.get(split), seq_len=config.data.seq_len,
+                                stride=config.eval.stride or config.data.seq_len,
+                                batch_size=config.eval.batch_size, mesh=mesh, desc=split,
+                                step_fn=eval_step, runs=runs)
+    beside = f"side by side with {runs - 1} other run(s), " if runs else ""
+    for evals, run_log, r in zip(out, logs, results if runs else [results]):
+      if runs:
+        r = dict(r, seconds=r["seconds"] / runs, first_batch_s=r["first_batch_s"] / runs)
+      evals[split] = r
+      run_log.event("eval", f"{label + ' ' if label else ''}{split}: perplexity "
+                    f"{r['perplexity']:.3f} over {r['tokens_scored']} tokens ({beside}"
+                    f"{r['tokens_per_s']:,.0f} tokens/s)", split=split, label=label or "final", **r)
+  return out if runs else out[0]
 
 
 def _compile_summary(compiled: dict) -> dict:

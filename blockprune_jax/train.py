@@ -281,14 +281,6 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   apply_fn = model_lib.logits_fn(model_cfg)
   eval_step = eval_lib.make_eval_step(apply_fn, mesh)
 
-  def evaluate_validation():
-    stream = streams.get("validation")
-    if t_cfg.eval_max_tokens:
-      stream = stream[:t_cfg.eval_max_tokens]
-    return eval_lib.evaluate(apply_fn, state["params"], stream, seq_len=seq_len,
-                             stride=seq_len, batch_size=config.eval.batch_size, mesh=mesh,
-                             progress=False, step_fn=eval_step)
-
   step = int(state["step"])
   clock = Clock(step, tokens_per_step)
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
@@ -322,7 +314,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
           meta["final_loss"] = m["loss"]
         metric = None
         if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
-          r = evaluate_validation()
+          r = periodic_validation(config, apply_fn, state["params"], streams, mesh, eval_step)
           metric = r["perplexity"]
           log.metric(step, "validation", loss=r["loss"], perplexity=metric)
           log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
@@ -350,6 +342,17 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
              "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
              "tokens_per_s": tok_s, "seconds": time.time() - clock.t0}
   return state["params"], state["masks"], summary
+
+
+def periodic_validation(config, apply_fn, params, streams, mesh, eval_step, runs=None):
+  """Validation perplexity during training (every train.eval_every steps): the first
+  train.eval_max_tokens tokens, windows of data.seq_len. runs=K: K stacked runs, K results."""
+  stream = streams.get("validation")
+  if config.train.eval_max_tokens:
+    stream = stream[:config.train.eval_max_tokens]
+  return eval_lib.evaluate(apply_fn, params, stream, seq_len=config.data.seq_len,
+                           stride=config.data.seq_len, batch_size=config.eval.batch_size,
+                           mesh=mesh, progress=False, step_fn=eval_step, runs=runs)
 
 
 def check_batch(t_cfg, sequences, mesh, seq_len):

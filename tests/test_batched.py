@@ -35,7 +35,7 @@ def _results(workdir):
 def both(tmp_path_factory):
   """The three runs one after another, and side by side both ways (4 devices, dropout on)."""
   config = tiny_config(train__steps=6, model__dropout=0.1, export__hf=True,
-                       sweep__controls=False)
+                       sweep__controls=False, train__eval_every=3)
   out = {}
   for k, mode in ((1, "auto"), (3, "vmap"), (3, "map")):
     d = str(tmp_path_factory.mktemp(f"batch_runs_{k}_{mode}"))
@@ -59,6 +59,9 @@ def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
       assert b["oneshot"]["perplexity"] == pytest.approx(a["oneshot"]["perplexity"], rel=1e-6)
     assert b["sparsity"] == a["sparsity"]  # the same masks, exactly
     assert b["train"]["final_loss"] == pytest.approx(a["train"]["final_loss"], rel=1e-5)
+    assert a["train"]["best_validation_perplexity"] is not None  # the periodic validation ran
+    assert b["train"]["best_validation_perplexity"] == pytest.approx(
+        a["train"]["best_validation_perplexity"], rel=1e-5)
     pa, pb = _params(one["workdir"]), _params(side["workdir"])
     assert pa.keys() == pb.keys()
     for name in pa:
