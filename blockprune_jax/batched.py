@@ -180,7 +180,7 @@ def _side_by_side(preps, outcomes, logs):
       continue
     params, train_summary, evals, oneshot = outcome
     # The group's compilations are counted once, in its first run.
-    compiled = _add_compiled(own_compiled, shared_compiled) if i == 0 else own_compiled
+    compiled = compile_stats.add(own_compiled, shared_compiled) if i == 0 else own_compiled
     outcomes[k] = pipeline.finish(
         prep, params, train_summary, evals, oneshot, seconds=own_s + shared_s / n,
         compiled=compiled, batch={"runs": n, "index": i, "names": names,
@@ -199,15 +199,6 @@ class _Closing:
 
   def __exit__(self, exc_type, exc, tb):
     self.log.close(exit_code=1 if exc_type is not None or self.failed else 0)
-
-
-def _add_compiled(a: dict, b: dict) -> dict:
-  names = dict(a["by_name"])
-  for k, v in b["by_name"].items():
-    names[k] = names.get(k, 0) + v
-  return {"compilations": a["compilations"] + b["compilations"],
-          "compile_s": a["compile_s"] + b["compile_s"],
-          "cache_hits": a["cache_hits"] + b["cache_hits"], "by_name": names}
 
 
 def _shared_phases(preps) -> list:

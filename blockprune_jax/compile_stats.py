@@ -75,6 +75,16 @@ def since(before: dict) -> dict:
           "by_name": {k: v for k, v in names.items() if v}}
 
 
+def add(a: dict, b: dict) -> dict:
+  """Two `since` results as one (e.g. a run's own compilations and its group's)."""
+  names = dict(a["by_name"])
+  for k, v in b["by_name"].items():
+    names[k] = names.get(k, 0) + v
+  return {"compilations": a["compilations"] + b["compilations"],
+          "compile_s": a["compile_s"] + b["compile_s"],
+          "cache_hits": a["cache_hits"] + b["cache_hits"], "by_name": names}
+
+
 @contextlib.contextmanager
 def counting():
   """Yields a dict that holds, once the block ends, what the block compiled (see `since`)."""
