@@ -290,3 +290,21 @@ def train_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:
   n = (len(stream) - 1) // seq_len
   idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
   return stream[idx]
+
+
+# --- training order ------------------------------------------------------------------------
+
+def batch_at(sequences, position: int, batch_size: int, seed: int):
+  """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`.
+
+  A pure function of (position, seed): a resumed run sees exactly the batches it would have.
+  """
+  per_epoch = len(sequences) // batch_size
+  epoch, i = divmod(position, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(len(sequences))
+  return sequences[order[i * batch_size:(i + 1) * batch_size]]
+
+
+def step_batch(sequences, step: int, accum: int, batch_size: int, seed: int) -> np.ndarray:
+  """[accum, B, T + 1]: the micro-batches of optimizer step `step` (see batch_at)."""
+  return np.stack([batch_at(sequences, step * accum + a, batch_size, seed) for a in range(accum)])

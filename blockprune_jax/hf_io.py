@@ -221,3 +221,15 @@ def _hf_name(path) -> str:
     return f"transformer.ln_f.{leaf}"
   layer = path[0].removeprefix("h_")
   return f"transformer.h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
+
+
+def load_teacher(config, model_cfg):
+  """(teacher params, teacher GPT2Config) for distillation (distill.teacher), or (None, None)."""
+  if not config.distill.teacher:
+    return None, None
+  d = resolve_dir(config.distill.teacher, key="distill.teacher")
+  t_cfg = load_config(d, dtype=model_cfg.dtype, dropout=0.0, attention=model_cfg.attention)
+  if t_cfg.vocab_size != model_cfg.vocab_size:
+    raise UserError(f"distill.teacher={config.distill.teacher!r} has vocab {t_cfg.vocab_size}, "
+                    f"the student {model_cfg.vocab_size}")
+  return load_params(d, t_cfg), t_cfg

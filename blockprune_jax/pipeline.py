@@ -5,6 +5,7 @@
 idempotent: a finished workdir (results.json present) is only reported; an interrupted one resumes
 from its latest checkpoint.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockprune_jax import batched
 from blockprune_jax import compile_stats
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
@@ -28,6 +30,7 @@ from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax import validate as validate_lib
+from blockprune_jax.errors import Preempted
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
 
@@ -35,32 +38,62 @@ def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
         summary: bool | None = None) -> dict:
   """Runs (or resumes, or just reports) one experiment; returns the results dict.
 
-  echo: print the run's progress lines; summary (default: echo): print its table at the end.
-  A sweep turns both off and prints one line per run; log.jsonl and metrics.jsonl hold
-  everything either way.
+  A group of one (run_group): whatever ended the run is raised. echo: print the run's progress
+  lines; summary (default: echo): print its table at the end. A sweep turns both off and prints
+  one line per run; log.jsonl and metrics.jsonl hold everything either way.
   """
   summary = echo if summary is None else summary
-  results_path = os.path.join(workdir, "results.json")
-  results = finished(results_path, summary)
-  if results is not None:
-    return results
-  validate(config)
-  parallel.maybe_initialize_distributed()
-  with parallel.workdir_lock(workdir):  # a second process on this workdir is refused
-    files.check_workdir_layout(workdir)
-    results = finished(results_path, summary)  # the lock's holder may just have finished it
-    if results is not None:
-      return results
-    t_start = time.time()
-    compile_stats.enable_persistent_cache(
-        config.runtime.compile_cache
-        or os.path.join(data_lib.cache_root(config.data), "jax_compile"))
-    compile_stats.install()
-    with RunLog(workdir, config=config, echo=echo) as log:  # closed (failed) whatever happens
-      results = _experiment(config, workdir, log, t_start)
+  [results] = run_group([config], [workdir], echo=echo)
+  if isinstance(results, BaseException):
+    raise results
   if summary:
     print(summary_table(results))
   return results
+
+
+def run_group(configs, workdirs, echo: bool = False) -> list:
+  """Runs `configs`, each in its workdir, side by side as one program (batched.py; one config:
+  the one-run program); returns per run its results dict or the exception that ended it (a
+  failed run does not stop the others).
+
+  A run whose results.json exists is only read. Ctrl-C / SIGTERM (Preempted, KeyboardInterrupt)
+  propagate: every run then has a checkpoint at the step reached, and the same call resumes.
+  """
+  paths = [os.path.join(w, "results.json") for w in workdirs]
+  outcomes = [finished(p, echo=False) for p in paths]
+  for config, outcome in zip(configs, outcomes):
+    if outcome is None:
+      validate(config)  # a finished run is not validated again
+  if all(o is not None for o in outcomes):
+    return outcomes
+  parallel.maybe_initialize_distributed()
+  with contextlib.ExitStack() as stack:
+    todo = []
+    for k, workdir in enumerate(workdirs):
+      if outcomes[k] is None:
+        stack.enter_context(parallel.workdir_lock(workdir))  # a second process is refused
+        files.check_workdir_layout(workdir)
+        outcomes[k] = finished(paths[k], echo=False)  # the lock's holder may just have finished
+        todo += [k] if outcomes[k] is None else []
+    if todo:
+      compile_stats.enable_persistent_cache(
+          configs[0].runtime.compile_cache
+          or os.path.join(data_lib.cache_root(configs[0].data), "jax_compile"))
+      compile_stats.install()
+      logs = {k: stack.enter_context(_Closing(RunLog(workdirs[k], config=configs[k], echo=echo)))
+              for k in todo}
+      preps, own = [], {}
+      for k in todo:  # preparing (base model, pruning, measured allocations) goes run by run
+        t0 = time.time()
+        prep = _attempt(logs[k], prepare, configs[k], workdirs[k], logs[k].log, t0)
+        if isinstance(prep, Exception):
+          outcomes[k] = prep
+          continue
+        preps.append((k, prep))
+        own[k] = (time.time() - t0, compile_stats.since(prep.compiled_before))
+      for group in _by_shape(preps):
+        _complete_group(group, outcomes, logs, own)
+  return outcomes
 
 
 def finished(results_path, echo=True):
@@ -74,47 +107,113 @@ def finished(results_path, echo=True):
   return results
 
 
-def _experiment(config, workdir, log, t_start) -> dict:
-  """The body of run(): every phase, top to bottom."""
-  return complete(prepare(config, workdir, log, t_start))
+class _Closing:
+  """A run's RunLog in a group: it closes as failed when its run failed, though the group's
+  block went on."""
+
+  def __init__(self, log):
+    self.log, self.failed = log, False
+
+  def __enter__(self):
+    self.log.__enter__()
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    self.log.close(exit_code=1 if exc_type is not None or self.failed else 0)
 
 
-def complete(prep: "Prepared") -> dict:
-  """The phases after `prepare`: one-shot evaluation, fine-tuning, (late pruning), evaluation,
-  results."""
-  config, workdir, log = prep.config, prep.workdir, prep.log
+def _attempt(logs, fn, *args, **kwargs):
+  """fn(*args), or the exception that ended it (the runs of `logs`, one _Closing or several,
+  then close as failed). Preemption (SIGTERM, Ctrl-C) is no failure: it propagates."""
+  try:
+    return fn(*args, **kwargs)
+  except Preempted:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    for log in logs if isinstance(logs, list) else [logs]:
+      log.failed = True
+    return e
+
+
+def _by_shape(preps) -> list:
+  """The prepared (index, run) pairs as groups of one program: those of the first run's model
+  shape and step count together, and each other one alone (its config agreed with the group's,
+  the checkpoint it loads did not)."""
+  if not preps:
+    return []
+  first = preps[0][1]
+  same = [(k, p) for k, p in preps if (p.model_cfg, p.steps) == (first.model_cfg, first.steps)]
+  alone = [(k, p) for k, p in preps if (p.model_cfg, p.steps) != (first.model_cfg, first.steps)]
+  for _, prep in alone:
+    why = "its model shape or step count differs from the group's first run: training alone"
+    prep.log.event("batch", why, alone=why)
+  return [[x] for x in alone] + [same]
+
+
+def _complete_group(group, outcomes, logs, own):
+  """The shared phases of a group's prepared runs (one, or K side by side), then each run's
+  results; in a group of K, a run's times are its own preparation plus its share of the group's
+  (batched.py)."""
+  ks, preps = [k for k, _ in group], [p for _, p in group]
+  t_shared, before = time.time(), compile_stats.snapshot()
+  done = _attempt([logs[k] for k in ks], complete, preps)
+  shared_s, shared_compiled = time.time() - t_shared, compile_stats.since(before)
+  n, names = len(preps), [os.path.basename(p.workdir) for p in preps]
+  for i, (k, prep) in enumerate(group):
+    outcome = done if isinstance(done, Exception) else done[i]
+    if isinstance(outcome, Exception):
+      logs[k].failed, outcomes[k] = True, outcome
+      continue
+    shares = {}
+    if n > 1:
+      own_s, own_compiled = own[k]
+      # The group's compilations are counted once, in its first run.
+      shares = {"seconds": own_s + shared_s / n, "batch": {
+          "runs": n, "index": i, "names": names, "mode": batched.mode(prep.config),
+          "seconds": round(shared_s, 3)},
+                "compiled": compile_stats.add(own_compiled, shared_compiled) if i == 0
+                            else own_compiled}
+    params, train_summary, evals, oneshot, widths = outcome
+    outcomes[k] = _attempt(logs[k], finish, prep, params, train_summary, evals, oneshot,
+                           compact_widths=widths, **shares)
+
+
+def complete(preps: list) -> list:
+  """The phases after `prepare` of K >= 1 prepared runs of one model shape and step count, as
+  one program: one-shot evaluation, fine-tuning, (late pruning), evaluation. Per run (params,
+  train summary, evals, one-shot evals or None, compacted MLP widths or None), or the error
+  that ended its training."""
   mesh = parallel.data_mesh()
-  apply_fn = model_lib.logits_fn(prep.model_cfg)
-  eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all evaluations
-  oneshot = None
-  if wants_oneshot(prep):  # what fine-tuning recovers: the first split's perplexity right
-    # after pruning (one split: the comparisons use the first one)
-    oneshot = evaluate_splits(config, apply_fn, prep.params, prep.streams, mesh, eval_step, log,
-                              label="one-shot", splits=eval_splits(config)[:1])
-  params, masks, train_summary = prep.params, prep.masks, dict(NO_TRAINING)
-  if prep.steps > 0:
-    params, masks, train_summary = train.fit(
-        config, prep.model_cfg, params, masks, total=prep.steps,
-        plan=prep.plan if prep.plan.active else None, streams=prep.streams, mesh=mesh,
-        workdir=workdir, log=log)
-  if prep.late:  # no recovery: scores and statistics from the fine-tuned weights
-    t_prune = time.time()
-    prep.plan = plan_lib.make_plan(config, prep.model_cfg, jax.device_get(params), prep.streams, log)
-    params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
-    prep.prune_s = time.time() - t_prune
-
-  # --- evaluation -------------------------------------------------------------------
-  eval_params, compact_widths = params, None
-  if prep.plan.active and config.prune.method == "neurons" and config.prune.compact:
-    # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
-    # dense parameters, identical in output, are what results and the export describe).
-    eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)
-    apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, compact_widths))
-    eval_step = eval_lib.make_eval_step(apply_fn, mesh)
-    log.event("compact", f"evaluating with MLP widths {list(compact_widths)}",
-              widths=list(compact_widths))
-  evals = evaluate_splits(config, apply_fn, eval_params, prep.streams, mesh, eval_step, log)
-  return finish(prep, params, train_summary, evals, oneshot, compact_widths=compact_widths)
+  apply_fn = model_lib.logits_fn(preps[0].model_cfg)
+  splits = eval_splits(preps[0].config)
+  oneshot = [None] * len(preps)
+  # What fine-tuning recovers: the first split's perplexity right after pruning (one split:
+  # the comparisons use the first one).
+  wants = [i for i, p in enumerate(preps) if wants_oneshot(p)]
+  for i, evals in zip(wants, evaluate_runs([preps[i] for i in wants],
+                                           [preps[i].params for i in wants], apply_fn, mesh,
+                                           splits=splits[:1], label="one-shot")):
+    oneshot[i] = evals
+  trained = [(p.params, p.masks, dict(NO_TRAINING)) for p in preps]
+  if preps[0].steps > 0:
+    trained = train.fit(preps, total=preps[0].steps, mesh=mesh)
+  out = list(trained)
+  together = []  # evaluated as one program; a compacted model is evaluated alone
+  for i in [i for i, t in enumerate(trained) if not isinstance(t, Exception)]:
+    params, masks, summary = trained[i]
+    if preps[i].late:
+      params, masks = prune_late(preps[i], params)
+    evals, widths = None, None
+    if compacts(preps[i]):
+      evals, widths = evaluate_compacted(preps[i], params, masks, mesh)
+    else:
+      together.append(i)
+    out[i] = [params, summary, evals, oneshot[i], widths]
+  for i, evals in zip(together, evaluate_runs([preps[i] for i in together],
+                                              [out[i][0] for i in together], apply_fn, mesh,
+                                              splits=splits)):
+    out[i][2] = evals
+  return out
 
 
 NO_TRAINING = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None}
@@ -133,9 +232,9 @@ class Prepared:
   model_cfg: model_lib.GPT2Config
   params: dict
   masks: dict  # {} = dense
-  plan: object  # plan.Plan or plan.NoPlan
+  plan: plan_lib.Plan  # a no-op Plan for prune.method=none (and until late pruning)
   steps: int  # fine-tuning steps
-  late: bool  # prune.when=after_finetune: pruned after fine-tuning, in _experiment
+  late: bool  # prune.when=after_finetune: pruned after fine-tuning (prune_late)
   prune_s: float  # what pruning itself took (calibration, allocation, masks, SparseGPT)
   n_params: int
   compiled_before: dict  # compile_stats.snapshot() once the base was done
@@ -180,8 +279,8 @@ def prepare(config, workdir, log, t_start) -> Prepared:
   late = (config.prune.method != "none" and config.prune.schedule == "oneshot"
           and config.prune.when == "after_finetune")
   t_prune = time.time()
-  plan = (plan_lib.NoPlan(config, model_cfg) if late
-          else plan_lib.make_plan(config, model_cfg, params, streams, log))
+  plan = (plan_lib.none(config, model_cfg) if late
+          else plan_lib.compute(config, model_cfg, params, streams, log))
   masks = {}
   steps = train_steps(config, streams)
   if plan.active and config.prune.schedule == "gradual" and steps == 0:
@@ -284,6 +383,47 @@ def evaluate_splits(config, apply_fn, params, streams, mesh, eval_step, log, lab
                     f"{r['perplexity']:.3f} over {r['tokens_scored']} tokens ({beside}"
                     f"{r['tokens_per_s']:,.0f} tokens/s)", split=split, label=label or "final", **r)
   return out if runs else out[0]
+
+
+def evaluate_runs(preps, params, apply_fn, mesh, *, splits, label=""):
+  """[{split: evaluate() result}] of each run: one run's program, or K runs' as one (each
+  result holding its share of the time)."""
+  if len(preps) <= 1:
+    return [evaluate_splits(p.config, apply_fn, x, p.streams, mesh,
+                            eval_lib.make_eval_step(apply_fn, mesh), p.log, label=label,
+                            splits=splits) for p, x in zip(preps, params)]
+  config = preps[0].config
+  step = eval_lib.make_eval_step(apply_fn, mesh, batched=batched.mode(config))
+  return evaluate_splits(config, apply_fn, batched.stack(params), preps[0].streams, mesh, step,
+                         [p.log for p in preps], label=label, splits=splits, runs=len(preps))
+
+
+def prune_late(prep: Prepared, params):
+  """prune.when=after_finetune, no recovery: the plan (scores, statistics) computed from the
+  fine-tuned weights, then (params, masks) pruned by it."""
+  t_prune = time.time()
+  prep.plan = plan_lib.compute(prep.config, prep.model_cfg, jax.device_get(params),
+                               prep.streams, prep.log)
+  params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
+  prep.prune_s = time.time() - t_prune
+  return params, masks
+
+
+def compacts(prep: Prepared) -> bool:
+  """Whether the run is evaluated as a smaller model (prune.method=neurons, prune.compact)."""
+  return prep.plan.active and prep.config.prune.method == "neurons" and prep.config.prune.compact
+
+
+def evaluate_compacted(prep: Prepared, params, masks, mesh):
+  """Structured pruning really shrinks the model: (evaluations of the compacted MLPs, their
+  widths). The masked dense parameters, identical in output, are what results and the export
+  describe."""
+  eval_params, widths = pruning.compact_mlp(jax.device_get(params), masks)
+  apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, widths))
+  prep.log.event("compact", f"evaluating with MLP widths {list(widths)}", widths=list(widths))
+  evals = evaluate_splits(prep.config, apply_fn, eval_params, prep.streams, mesh,
+                          eval_lib.make_eval_step(apply_fn, mesh), prep.log)
+  return evals, widths
 
 
 def _compile_summary(compiled: dict) -> dict:

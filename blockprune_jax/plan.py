@@ -1,9 +1,12 @@
 """The pruning plan of one run: which ratio for which layer, how, and when masks are computed.
 
 Glue between the `prune.*` config keys and the pure functions of `allocation`, `pruning`,
-`calibration` and `gmp`. `make_plan` always returns a Plan; with `prune.method=none` it is the
-no-op plan (prunes nothing, reports zeros), so callers never branch on the method.
+`calibration` and `gmp`. A Plan holds values only; `compute` makes the run's (calibration,
+measured allocation, log line), and with `prune.method=none` returns the no-op plan (`none`:
+prunes nothing, reports zeros), so callers never branch on the method.
 """
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -18,44 +21,34 @@ from blockprune_jax import solve
 SCHEDULES = ("oneshot", "gradual")
 
 
+@dataclasses.dataclass
 class Plan:
-  """Ratios per block / layer for this model, and how to prune with them."""
+  """Ratios per block / layer for this model, and how to prune with them: values only, made by
+  `compute` (calibration, allocation) or `none` (prunes nothing, reports zeros)."""
+  p: ml_collections.ConfigDict  # the run's prune.* keys
+  model_cfg: object
+  block_layers: list  # layer indices of each block
+  ratios_per_block: list
+  ratios_per_layer: list
+  active: bool = True  # False: a no-op plan (prune.method=none, or not yet: after_finetune)
+  sizes: list = ()  # parameters of each layer's targeted matrices
+  criterion: object = None  # pruning.criterion(p.method)
+  pattern: object = None  # pruning.parse_pattern(p.pattern): N:M or None
+  sequential: bool = False  # layer by layer on the pruned model's activations
+  calib_seqs: object = None  # calibration sequences, when the criterion or allocation needs data
+  stats: object = None  # calibration statistics (activation norms) for the criteria / OWL
+  key: object = None  # random pruning: the same key at every GMP update
+  measured: dict = dataclasses.field(default_factory=dict)  # sensitivity / search details
 
-  active = True
+  @property
+  def target(self) -> float:
+    """The parameter-weighted mean ratio."""
+    return float(np.average(self.ratios_per_layer, weights=self.sizes)) if self.active else 0.0
 
-  def __init__(self, config, model_cfg, params, streams, log):
-    self.p = p = config.prune
-    self.model_cfg = model_cfg
-    self.key = jax.random.PRNGKey(config.seed + 2)  # random pruning: same key every GMP update
-    self.sizes = pruning.targeted_sizes(params, p.targets)
-    self.pattern = pruning.parse_pattern(p.pattern)
-    self.criterion = pruning.criterion(p.method)
-    self.sequential = self.criterion.sequential_only or bool(p.sequential)
-    # Impossible combinations (sequential without data, one-shot methods on a schedule, free
-    # ratios with N:M) were refused by validate.py before any work started.
-    measured = p.allocation in allocation.MEASURED
-    needs_data = self.criterion.calibration or p.allocation in ("owl", "search")
-    self.calib_seqs = calibration.calibration_sequences(config, streams) if needs_data else None
-    self.stats = None
-    if ((self.criterion.calibration == "norms" and not self.sequential)
-        or p.allocation in ("owl", "search")):
-      self.stats = calibration.collect_stats(model_cfg, params,
-                                             [s[None] for s in self.calib_seqs])
-    self.block_layers = allocation.block_layers(len(self.sizes), int(p.blocks))
-    self.measured = {}
-    if measured:
-      per_block = self._measure_allocation(config, params, streams, log)
-      per_layer = allocation.expand_to_layers(per_block, self.block_layers)
-    else:
-      per_layer, per_block = allocation.allocate(p, self.sizes, self._outliers(params))
-    self.ratios_per_block = [float(r) for r in per_block]
-    self.ratios_per_layer = [float(r) for r in per_layer]
-    self.target = float(np.average(self.ratios_per_layer, weights=self.sizes))
-    pruning.check_method(p.method, targets=p.targets, scope=p.scope, pattern=self.pattern,
-                         ratios=self.ratios_per_layer)
-    log.event("plan", f"prune {p.method} {p.targets} ({p.allocation}, {p.schedule}"
-              f"{', ' + p.pattern if self.pattern else ''}): ratios per block "
-              f"{[round(r, 4) for r in self.ratios_per_block]}", **self.describe())
+  @property
+  def gradual(self) -> bool:
+    """Whether masks change while training (prune.schedule=gradual)."""
+    return self.active and self.p.schedule == "gradual"
 
   def _outliers(self, params):
     """OWL's per-layer outlier ratios (None unless some allocation needs them)."""
@@ -125,6 +118,8 @@ class Plan:
 
   def prune(self, params, ratios_per_layer, old_masks=None):
     """(params with the pruned weights at 0.0, keep-masks). Masks only grow from old_masks."""
+    if not self.active:
+      return params, {}
     p = self.p
     if self.sequential:
       collection = "hessian" if self.criterion.calibration == "hessian" else "stats"
@@ -151,6 +146,9 @@ class Plan:
   # --- gradual magnitude pruning, in steps ----------------------------------------------
 
   def gmp_update(self, step, total) -> bool:
+    """Whether masks are recomputed before `step` (never unless gradual)."""
+    if not self.gradual:
+      return False
     start, end, every = gmp.schedule_steps(self.p, total)
     return gmp.is_gmp_update_step(step, start=start, end=end, every=every)
 
@@ -163,6 +161,12 @@ class Plan:
   def describe(self) -> dict:
     """The results.json "pruning" section."""
     p = self.p
+    if not self.active:
+      return {"method": "none", "targets": p.targets, "allocation": None, "scope": None,
+              "schedule": None, "target": 0.0, "pattern": None, "sequential": False,
+              "block_layers": self.block_layers,
+              "ratios_per_block": [0.0] * len(self.block_layers),
+              "ratios_per_layer": self.ratios_per_layer}
     d = {"method": p.method, "targets": p.targets, "allocation": p.allocation,
          "scope": p.scope, "schedule": p.schedule, "target": self.target,
          "pattern": p.pattern, "sequential": self.sequential,
@@ -177,39 +181,51 @@ class Plan:
     return d
 
 
-class NoPlan:
-  """prune.method=none: prunes nothing; results.json still gets the same fields."""
-
-  active = False
-
-  def __init__(self, config, model_cfg):
-    n = model_cfg.n_layer
-    blocks = max(1, min(config.prune.blocks, n))  # nothing validated prune.blocks: what fits
-    self.block_layers = allocation.block_layers(n, blocks)
-    self.targets = config.prune.targets
-    self.ratios_per_layer = [0.0] * n
-
-  def prune(self, params, ratios_per_layer, old_masks=None):
-    del ratios_per_layer, old_masks
-    return params, {}
-
-  def describe(self) -> dict:
-    return {"method": "none", "targets": self.targets, "allocation": None, "scope": None,
-            "schedule": None, "target": 0.0, "pattern": None, "sequential": False,
-            "block_layers": self.block_layers,
-            "ratios_per_block": [0.0] * len(self.block_layers),
-            "ratios_per_layer": self.ratios_per_layer}
+def none(config, model_cfg) -> Plan:
+  """The no-op plan: prunes nothing; results.json still gets the same fields."""
+  n = model_cfg.n_layer
+  blocks = max(1, min(config.prune.blocks, n))  # nothing validated prune.blocks: what fits
+  return Plan(p=config.prune, model_cfg=model_cfg, block_layers=allocation.block_layers(n, blocks),
+              ratios_per_block=[0.0] * blocks, ratios_per_layer=[0.0] * n, active=False)
 
 
-def make_plan(config, model_cfg, params, streams, log):
-  """The run's Plan (NoPlan when prune.method is none)."""
-  if config.prune.method == "none":
-    return NoPlan(config, model_cfg)
-  return Plan(config, model_cfg, params, streams, log)
+def compute(config, model_cfg, params, streams, log) -> Plan:
+  """The run's plan: calibration data and statistics where the criterion or the allocation needs
+  them, then the ratios (measured on the model for sensitivity / search); logged. The no-op
+  plan when prune.method is none."""
+  p = config.prune
+  if p.method == "none":
+    return none(config, model_cfg)
+  sizes = pruning.targeted_sizes(params, p.targets)
+  criterion = pruning.criterion(p.method)
+  sequential = criterion.sequential_only or bool(p.sequential)
+  # Impossible combinations (sequential without data, one-shot methods on a schedule, free
+  # ratios with N:M) were refused by validate.py before any work started.
+  needs_data = criterion.calibration or p.allocation in ("owl", "search")
+  calib_seqs = calibration.calibration_sequences(config, streams) if needs_data else None
+  stats = None
+  if (criterion.calibration == "norms" and not sequential) or p.allocation in ("owl", "search"):
+    stats = calibration.collect_stats(model_cfg, params, [s[None] for s in calib_seqs])
+  plan = Plan(p=p, model_cfg=model_cfg, block_layers=allocation.block_layers(len(sizes), int(p.blocks)),
+              ratios_per_block=[], ratios_per_layer=[], sizes=sizes, criterion=criterion,
+              pattern=pruning.parse_pattern(p.pattern), sequential=sequential,
+              calib_seqs=calib_seqs, stats=stats, key=jax.random.PRNGKey(config.seed + 2))
+  if p.allocation in allocation.MEASURED:  # pruned and scored with this plan's own criterion
+    per_block = plan._measure_allocation(config, params, streams, log)  # pylint: disable=protected-access
+    per_layer = allocation.expand_to_layers(per_block, plan.block_layers)
+  else:
+    per_layer, per_block = allocation.allocate(p, sizes, plan._outliers(params))  # pylint: disable=protected-access
+  plan = dataclasses.replace(plan, ratios_per_block=[float(r) for r in per_block],
+                             ratios_per_layer=[float(r) for r in per_layer])
+  pruning.check_method(p.method, targets=p.targets, scope=p.scope, pattern=plan.pattern,
+                       ratios=plan.ratios_per_layer)
+  log.event("plan", f"prune {p.method} {p.targets} ({p.allocation}, {p.schedule}"
+            f"{', ' + p.pattern if plan.pattern else ''}): ratios per block "
+            f"{[round(r, 4) for r in plan.ratios_per_block]}", **plan.describe())
+  return plan
 
 
 def measure(params, model_cfg, plan) -> dict:
   """The results.json "sparsity" section, counted from the final parameters."""
   return pruning.measure_sparsity(jax.device_get(params), model_cfg.n_layer,
-                                  len(plan.block_layers),
-                                  plan.p.targets if plan.active else plan.targets)
+                                  len(plan.block_layers), plan.p.targets)

@@ -316,8 +316,8 @@ def _ended(row, i, n, seconds, primary):
 
 
 def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
-  """One group of runs as one program (batched.run_group); each row ends done or failed."""
-  from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
+  """One group of runs as one program (pipeline.run_group); each row ends done or failed."""
+  from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
   n = len(rows)
   _say(f"[{','.join(str(i + 1) for i in group)}/{n}] {len(group)} runs side by side: "
        f"{', '.join(rows[i]['name'] for i in group)} ...", primary)
@@ -325,7 +325,8 @@ def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
     _start(rows[i], primary, "", save)
   start = time.time()
   try:
-    outcomes = batched.run_group([configs[i] for i in group], [rows[i]["workdir"] for i in group])
+    outcomes = pipeline.run_group([configs[i] for i in group],
+                                  [rows[i]["workdir"] for i in group])
   except (KeyboardInterrupt, SystemExit, Preempted):
     for i in group:
       rows[i].update(status="interrupted", seconds=round(time.time() - start, 1))
@@ -344,6 +345,41 @@ def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
   save()
 
 
+def _run_alone(i, rows, configs, run_fn, save, primary, fail_fast):
+  """Run i by itself (run_fn); its row ends done, failed or (re-raised) interrupted."""
+  row = rows[i]
+  if _all_agree(row["status"] == "done"):
+    log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
+    return
+  _start(row, primary, f"[{i + 1}/{len(rows)}] {row['name']} ...", save)
+  start = time.time()
+  try:
+    run_fn(configs[i], row["workdir"])
+  except (KeyboardInterrupt, SystemExit, Preempted):
+    row.update(status="interrupted", seconds=round(time.time() - start, 1))
+    save()
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    _failed(row, e, round(time.time() - start, 1), save, fail_fast)
+    return
+  _ended(row, i, len(rows), round(time.time() - start, 1), primary)
+  save()
+
+
+def _write_report(config, workdir):
+  """report.md (and its plots to W&B); a failure is logged, not raised."""
+  from blockprune_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  try:
+    written = report_lib.write_report(workdir)
+    print(f"\n{written.table}\n\nreport: {os.path.join(workdir, 'report.md')}")
+    if "wandb" in config and config.wandb.mode != "disabled":
+      from blockprune_jax import wandb_log  # pylint: disable=g-import-not-at-top
+      wandb_log.log_report(config, workdir, written)
+  except Exception:  # pylint: disable=broad-except
+    # The runs are the expensive part; a plotting problem must not hide that they finished.
+    log.error("sweep: writing the report failed:\n%s", traceback.format_exc())
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[dict],
               run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
               fail_fast: bool = False, report: bool = True) -> list[dict]:
@@ -359,7 +395,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     workdir: the sweep's directory.
     runs: from `expand_sweep`.
     run_fn: `run_fn(config, run_workdir)`; default `blockprune_jax.pipeline.run`. Groups of
-      runs side by side (sweep.batch_runs > 1) go through `batched.run_group` instead.
+      runs side by side (sweep.batch_runs > 1) go through `pipeline.run_group` instead.
     fail_fast: re-raise the first failure instead of continuing.
     report: write the report at the end.
   """
@@ -399,37 +435,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   for group in _groups(config, rows, configs, primary):
     if len(group) > 1:
       _run_side_by_side(group, rows, configs, save, primary, fail_fast)
-      continue
-    i = group[0]
-    row, cfg = rows[i], configs[i]
-    if _all_agree(row["status"] == "done"):
-      log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
-      continue
-    _start(row, primary, f"[{i + 1}/{len(rows)}] {row['name']} ...", save)
-    start = time.time()
-    try:
-      run_fn(cfg, row["workdir"])
-    except (KeyboardInterrupt, SystemExit, Preempted):
-      row.update(status="interrupted", seconds=round(time.time() - start, 1))
-      save()
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      _failed(row, e, round(time.time() - start, 1), save, fail_fast)
-      continue
-    _ended(row, i, len(rows), round(time.time() - start, 1), primary)
-    save()
-
+    else:
+      _run_alone(group[0], rows, configs, run_fn, save, primary, fail_fast)
   if report and primary:
-    from blockprune_jax import report as report_lib  # pylint: disable=g-import-not-at-top
-    try:
-      written = report_lib.write_report(workdir)
-      print(f"\n{written.table}\n\nreport: {os.path.join(workdir, 'report.md')}")
-      if "wandb" in config and config.wandb.mode != "disabled":
-        from blockprune_jax import wandb_log  # pylint: disable=g-import-not-at-top
-        wandb_log.log_report(config, workdir, written)
-    except Exception:  # pylint: disable=broad-except
-      # The runs are the expensive part; a plotting problem must not hide that they finished.
-      log.error("sweep: writing the report failed:\n%s", traceback.format_exc())
+    _write_report(config, workdir)
   return rows
 
 

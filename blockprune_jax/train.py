@@ -1,7 +1,7 @@
 """Masked fine-tuning with optax, data-parallel over every device, resumable with Orbax.
 
-Sections: optimizer, data order, the per-device update, the loop (checkpoints, gradual pruning,
-periodic evaluation, preemption). The update is one jitted shard_map'd function with the state
+Sections: optimizer, the per-device update, the loop (one run, or K runs side by side as one
+program: checkpoints, gradual pruning, periodic evaluation, preemption). The update is one jitted shard_map'd function with the state
 donated; gradients are `pmean`ed over the 'data' axis; pruned weights stay exactly 0.0 because
 gradients, updates and parameters are all multiplied by the masks.
 """
@@ -17,10 +17,12 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from blockprune_jax import batched
 from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pruning
@@ -141,24 +143,6 @@ def steady_state_guard():
   return jax.transfer_guard_device_to_host("disallow")
 
 
-# --- data order --------------------------------------------------------------------------
-
-def batch_at(sequences, position: int, batch_size: int, seed: int):
-  """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`.
-
-  A pure function of (position, seed): a resumed run sees exactly the batches it would have.
-  """
-  per_epoch = len(sequences) // batch_size
-  epoch, i = divmod(position, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(len(sequences))
-  return sequences[order[i * batch_size:(i + 1) * batch_size]]
-
-
-def step_batch(sequences, step: int, accum: int, batch_size: int, seed: int) -> np.ndarray:
-  """[accum, B, T + 1]: the micro-batches of optimizer step `step` (see batch_at)."""
-  return np.stack([batch_at(sequences, step * accum + a, batch_size, seed) for a in range(accum)])
-
-
 # --- the update --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -250,99 +234,221 @@ def distill_kl(teacher_logits, student_logits, temperature):
 
 # --- the loop ----------------------------------------------------------------------------
 
-def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir, log):
-  """Fine-tunes `params` for `total` steps (with `masks` held at zero, and GMP if planned) and
-  returns (params, masks, summary). Resumes from `workdir/checkpoints` when it holds one."""
-  t_cfg = config.train
-  seq_len = config.data.seq_len
-  sequences = data_lib.train_sequences(streams.get("train"), seq_len)
-  check_batch(t_cfg, sequences, mesh, seq_len)
-  optimizer, schedule = make_optimizer(t_cfg, total)
-  teacher_params, teacher_cfg = load_teacher(config, model_cfg)
-  step_fn = make_train_step(model_cfg, optimizer_settings(t_cfg), mesh, teacher_cfg=teacher_cfg,
-                            alpha=float(config.distill.alpha),
-                            temperature=float(config.distill.temperature))
-  lrs = learning_rates(schedule, total)
-  gradual = plan is not None and config.prune.schedule == "gradual"
-  if gradual and not masks:
-    masks = plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
-  state = init_state(params, optimizer, masks, config.seed + 1)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                               every_steps=config.checkpoint.every_steps)
-  meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(config)}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    check_resumable(meta.get("config"), resume_keys(config), workdir)
-    log.event("resume", f"resumed from step {int(state['step'])} of {total}",
-              step=int(state["step"]))
-  state = parallel.replicate(state, mesh, donatable=True)
-  teacher_params = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
-  accum, tokens_per_step = t_cfg.grad_accum, t_cfg.batch_size * t_cfg.grad_accum * seq_len
-  apply_fn = model_lib.logits_fn(model_cfg)
-  eval_step = eval_lib.make_eval_step(apply_fn, mesh)
+def fit(runs, *, total, mesh) -> list:
+  """Fine-tunes K >= 1 runs for `total` steps with their masks held at zero (and gradual
+  pruning where planned): one run, or K side by side as one program.
 
-  step = int(state["step"])
-  clock = Clock(step, tokens_per_step)
-  window, window_steps = None, 0  # metric sums since the last log line, still on the device
-  t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
-  try:  # whatever ends the loop, pending asynchronous saves finish before we leave
+  runs: pipeline.Prepared (anything with .config, .model_cfg, .streams, .params, .masks ({} =
+  dense), .plan, .workdir, .log) of one model shape and data; K > 1 only for runs that
+  batched.plan_groups puts together. K = 1 is the one-run program (no run axis); K > 1 stacks
+  every leaf of the state on a leading run axis (batched.stack) and maps the update over it.
+  Each run saves and resumes its own checkpoints (`workdir/checkpoints`, the one-run format);
+  when a group's stand at different steps (a kill between two runs' saves), the runs continue
+  one at a time from their own.
+
+  Returns per run (params, masks, train summary), or the Diverged error that ended it (the
+  others go on).
+  """
+  config = runs[0].config
+  seq_len = config.data.seq_len
+  sequences = data_lib.train_sequences(runs[0].streams.get("train"), seq_len)
+  check_batch(config.train, sequences, mesh, seq_len)
+  ckpts = [ckpt_lib.Checkpointer(os.path.join(r.workdir, "checkpoints"),
+                                 keep=r.config.checkpoint.keep,
+                                 every_steps=r.config.checkpoint.every_steps) for r in runs]
+  try:  # whatever ends training, pending asynchronous saves finish before we leave
+    latest = {c.latest_step() for c in ckpts}
+    if len(latest) > 1:
+      for c in ckpts:
+        c.close()
+      ckpts = []
+      why = (f"checkpoints of the group stand at steps {sorted(latest, key=str)}: training "
+             "one at a time from each run's own")
+      for r in runs:
+        r.log.event("batch", why, alone=why)
+      return [fit([r], total=total, mesh=mesh)[0] for r in runs]
+    return _Loop(runs, ckpts, sequences, total=total, mesh=mesh).run()
+  finally:
+    for c in ckpts:
+      c.close()  # waits for pending saves
+
+
+class _Loop:
+  """`fit` block by block: the start state (restored where a checkpoint exists), the steps
+  (with gradual pruning), log lines, periodic validation, saves, preemption, the summaries."""
+
+  def __init__(self, runs, ckpts, sequences, *, total, mesh):
+    config, model_cfg = runs[0].config, runs[0].model_cfg
+    self.runs, self.ckpts, self.sequences, self.total, self.mesh = runs, ckpts, sequences, total, mesh
+    self.config, self.t_cfg, self.n = config, config.train, len(runs)
+    # Runs that prune while training, or distil, train alone (batched.alone_reason).
+    assert self.n == 1 or not any(r.plan.gradual or r.config.distill.teacher for r in runs)
+    mode = batched.mode(config) if self.n > 1 else ""  # "": the one-run program, no run axis
+    teacher_params, teacher_cfg = hf_io.load_teacher(config, model_cfg)
+    self.step_fn = make_train_step(model_cfg, optimizer_settings(self.t_cfg), mesh,
+                                   teacher_cfg=teacher_cfg, alpha=float(config.distill.alpha),
+                                   temperature=float(config.distill.temperature), batched=mode)
+    self.teacher = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
+    self.apply_fn = model_lib.logits_fn(model_cfg)
+    self.eval_step = eval_lib.make_eval_step(self.apply_fn, mesh, batched=mode)
+    self.tokens_per_step = self.t_cfg.batch_size * self.t_cfg.grad_accum * config.data.seq_len
+    self.failed = [None] * self.n  # the Diverged error of a run whose loss became NaN / Inf
+    self.metas, self.lrs = [], None
+
+  def start(self):
+    """(state on the devices, step): each run's start state, or its checkpoint's, stacked when
+    K > 1. Also sets self.lrs ([total, K] learning rates) and self.metas (checkpoint metadata)."""
+    states, lrs = [], []
+    for r, ckpt in zip(self.runs, self.ckpts):
+      optimizer, schedule = make_optimizer(r.config.train, self.total)
+      lrs.append(learning_rates(schedule, self.total))
+      masks = r.masks
+      if r.plan.gradual and not masks:
+        masks = r.plan.full_masks(r.params)  # all ones: the checkpoint tree has its final shape
+      state = init_state(r.params, optimizer, masks, r.config.seed + 1)
+      meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(r.config)}
+      if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        check_resumable(meta.get("config"), resume_keys(r.config), r.workdir)
+        r.log.event("resume", f"resumed from step {int(state['step'])} of {self.total}",
+                    step=int(state["step"]))
+      states.append(state)
+      self.metas.append(meta)
+    self.lrs = np.stack(lrs, axis=1)
+    step = int(states[0]["step"])  # every run stands at the same step (fit)
+    if self.n > 1:  # one structure: a path that a run does not prune is all-True in its masks
+      masks = batched.union_masks([s["masks"] for s in states], self.runs[0].params)
+      states = [batched.stack([dict(s, masks=m) for s, m in zip(states, masks)])]
+    return parallel.replicate(states[0], self.mesh, donatable=True), step
+
+  def run(self) -> list:
+    """The loop; per run (params, masks, summary) or its Diverged error."""
+    state, step = self.start()
+    clock = Clock(step, self.n * self.tokens_per_step)  # the program's: every run's tokens
+    window, window_steps = None, 0  # metric sums since the last log line, still on the device
+    t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
     with ckpt_lib.PreemptionFlag() as preemption:
-      while step < total:
-        if gradual and plan.gmp_update(step, total):
-          params_now, masks_now = plan.prune(state["params"], plan.gmp_ratios(step, total),
-                                             old_masks=state["masks"])
-          state = dict(state, params=params_now, masks=masks_now)
+      while step < self.total and not all(self.failed):
+        state = self.gradual_pruning(state, step)
         with steady_state_guard():
-          # The data position is a function of the step (resuming under another
-          # train.grad_accum is refused), so it is known here without asking the device.
-          batch = step_batch(sequences, step, accum, t_cfg.batch_size, config.seed)
-          state, metrics = step_fn(state, parallel.shard_batch(batch, mesh, axis=1),
-                                   teacher_params, lrs[step])
+          batch, lr = self.inputs(step)
+          state, metrics = self.step_fn(state, batch, self.teacher, lr)
           window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
           window_steps += 1
         step += 1
         clock.stepped(step, metrics)
-        if step % t_cfg.log_every == 0 or step == total:
-          # The mean over the steps since the last line (lm1b): a smoother curve than one step.
-          m = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        if step % self.t_cfg.log_every == 0 or step == self.total:
+          self.log(step, jax.device_get(window), window_steps, clock)
           window, window_steps = None, 0
-          if not math.isfinite(m["loss"]):
-            raise diverged(step, ckpt)
-          tok_s, seconds_per_step = clock.since_last(step)
-          log_train(log, m, step=step, total=total, lr=float(lrs[step - 1]), tok_s=tok_s,
-                    seconds_per_step=seconds_per_step)
-          meta["final_loss"] = m["loss"]
-        metric = None
-        if t_cfg.eval_every and (step % t_cfg.eval_every == 0) and step < total:
-          r = periodic_validation(config, apply_fn, state["params"], streams, mesh, eval_step)
-          metric = r["perplexity"]
-          log.metric(step, "validation", loss=r["loss"], perplexity=metric)
-          log.event("validation", f"step {step}: validation perplexity {metric:.3f}")
-          if meta["best_perplexity"] is None or metric < meta["best_perplexity"]:
-            meta["best_perplexity"] = metric
+        metric = self.validate(state, step)
         # A step with a validation metric is always saved, so the best one can be kept. The
         # last step is saved only if redoing the steps since the last save would cost more
         # than checkpoint.final_after_s: a finished run writes results.json moments later, and
         # a short run killed in between loses less by retraining than it pays for the save.
         # Every process must join a save: process 0's clock decides for all.
-        last = step == total and parallel.agree(
-            time.time() - t_saved > config.checkpoint.final_after_s)
-        if ckpt.save(step, state, meta, metric=metric, force=last or metric is not None):
+        last = step == self.total and parallel.agree(
+            time.time() - t_saved > self.config.checkpoint.final_after_s)
+        if self.save(state, step, force=last or metric is not None, metric=metric):
           t_saved = time.time()
         if preemption.check(step):
-          ckpt.save(step, state, meta, force=True)
-          ckpt.wait()
-          raise preempted(preemption, step, [log], [workdir])
-  finally:
-    ckpt.close()  # waits for pending saves
-  jax.block_until_ready(state)
-  tok_s = clock.overall(step)
-  state = jax.device_get(state)
-  summary = {"steps": total, "tokens": total * tokens_per_step,
-             "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
-             "tokens_per_s": tok_s, "seconds": time.time() - clock.t0}
-  return state["params"], state["masks"], summary
+          self.save(state, step, force=True)
+          for ckpt in self.ckpts:
+            ckpt.wait()
+          raise preempted(preemption, step, [r.log for r in self.runs],
+                          [r.workdir for r in self.runs])
+    jax.block_until_ready(state)
+    return self.summaries(state, step, clock)
 
+  def gradual_pruning(self, state, step):
+    """New masks before the steps of the GMP schedule (a run that prunes gradually trains
+    alone, so its state has no run axis)."""
+    plan = self.runs[0].plan
+    if not plan.gmp_update(step, self.total):
+      return state
+    params, masks = plan.prune(state["params"], plan.gmp_ratios(step, self.total),
+                               old_masks=state["masks"])
+    return dict(state, params=params, masks=masks)
+
+  def inputs(self, step):
+    """(batch, learning rate) of `step`: [accum, B, T + 1] sharded over B and a scalar, or with
+    a leading run axis [K] (each run's data order from its own seed). The data position is a
+    function of the step (resuming under another train.grad_accum is refused), so it is known
+    here without asking the device."""
+    t = self.t_cfg
+    batches = [data_lib.step_batch(self.sequences, step, t.grad_accum, t.batch_size,
+                                   r.config.seed) for r in self.runs]
+    if self.n == 1:
+      return parallel.shard_batch(batches[0], self.mesh, axis=1), self.lrs[step, 0]
+    return parallel.shard_batch(np.stack(batches), self.mesh, axis=2), self.lrs[step]
+
+  def log(self, step, window, window_steps, clock):
+    """Each run's metrics, the means over the steps since the last line (lm1b: a smoother
+    curve than one step); a run whose loss is no longer finite stops (Diverged)."""
+    means = {k: np.reshape(np.asarray(v, np.float64), self.n) / window_steps
+             for k, v in window.items()}
+    tok_s, seconds_per_step = clock.since_last(step)
+    for i, r in enumerate(self.runs):
+      if self.failed[i] is not None:
+        continue
+      m = {k: float(v[i]) for k, v in means.items()}
+      if not math.isfinite(m["loss"]):
+        self.failed[i] = diverged(step, self.ckpts[i])
+        r.log.event("diverged", str(self.failed[i]))
+        continue
+      log_train(r.log, m, step=step, total=self.total, lr=float(self.lrs[step - 1, i]),
+                tok_s=tok_s, seconds_per_step=seconds_per_step)
+      self.metas[i]["final_loss"] = m["loss"]
+
+  def validate(self, state, step):
+    """Each run's validation perplexity every train.eval_every steps (the last step has the
+    final evaluation), else None."""
+    every = self.t_cfg.eval_every
+    if not every or step % every or step >= self.total or all(self.failed):
+      return None
+    results = periodic_validation(self.config, self.apply_fn, state["params"],
+                                  self.runs[0].streams, self.mesh, self.eval_step,
+                                  runs=self.n if self.n > 1 else None)
+    results = results if self.n > 1 else [results]
+    for r, res, meta in zip(self.runs, results, self.metas):
+      r.log.metric(step, "validation", loss=res["loss"], perplexity=res["perplexity"])
+      r.log.event("validation", f"step {step}: validation perplexity {res['perplexity']:.3f}")
+      if meta["best_perplexity"] is None or res["perplexity"] < meta["best_perplexity"]:
+        meta["best_perplexity"] = res["perplexity"]
+    return [res["perplexity"] for res in results]
+
+  def save(self, state, step, *, force, metric=None) -> bool:
+    """Each live run's checkpoint of `step`, in the one-run format; whether any was written."""
+    saved = False
+    for i, (ckpt, meta) in enumerate(zip(self.ckpts, self.metas)):
+      if self.failed[i] is None:
+        saved |= ckpt.save(step, self.own(state, i), meta, force=force,
+                           metric=None if metric is None else metric[i])
+    return saved
+
+  def own(self, state, i):
+    """Run i's state with its own masks (K = 1: the state itself)."""
+    if self.n == 1:
+      return state
+    one = dict(batched.take(state, i))
+    one["masks"] = batched.own_masks(one["masks"], self.runs[i].masks)
+    return one
+
+  def summaries(self, state, step, clock) -> list:
+    tok_s = clock.overall(step)  # the program's throughput: every run's tokens
+    host = jax.device_get({"params": state["params"], "masks": state["masks"]})
+    out = []
+    for i, meta in enumerate(self.metas):
+      if self.failed[i] is not None:
+        out.append(self.failed[i])
+        continue
+      params, masks = host["params"], host["masks"]
+      if self.n > 1:  # masks were held: the run's own
+        params, masks = jax.tree.map(lambda x, i=i: x[i], params), self.runs[i].masks
+      out.append((params, masks, {
+          "steps": self.total, "tokens": self.total * self.tokens_per_step,
+          "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
+          "tokens_per_s": tok_s, "seconds": (time.time() - clock.t0) / self.n}))
+    return out
 
 def periodic_validation(config, apply_fn, params, streams, mesh, eval_step, runs=None):
   """Validation perplexity during training (every train.eval_every steps): the first
@@ -427,16 +533,3 @@ def check_resumable(saved: dict, current: dict, workdir: str):
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
     raise UserError(f"{workdir} holds a checkpoint of a run with other settings ({shown}"
                     f"{', ...' if len(diff) > 4 else ''}): use a new --workdir, or the old values")
-
-
-def load_teacher(config, model_cfg):
-  """(teacher params, teacher GPT2Config) for distillation, or (None, None)."""
-  if not config.distill.teacher:
-    return None, None
-  from blockprune_jax import hf_io  # pylint: disable=import-outside-toplevel
-  d = hf_io.resolve_dir(config.distill.teacher, key="distill.teacher")
-  t_cfg = hf_io.load_config(d, dtype=model_cfg.dtype, dropout=0.0, attention=model_cfg.attention)
-  if t_cfg.vocab_size != model_cfg.vocab_size:
-    raise UserError(f"distill.teacher={config.distill.teacher!r} has vocab {t_cfg.vocab_size}, "
-                    f"the student {model_cfg.vocab_size}")
-  return hf_io.load_params(d, t_cfg), t_cfg

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle between its modules (function-level imports included)."""
+"""The package's shape: no import cycle between its modules (function-level imports included),
+no function over 80 lines."""
 import ast
 import os
 
@@ -34,3 +35,29 @@ def test_no_import_cycles():
     return None
   for m in sorted(modules):
     assert cycle_from(m, []) is None, " -> ".join(cycle_from(m, []))
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(source: str, limit: int) -> list[str]:
+  """'name (n lines)' of every function or method in `source` longer than `limit` lines (its
+  decorators, docstring and nested functions counted)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      n = node.end_lineno - node.lineno + 1
+      if n > limit:
+        found.append(f"{node.name} ({n} lines)")
+  return found
+
+
+def test_no_function_over_80_lines():
+  long_one = "def f():\n" + "  x = 1\n" * MAX_FUNCTION_LINES
+  assert _long_functions(long_one, MAX_FUNCTION_LINES) == [f"f ({MAX_FUNCTION_LINES + 1} lines)"]
+  found = []
+  for f in sorted(os.listdir(PKG)):
+    if f.endswith(".py"):
+      found += [f"{f}: {x}" for x in _long_functions(open(os.path.join(PKG, f)).read(),
+                                                      MAX_FUNCTION_LINES)]
+  assert not found, "split these functions (at most 80 lines each): " + ", ".join(found)
