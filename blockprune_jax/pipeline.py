@@ -3,7 +3,8 @@
 
 `run(config, workdir)` is what `python -m blockprune_jax.main` calls and what tests call. It is
 idempotent: a finished workdir (results.json present) is only reported; an interrupted one resumes
-from its latest checkpoint.
+from its latest checkpoint. It is `run_group` of one run: a sweep's runs that can share a program
+(batched.py) go through the same lifecycle K at a time, each phase one program for all of them.
 """
 import contextlib
 import dataclasses
@@ -222,7 +223,7 @@ NO_TRAINING = {"steps": 0, "tokens": 0, "final_loss": None, "tokens_per_s": None
 @dataclasses.dataclass
 class Prepared:
   """One run with its model loaded and (for one-shot pruning) pruned: what training and
-  evaluation start from. The batched runner (batched.py) prepares K of these one by one."""
+  evaluation start from. run_group prepares the runs of a group one by one."""
   config: ml_collections.ConfigDict  # with a trained base resolved to model.name_or_path
   workdir: str
   log: RunLog
@@ -283,14 +284,15 @@ def prepare(config, workdir, log, t_start) -> Prepared:
           else plan_lib.compute(config, model_cfg, params, streams, log))
   masks = {}
   steps = train_steps(config, streams)
-  if plan.active and config.prune.schedule == "gradual" and steps == 0:
+  if plan.gradual and steps == 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
-  if plan.active and config.prune.schedule == "oneshot" and not late:
+  oneshot = plan.active and not plan.gradual  # a late run's plan is the no-op one until then
+  if oneshot:
     params, masks = plan.prune(params, plan.ratios_per_layer)
     jax.block_until_ready(params)
   prune_s = time.time() - t_prune if plan.active else 0.0
-  if plan.active and config.prune.schedule == "oneshot" and not late:
+  if oneshot:
     log.event("pruned", f"pruned in {prune_s:.1f} s", seconds=prune_s)
   return Prepared(config=config, workdir=workdir, log=log, t_start=t_start, tok=tok,
                   streams=streams, model_cfg=model_cfg, params=params, masks=masks, plan=plan,
