@@ -86,7 +86,7 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
       preps, own = [], {}
       for k in todo:  # preparing (base model, pruning, measured allocations) goes run by run
         t0 = time.time()
-        prep = _attempt(logs[k], prepare, configs[k], workdirs[k], logs[k].log, t0)
+        prep = _attempt([logs[k]], prepare, configs[k], workdirs[k], logs[k].log, t0)
         if isinstance(prep, Exception):
           outcomes[k] = prep
           continue
@@ -124,14 +124,14 @@ class _Closing:
 
 
 def _attempt(logs, fn, *args, **kwargs):
-  """fn(*args), or the exception that ended it (the runs of `logs`, one _Closing or several,
-  then close as failed). Preemption (SIGTERM, Ctrl-C) is no failure: it propagates."""
+  """fn(*args, **kwargs), or the exception that ended it (then the runs of `logs`, _Closing
+  each, close as failed). Preemption (SIGTERM, Ctrl-C) is no failure: it propagates."""
   try:
     return fn(*args, **kwargs)
   except Preempted:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    for log in logs if isinstance(logs, list) else [logs]:
+    for log in logs:
       log.failed = True
     return e
 
@@ -166,16 +166,16 @@ def _complete_group(group, outcomes, logs, own):
       logs[k].failed, outcomes[k] = True, outcome
       continue
     shares = {}
-    if n > 1:
+    if n > 1:  # its own preparation plus its share of the group's time
       own_s, own_compiled = own[k]
-      # The group's compilations are counted once, in its first run.
-      shares = {"seconds": own_s + shared_s / n, "batch": {
-          "runs": n, "index": i, "names": names, "mode": batched.mode(prep.config),
-          "seconds": round(shared_s, 3)},
-                "compiled": compile_stats.add(own_compiled, shared_compiled) if i == 0
-                            else own_compiled}
+      shares = {"seconds": own_s + shared_s / n,
+                # The group's compilations are counted once, in its first run.
+                "compiled": (compile_stats.add(own_compiled, shared_compiled) if i == 0
+                             else own_compiled),
+                "batch": {"runs": n, "index": i, "names": names,
+                          "mode": batched.mode(prep.config), "seconds": round(shared_s, 3)}}
     params, train_summary, evals, oneshot, widths = outcome
-    outcomes[k] = _attempt(logs[k], finish, prep, params, train_summary, evals, oneshot,
+    outcomes[k] = _attempt([logs[k]], finish, prep, params, train_summary, evals, oneshot,
                            compact_widths=widths, **shares)
 
 

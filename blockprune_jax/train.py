@@ -338,7 +338,7 @@ class _Loop:
         step += 1
         clock.stepped(step, metrics)
         if step % self.t_cfg.log_every == 0 or step == self.total:
-          self.log(step, jax.device_get(window), window_steps, clock)
+          self.log_lines(step, jax.device_get(window), window_steps, clock)
           window, window_steps = None, 0
         metric = self.validate(state, step)
         # A step with a validation metric is always saved, so the best one can be kept. The
@@ -381,7 +381,7 @@ class _Loop:
       return parallel.shard_batch(batches[0], self.mesh, axis=1), self.lrs[step, 0]
     return parallel.shard_batch(np.stack(batches), self.mesh, axis=2), self.lrs[step]
 
-  def log(self, step, window, window_steps, clock):
+  def log_lines(self, step, window, window_steps, clock):
     """Each run's metrics, the means over the steps since the last line (lm1b: a smoother
     curve than one step); a run whose loss is no longer finite stops (Diverged)."""
     means = {k: np.reshape(np.asarray(v, np.float64), self.n) / window_steps
