@@ -33,18 +33,18 @@ from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import files
+from blockprune_jax import keys
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
+from blockprune_jax import pruning
 from blockprune_jax import train
 from blockprune_jax import trees
 from blockprune_jax.logs import RunLog
 
 # Keys whose values a batched program takes as inputs: runs may differ in them. Every other key
 # (model, data, batch, optimizer structure, step count, evaluation) must agree within a group.
-FREE_KEYS = ("prune.", "seed", "role", "train.learning_rate", "train.schedule",
-             "train.warmup_steps", "base.", "checkpoint.", "export.", "eval.oneshot", "sweep.",
-             "wandb.", "runtime.")
+FREE_KEYS = keys.where(group=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def alone_reason(config) -> str | None:
     return "prune.schedule=gradual changes its masks while training"
   if p.method != "none" and p.when == "after_finetune":
     return "prune.when=after_finetune prunes after training"
-  if p.method == "neurons" and p.compact:
+  if p.method != "none" and pruning.criterion(p.method).compactable and p.compact:
     return "prune.compact evaluates a model of its own (smaller) shape"
   if config.distill.teacher:
     return "distillation (distill.teacher) is run one at a time"
@@ -67,7 +67,7 @@ def alone_reason(config) -> str | None:
 
 
 def _shared(config) -> dict:
-  return {k: v for k, v in config_lib.flatten(config).items() if not k.startswith(FREE_KEYS)}
+  return {k: v for k, v in config_lib.flatten(config).items() if k not in FREE_KEYS}
 
 
 def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:

@@ -105,7 +105,7 @@ def complete(prep: "Prepared") -> dict:
 
   # --- evaluation -------------------------------------------------------------------
   eval_params, compact_widths = params, None
-  if prep.plan.active and config.prune.method == "neurons" and config.prune.compact:
+  if prep.plan.active and pruning.criterion(config.prune.method).compactable and config.prune.compact:
     # Structured pruning really shrinks the model: evaluate the compacted MLPs (the masked
     # dense parameters, identical in output, are what results and the export describe).
     eval_params, compact_widths = pruning.compact_mlp(jax.device_get(params), masks)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from blockprune_jax import files
+from blockprune_jax import keys
 from blockprune_jax import stats
 
 log = logging.getLogger(__name__)
@@ -394,12 +395,11 @@ def _seed_markdown(seeds: pd.DataFrame, metrics: Sequence[str]) -> str:
 _PAIRED_COLUMNS = ["sparsity", "method", "train_steps", "setting", "stage", "split",
                    "allocation_a", "allocation_b", "n", "mean", "std", "ci_low", "ci_high",
                    "significant"]
-# What a paired comparison lets differ: the seed it pairs on and the allocation; prune.target
-# gives way to the sparsity level, which explicit ratios have too.
-# What tells allocations apart (and the seed they are paired by); the shape parameters of the
-# generated ones are part of the allocation's name where they are not the default.
-_ALLOCATION_KEYS = {"seed", "prune.allocation", "prune.ratios", "prune.target", "prune.direction",
-                    "prune.spread", "prune.growth"}
+# What a paired comparison lets differ: the seed it pairs on and what tells allocations apart
+# (keys.py: paired=True); prune.target gives way to the sparsity level, which explicit
+# ratios have too. The shape parameters of the generated allocations are part of the
+# allocation's name where they are not the default.
+_ALLOCATION_KEYS = keys.where(paired=True)
 
 
 def _allocation_label(allocation: str, config: dict) -> str:

@@ -47,6 +47,7 @@ import ml_collections
 
 from blockprune_jax import config_lib
 from blockprune_jax import files
+from blockprune_jax import keys
 from blockprune_jax import parallel
 from blockprune_jax.errors import Preempted, UserError
 
@@ -172,7 +173,7 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
     cfg = config_lib.apply_overrides(config, run)
     if cfg.prune.method == "none" or (cfg.train.steps <= 0 and cfg.train.epochs <= 0):
       continue
-    control = {k: v for k, v in run.items() if not k.startswith("prune.") and k != "role"}
+    control = {k: v for k, v in run.items() if k not in keys.where(needs="pruning") | {"role"}}
     control.update({"prune.method": "none", "role": "control"})
     dense = {k: v for k, v in control.items() if k != "role"}
     sigs = {json.dumps(files.plain(c), sort_keys=True) for c in (control, dense)}
