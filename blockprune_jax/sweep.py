@@ -32,7 +32,6 @@ plots.
 """
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -49,6 +48,7 @@ from blockprune_jax import config_lib
 from blockprune_jax import files
 from blockprune_jax import keys
 from blockprune_jax import parallel
+from blockprune_jax import trees
 from blockprune_jax.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def load_get_sweep(config_path: str) -> list[dict] | None:
   path, _, arg = config_path.partition(":")
   if not os.path.exists(path):
     raise UserError(f"sweep: config file '{path}' not found")
-  spec = importlib.util.spec_from_file_location("_blockprune_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(path, "_blockprune_sweep_config")
   get_sweep = getattr(module, "get_sweep", None)
   if get_sweep is None:
     return None
@@ -182,7 +180,7 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
       have |= sigs
   if controls:
     _say(f"sweep: {len(controls)} dense control run(s) added, fine-tuned like the pruned runs "
-         "(sweep.controls=False turns this off)", _multihost()[0] == 0)
+         "(sweep.controls=False turns this off)", parallel.processes()[0] == 0)
   return controls + list(runs)
 
 
@@ -236,32 +234,11 @@ def _outcome(run_dir: str) -> str:
     with open(os.path.join(run_dir, RESULTS)) as f:
       r = json.load(f)
     split, ppl = next(iter(r["perplexity"].items()))
-    oneshot = (r.get("oneshot") or {}).get("perplexity", {}).get(split)
+    oneshot = trees.get_path(r, ("oneshot", "perplexity", split))
     return (f"{split} ppl {ppl:.3f}" + (f" (one-shot {oneshot:.3f})" if oneshot else "")
             + f", sparsity {r['sparsity']['overall']:.3f}")
   except (OSError, ValueError, KeyError, StopIteration, TypeError):
     return "done"
-
-
-def _multihost() -> tuple[int, int]:
-  """(process_index, process_count); (0, 1) unless jax.distributed is up.
-
-  Checked without touching JAX otherwise, so tests and a CPU run never start a backend here.
-  """
-  jax = sys.modules.get("jax")
-  if jax is None or not jax.distributed.is_initialized():
-    return 0, 1
-  return jax.process_index(), jax.process_count()
-
-
-def _all_agree(flag: bool) -> bool:
-  """Process 0's `flag` on every process (their workdirs may be local disks that differ)."""
-  index, count = _multihost()
-  if count == 1:
-    return flag
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _groups(config, rows, configs, primary) -> list[list[int]]:
@@ -271,7 +248,7 @@ def _groups(config, rows, configs, primary) -> list[list[int]]:
   pending = [i for i, r in enumerate(rows) if r["status"] != "done"]
   if k <= 1 or len(pending) < 2:
     return [[i] for i in range(len(rows))]
-  if _multihost()[1] > 1:
+  if parallel.processes()[1] > 1:
     _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another",
          primary)
     return [[i] for i in range(len(rows))]
@@ -368,7 +345,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
     run_fn = functools.partial(pipeline.run, echo=False)  # this loop prints a line per run
   workdir = os.path.abspath(workdir)
-  primary = _multihost()[0] == 0
+  primary = parallel.processes()[0] == 0
   os.makedirs(workdir, exist_ok=True)
 
   # Every run shares one base model trained from scratch once (see base.dir in configs/base.py).
@@ -403,7 +380,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       continue
     i = group[0]
     row, cfg = rows[i], configs[i]
-    if _all_agree(row["status"] == "done"):
+    if parallel.agree(row["status"] == "done"):
       log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
       continue
     _start(row, primary, f"[{i + 1}/{len(rows)}] {row['name']} ...", save)

@@ -152,8 +152,9 @@ def _check_pruning(config):
   pruning.check_method(p.method, targets=p.targets, scope=p.scope, pattern=pattern,
                        ratios=ratios)
   if (crit.sequential_only or p.sequential) and crit.calibration == "":
+    aware = ", ".join(n for n, c in pruning.CRITERIA.items() if c.calibration)
     raise UserError(f"prune.sequential=True with prune.method={p.method}: only data-aware "
-                    "methods (wanda, sparsegpt) calibrate layer by layer; set it to False")
+                    f"methods ({aware}) calibrate layer by layer; set it to False")
   if crit.sequential_only and p.schedule == "gradual":
     raise UserError(f"prune.method={p.method} is one-shot (it rewrites the kept weights once "
                     "from calibration data): set --config.prune.schedule=oneshot")
