@@ -26,6 +26,7 @@ that load transformers or the planner (data sources, schedules) are read when a 
 """
 import ast
 import dataclasses
+import functools
 import io
 import os
 import tokenize
@@ -67,6 +68,7 @@ _NO_LEGACY = object()
 
 @dataclasses.dataclass(frozen=True)
 class Key:
+  """What the code knows about one key (the fields are the module docstring's list)."""
   rule: Any
   resume: bool = False
   group: bool = False
@@ -164,6 +166,7 @@ KEYS: dict[str, Key] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def where(**fact) -> frozenset:
   """The keys with the given facts, e.g. where(resume=True), where(needs="pruning")."""
   return frozenset(k for k, key in KEYS.items()

@@ -167,11 +167,12 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
   if "sweep" in config and not config.sweep.controls:
     return list(runs)
   controls, have = [], {json.dumps(files.plain(r), sort_keys=True) for r in runs}
+  dense_drops = keys.where(needs="pruning") | {"role"}
   for run in runs:
     cfg = config_lib.apply_overrides(config, run)
     if cfg.prune.method == "none" or (cfg.train.steps <= 0 and cfg.train.epochs <= 0):
       continue
-    control = {k: v for k, v in run.items() if k not in keys.where(needs="pruning") | {"role"}}
+    control = {k: v for k, v in run.items() if k not in dense_drops}
     control.update({"prune.method": "none", "role": "control"})
     dense = {k: v for k, v in control.items() if k != "role"}
     sigs = {json.dumps(files.plain(c), sort_keys=True) for c in (control, dense)}
