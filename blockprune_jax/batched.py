@@ -23,14 +23,14 @@ import jax
 import numpy as np
 
 from blockprune_jax import config_lib
+from blockprune_jax import keys
 from blockprune_jax import parallel
+from blockprune_jax import pruning
 from blockprune_jax import trees
 
 # Keys whose values a batched program takes as inputs: runs may differ in them. Every other key
 # (model, data, batch, optimizer structure, step count, evaluation) must agree within a group.
-FREE_KEYS = ("prune.", "seed", "role", "train.learning_rate", "train.schedule",
-             "train.warmup_steps", "base.", "checkpoint.", "export.", "eval.oneshot", "sweep.",
-             "wandb.", "runtime.")
+FREE_KEYS = keys.where(group=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def alone_reason(config) -> str | None:
     return "prune.schedule=gradual changes its masks while training"
   if p.method != "none" and p.when == "after_finetune":
     return "prune.when=after_finetune prunes after training"
-  if p.method == "neurons" and p.compact:
+  if p.method != "none" and pruning.criterion(p.method).compactable and p.compact:
     return "prune.compact evaluates a model of its own (smaller) shape"
   if config.distill.teacher:
     return "distillation (distill.teacher) is run one at a time"
@@ -53,7 +53,7 @@ def alone_reason(config) -> str | None:
 
 
 def _shared(config) -> dict:
-  return {k: v for k, v in config_lib.flatten(config).items() if not k.startswith(FREE_KEYS)}
+  return {k: v for k, v in config_lib.flatten(config).items() if k not in FREE_KEYS}
 
 
 def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:
@@ -81,11 +81,11 @@ def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[i
       i = group[0]
       others = [j for j in shared if j != i]
       nearest = min(others, key=lambda j: _n_diff(shared[i], shared[j]))
-      keys = sorted(k for k in set(shared[i]) | set(shared[nearest])
+      differ = sorted(k for k in set(shared[i]) | set(shared[nearest])
                     if shared[i].get(k) != shared[nearest].get(k))
       other = names[nearest] if names else f"run {nearest + 1}"
-      why[i] = (f"no other run shares its program ({', '.join(keys[:3])} differ from {other})"
-                if keys else "its group of the same shape was full")
+      why[i] = (f"no other run shares its program ({', '.join(differ[:3])} differ from {other})"
+                if differ else "its group of the same shape was full")
   groups.sort(key=lambda g: g[0])
   return groups, why
 

@@ -22,7 +22,6 @@ side by side as one program) in the same process, and adds its wall time, the ra
     python -m blockprune_jax.bench sweep --sweep_config=configs/quickstart.py --batch_runs=3 \
         --sweep=prune.allocation=uniform,linear,sensitivity   # the quickstart's 3 pruned runs
 """
-import importlib.util
 import os
 import tempfile
 import time
@@ -74,9 +73,7 @@ def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir
 def run_config(path, specs, *, workdir="", batch_runs=1) -> dict:
   """The figures of `measure` for the sweep of a config file (see the module docstring)."""
   from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("_bench_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(path, "_bench_sweep_config")
   config = config_lib.apply_overrides(module.get_config(), {"sweep.controls": False})
   runs = sweep.expand_sweep(config, specs, None if specs else sweep.load_get_sweep(path))
   workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")

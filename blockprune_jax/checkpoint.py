@@ -55,7 +55,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
-from blockprune_jax.errors import Preempted, UserError
+from blockprune_jax import parallel
+from blockprune_jax.errors import Preempted, UserError, one_line
 
 METRIC = 'perplexity'  # the name under which Orbax stores the best-keeping metric (lower is better)
 # Orbax writes this file into a step's temporary directory just before renaming it into place.
@@ -143,7 +144,7 @@ class Checkpointer:
       raise FileNotFoundError(f'no checkpoint to restore in {self.directory}')
     while (step := self.latest_step()) is not None:
       state, meta, error = self._try_restore(target_state, step)
-      if not _all_processes_ok(not error):
+      if not parallel.all_ok(not error):
         self._set_aside(step, error or 'unreadable on another process')
         continue
       return state, meta
@@ -164,7 +165,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax / TensorStore raise many types (ValueError, JSONDecodeError, OSError, ...) for a
       # damaged file; any of them means this step cannot be trusted.
-      return None, None, _one_line(e)
+      return None, None, one_line(e)
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return state, meta, None
 
@@ -175,7 +176,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(aside_root, exist_ok=True)
       os.rename(os.path.join(os.path.abspath(self.directory), str(step)), aside)
-    _sync(f'checkpoint step {step} set aside')
+    parallel.sync(f'checkpoint step {step} set aside')
     self._manager.reload()
     logging.warning('Checkpoint step %d in %s does not restore (%s); moved it to %s and '
                     'falling back to the previous step.', step, self.directory, reason, aside)
@@ -377,25 +378,6 @@ class PreemptionFlag:
 
 def _in_main_thread():
   return threading.current_thread() is threading.main_thread()
-
-
-def _all_processes_ok(ok: bool) -> bool:
-  """Whether `ok` holds on every process (one process: `ok`)."""
-  if jax.process_count() == 1:
-    return bool(ok)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.min(multihost_utils.process_allgather(np.int32(bool(ok)))))
-
-
-def _sync(name):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def _one_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
 
 
 def _hide_closed_loop_noise():

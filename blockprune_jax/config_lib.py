@@ -8,6 +8,7 @@ errors as one `UserError` line that names the key.
 import ast
 import copy
 import difflib
+import importlib.util
 from typing import Any
 
 import ml_collections
@@ -16,6 +17,14 @@ from blockprune_jax.errors import UserError
 
 _TRUE = {"true", "t", "yes", "y", "on", "1"}
 _FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def load_file(path: str, name: str = "_blockprune_config"):
+  """The Python config file at `path` as a module (its get_config, get_sweep)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def strip_prefix(key: str) -> str:
@@ -42,12 +51,13 @@ def lookup(config, key: str) -> Any:
   return node
 
 
-def flatten(config, prefix: str = "") -> dict:
-  """{dotted key: value} of every leaf of a ConfigDict or nested dict (tuples stay tuples)."""
+def flatten(config, prefix: str = "", sep: str = ".") -> dict:
+  """{dotted key: value} of every leaf of a ConfigDict or nested dict (tuples and lists stay
+  values); `sep` joins the parts ('/' for W&B's summary keys)."""
   flat = {}
   for k, v in config.items():
     if hasattr(v, "items"):
-      flat.update(flatten(v, f"{prefix}{k}."))
+      flat.update(flatten(v, f"{prefix}{k}{sep}", sep))
     else:
       flat[f"{prefix}{k}"] = v
   return flat

@@ -19,7 +19,7 @@ import numpy as np
 
 from blockprune_jax import files
 from blockprune_jax import tokenizer as tokenizer_lib
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import UserError, one_line
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("hf", "text", "builtin")
@@ -131,7 +131,7 @@ def _hf_text(data_cfg, split):
     ds = datasets.load_dataset(hf_path, hf_name or None, split=split)
   except Exception as e:  # pylint: disable=broad-except
     # No network, unknown dataset or config, missing split: all fixed by the user.
-    raise UserError(f"could not load {hint} ({tokenizer_lib.one_line(e)}); {offline}") from e
+    raise UserError(f"could not load {hint} ({one_line(e)}); {offline}") from e
   columns = list(ds.column_names)
   column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
   if column is None:
@@ -280,7 +280,7 @@ def token_stream(data_cfg, split: str, tok) -> np.ndarray:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_atomic(path, tokens)
   except OSError as e:
-    raise UserError(f"cannot write the token cache {path} ({tokenizer_lib.one_line(e)}): set "
+    raise UserError(f"cannot write the token cache {path} ({one_line(e)}): set "
                     "--config.data.cache_dir=DIR (or $BLOCKPRUNE_CACHE) to a writable folder") from e
   return tokens
 

@@ -5,6 +5,13 @@ config key, file or value at fault and say what would fix it.
 """
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception as "Type: first line of its message" (at most `limit` characters of it), for
+  one-line UserError messages that quote what went wrong underneath."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
 class UserError(Exception):
   """A bad config value, missing file or unreachable hub; str(e) is the whole story."""
 

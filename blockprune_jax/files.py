@@ -17,7 +17,7 @@ import time
 
 from absl import logging
 
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import UserError, one_line
 
 LOCK_FILE = ".lock"  # in the workdir, held (flock) while a run uses it
 
@@ -78,7 +78,7 @@ def load_json(path: str):
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(_one_line(e)) from None
+    raise ValueError(one_line(e)) from None
   if not isinstance(obj, dict):
     raise ValueError(f"holds a {type(obj).__name__}, not a JSON object")
   return obj
@@ -117,11 +117,6 @@ def move_aside(path: str, why: str) -> str:
       os.rename(path, new)
       return new
   raise UserError(f"cannot move {path} aside: too many {path}.{why}-* already; remove old ones")
-
-
-def _one_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 # --- paths a user gives -----------------------------------------------------------------
@@ -171,14 +166,14 @@ def workdir_lock(workdir: str, name: str = "--workdir"):
     os.makedirs(workdir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
-    raise UserError(f"{name}={workdir!r}: cannot write there ({_one_line(e)}): choose a "
+    raise UserError(f"{name}={workdir!r}: cannot write there ({one_line(e)}): choose a "
                     "writable directory") from None
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise UserError(f"{name}={workdir!r}: cannot lock {path} ({_one_line(e)})") from None
+        raise UserError(f"{name}={workdir!r}: cannot lock {path} ({one_line(e)})") from None
       holder = _read_holder(fd)
       raise UserError(f"{workdir} is in use by another run ({holder}; lock {path}): wait for "
                       "it to finish, or use another --workdir") from None

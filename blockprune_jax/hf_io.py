@@ -12,7 +12,7 @@ import numpy as np
 from blockprune_jax import files
 from blockprune_jax import model as model_lib
 from blockprune_jax import trees
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import UserError, one_line
 
 # HF name suffix -> (our module path inside a block or at the top, leaf name)
 _LEAF = {"weight": "kernel", "bias": "bias"}
@@ -133,8 +133,7 @@ def _load_weights(path: str, load):
   try:
     return load(path)
   except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise UserError(f"{path} is unreadable ({type(e).__name__}: {first}): the file is truncated "
+    raise UserError(f"{path} is unreadable ({one_line(e, 200)}): the file is truncated "
                     "or damaged; export or download it again") from None
 
 

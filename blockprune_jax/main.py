@@ -11,7 +11,6 @@ error (bad flag, config value or file: one `error: ...` line); 130 stopped by Ct
 143 stopped by SIGTERM. After 130 or 143 the same command resumes from the checkpoint saved on
 the way out.
 """
-import importlib.util
 import os
 import re
 import sys
@@ -86,7 +85,7 @@ def _load_config(config_path):
   an unknown key or a value of the wrong type."""
   # pylint: disable=import-outside-toplevel
   from blockprune_jax import files
-  from blockprune_jax.tokenizer import one_line
+  from blockprune_jax.errors import one_line
   files.check_file(config_path.partition(":")[0], "--config")
   try:
     return _CONFIG.value
@@ -102,12 +101,10 @@ def _check_override_keys(config_path):
   """UserError (with a near miss) for an override naming no key of the config file."""
   # pylint: disable=import-outside-toplevel
   from blockprune_jax import config_lib
-  from blockprune_jax.tokenizer import one_line
+  from blockprune_jax.errors import one_line
   path, _, arg = config_path.partition(":")
   try:
-    spec = importlib.util.spec_from_file_location("_blockprune_check_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.load_file(path, "_blockprune_check_config")
     base = module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"--config={config_path}: could not load it ({one_line(e)})") from None

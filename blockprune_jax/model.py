@@ -10,6 +10,7 @@ import functools
 import math
 from typing import Optional, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,10 +91,17 @@ def attention(q, k, v, cfg: GPT2Config):
   if impl == "cudnn":
     try:
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
       if cfg.attention == "cudnn":
         raise
+      _warn_xla_fallback(type(e).__name__)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+@functools.lru_cache(maxsize=None)  # once per reason, not at every trace
+def _warn_xla_fallback(reason: str):
+  logging.warning("model.attention=auto: cuDNN attention is unavailable here (%s); using XLA's "
+                  "(slower; set model.attention=xla to choose it)", reason)
 
 
 class Attention(nn.Module):

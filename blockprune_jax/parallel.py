@@ -6,7 +6,6 @@ We use shard_map rather than pmap because JAX >= 0.8 implements pmap on top of i
 recommends it for new code; the same function then also runs on a multi-host pod slice.
 """
 import contextlib
-import functools
 import os
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockprune_jax import files
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import UserError, one_line
 
 AXIS = "data"
 
@@ -51,9 +50,8 @@ def maybe_initialize_distributed() -> None:
     # jax raises ValueError / RuntimeError / XlaRuntimeError for a missing setting, a
     # coordinator that never answered, ...: all fixed by the environment the user gave.
     where = os.environ.get("JAX_COORDINATOR_ADDRESS", "autodetected cluster")
-    first = (str(e).strip().splitlines() or [""])[0][:200]
     raise UserError(f"jax.distributed.initialize failed (coordinator {where}, "
-                    f"{kwargs or 'cluster autodetection'}): {type(e).__name__}: {first}; check "
+                    f"{kwargs or 'cluster autodetection'}): {one_line(e, 200)}; check "
                     "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or set "
                     "BLOCKPRUNE_DISTRIBUTED=0 for one process") from None
 
@@ -75,12 +73,31 @@ def _explicit_cluster() -> dict:
   return kwargs
 
 
+def processes() -> tuple[int, int]:
+  """(process_index, process_count); (0, 1) unless jax.distributed is up.
+
+  Checked without asking the backend otherwise, so a sweep's bookkeeping, tests and a CPU run
+  never start one here.
+  """
+  if not jax.distributed.is_initialized():
+    return 0, 1
+  return jax.process_index(), jax.process_count()
+
+
 def agree(flag: bool) -> bool:
   """Process 0's `flag` on every process (one process: `flag`)."""
-  if jax.process_count() == 1:
+  if processes()[1] == 1:
     return bool(flag)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+def all_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (one process: `ok`)."""
+  if processes()[1] == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.min(multihost_utils.process_allgather(np.int32(bool(ok)))))
 
 
 @contextlib.contextmanager
@@ -175,7 +192,7 @@ def side_by_side_mode(setting: str) -> str:
 
 def sync(name: str):
   """Waits for every process (no-op on one host), e.g. until process 0 has written a file."""
-  if jax.process_count() > 1:
+  if processes()[1] > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
@@ -183,7 +200,3 @@ def sync(name: str):
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
-
-@functools.lru_cache(maxsize=None)
-def n_devices() -> int:
-  return jax.device_count()

@@ -412,8 +412,9 @@ def prune_late(prep: Prepared, params):
 
 
 def compacts(prep: Prepared) -> bool:
-  """Whether the run is evaluated as a smaller model (prune.method=neurons, prune.compact)."""
-  return prep.plan.active and prep.config.prune.method == "neurons" and prep.config.prune.compact
+  """Whether the run is evaluated as a smaller model (a compactable method, prune.compact)."""
+  return (prep.plan.active and pruning.criterion(prep.config.prune.method).compactable
+          and prep.config.prune.compact)
 
 
 def evaluate_compacted(prep: Prepared, params, masks, mesh):

@@ -123,7 +123,7 @@ class Plan:
     p = self.p
     if self.sequential:
       collection = "hessian" if self.criterion.calibration == "hessian" else "stats"
-      options = {"damp": p.sparsegpt_damp, "blocksize": p.sparsegpt_blocksize}
+      options = pruning.options_of(p)
 
       def prune_layer(params, layer, calib):
         return pruning.prune_layer(params, layer, ratios_per_layer[layer], calib,
@@ -134,7 +134,7 @@ class Plan:
     masks = pruning.compute_masks(
         params, ratios_per_layer, method=p.method, targets=p.targets, scope=p.scope,
         blocks=p.blocks, key=self.key, stats=self.stats, previous=old_masks or None,
-        pattern=self.pattern)
+        pattern=self.pattern, options=pruning.options_of(p))
     return pruning.apply_masks(params, masks), masks
 
   def full_masks(self, params):
@@ -175,9 +175,7 @@ class Plan:
     if self.criterion.calibration:
       d["calib_batches"] = int(len(self.calib_seqs))
     d.update(self.measured)
-    if p.method == "sparsegpt":
-      d.update(sparsegpt_damp=float(p.sparsegpt_damp),
-               sparsegpt_blocksize=int(p.sparsegpt_blocksize))
+    d.update({f"{p.method}_{k}": v for k, v in pruning.options_of(p).items()})
     return d
 
 

@@ -7,8 +7,10 @@
 
 A method is a `Criterion` registered by name: a score function with one signature (the lowest
 scores are pruned), or, for methods that also rewrite the kept weights (SparseGPT), a layer
-transform. The config's allowed `prune.method` values are the registry's keys, so a new criterion
-is one `register(...)` call.
+transform, plus its properties (N:M support, compaction, calibration, a random key) and its
+options (rules.Option: the keys prune.<method>_<option>, with their defaults). The config's
+allowed `prune.method` values and the method keys come from the registry (keys.py), so a new
+method with options is one module plus one `register(...)` call.
 
 A mask tree has the paths of the parameters it prunes and nothing else, e.g.
 {'h_0': {'mlp': {'c_fc': {'kernel': bool[D, F]}, 'c_proj': {'kernel': bool[F, D]}}}}
@@ -20,7 +22,7 @@ round(r * n) of them -- Python's round, as torch.nn.utils.prune does -- picked b
 scores, never by a float threshold that ties could make overshoot.
 """
 import dataclasses
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import sparsegpt
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
+from blockprune_jax.rules import Option
 
 MATRICES = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
 TARGETS = {"mlp": MATRICES[2:], "attn": MATRICES[:2], "all": MATRICES}
@@ -93,6 +96,7 @@ class MatrixInfo(NamedTuple):
   name: str  # 'mlp/c_fc', ...
   key: Optional[jax.Array]  # PRNG key of the run (random)
   norm: Optional[jax.Array]  # [in] ||X_i|| of the matrix's calibration inputs (wanda)
+  options: Optional[dict] = None  # the method's option values (Criterion.options), by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,12 @@ class Criterion:
   unit_score: structured methods: (params, layer) -> [units] scores of whole MLP hidden units.
   prune_matrix: methods that rewrite the kept weights: (w, hessian, ratio, nm, options) ->
     (w_new, keep); always calibrated layer by layer on the already pruned layers below.
+  options: the method's settings; `options_of(prune config)` gives {name: value} to the
+    functions above (MatrixInfo.options for a score).
+  nm: supports prune.pattern=N:M (per-output groups of a weight score).
+  needs_key: scores from the run's PRNG key (a control), the same key at every GMP update.
+  compactable: removes whole MLP units, so the pruned model can be evaluated smaller
+    (prune.compact).
   """
   name: str
   score: Optional[Callable] = None
@@ -112,6 +122,10 @@ class Criterion:
   calibration: str = ""
   unit_score: Optional[Callable] = None
   prune_matrix: Optional[Callable] = None
+  options: tuple[Option, ...] = ()
+  nm: bool = True
+  needs_key: bool = False
+  compactable: bool = False
 
   @property
   def sequential_only(self) -> bool:
@@ -130,6 +144,28 @@ def criterion(method: str) -> Criterion:
   if method not in CRITERIA:
     raise UserError(f"prune.method={method!r}: expected none or one of {', '.join(CRITERIA)}")
   return CRITERIA[method]
+
+
+def option_keys() -> dict[str, Option]:
+  """{'sparsegpt_damp': Option, ...}: every registered method's options, as keys of prune.*."""
+  return {f"{name}_{o.name}": o for name, c in CRITERIA.items() for o in c.options}
+
+
+def option_defaults() -> dict[str, Any]:
+  """{'sparsegpt_damp': 0.01, ...}: the defaults of option_keys(), for configs/base.py."""
+  return {k: o.default for k, o in option_keys().items()}
+
+
+def _with_defaults(crit: Criterion, options: Optional[dict]) -> dict:
+  """The method's option values: `options`, else each Option's default."""
+  return {o.name: (options or {}).get(o.name, o.default) for o in crit.options}
+
+
+def options_of(prune) -> dict[str, Any]:
+  """{option name: value} of the configured method, from the `prune` config section."""
+  method = prune["method"]
+  return {o.name: prune[f"{method}_{o.name}"]
+          for o in (CRITERIA[method].options if method in CRITERIA else ())}
 
 
 def wanda_score(w, norm):
@@ -154,16 +190,17 @@ def _unit_norms(params, layer):
 
 def _sparsegpt_matrix(w, hessian, ratio, nm, options):
   return sparsegpt.sparsegpt_prune(w, hessian, None if nm else ratio, nm=nm,
-                                   blocksize=int(options.get("blocksize", 128)),
-                                   damp=float(options.get("damp", 0.01)))
+                                   blocksize=int(options["blocksize"]),
+                                   damp=float(options["damp"]))
 
 
 register(Criterion("magnitude", score=lambda w, info: jnp.abs(w)))
-register(Criterion("random", score=_random_score))
+register(Criterion("random", score=_random_score, nm=False, needs_key=True))
 register(Criterion("wanda", score=lambda w, info: wanda_score(w, info.norm), per_output=True,
                    calibration="norms"))
-register(Criterion("neurons", unit_score=_unit_norms))
-register(Criterion("sparsegpt", prune_matrix=_sparsegpt_matrix, calibration="hessian"))
+register(Criterion("neurons", unit_score=_unit_norms, nm=False, compactable=True))
+register(Criterion("sparsegpt", prune_matrix=_sparsegpt_matrix, calibration="hessian",
+                   options=sparsegpt.OPTIONS))
 
 
 # --- masks ------------------------------------------------------------------------------
@@ -186,8 +223,9 @@ def check_method(method: str, *, targets: str, scope: str, pattern: Optional[tup
     raise UserError(f"prune.scope={scope!r} with prune.method={method}: {why}; "
                     "set --config.prune.scope=matrix")
   if pattern:
-    if crit.unit_score is not None or method == "random":
-      raise UserError(f"prune.pattern=N:M works with magnitude, wanda and sparsegpt, not "
+    if not crit.nm:
+      raise UserError(f"prune.pattern=N:M works with "
+                      f"{', '.join(n for n, c in CRITERIA.items() if c.nm)}, not "
                       f"prune.method={method}")
     n, m = pattern
     for r in ratios:
@@ -199,7 +237,8 @@ def check_method(method: str, *, targets: str, scope: str, pattern: Optional[tup
 
 def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, targets: str = "mlp",
                   scope: str = "matrix", blocks: int = 1, key=None, stats=None,
-                  previous=None, pattern: Optional[tuple] = None) -> dict:
+                  previous=None, pattern: Optional[tuple] = None,
+                  options: Optional[dict] = None) -> dict:
   """Keep-masks (True = kept) for the targeted kernels, exact counts per `scope`.
 
   Args:
@@ -226,6 +265,7 @@ def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, tar
       masks only grow.
     pattern: None, or (n, m): n zeros in every m consecutive inputs of each output unit, in
       layers whose ratio is not 0 (their ratio must be n / m).
+    options: the method's option values by name (options_of); missing ones take the default.
   Returns:
     the mask tree: bool leaves shaped like the kernels (plus the c_fc bias for neurons).
   """
@@ -243,14 +283,15 @@ def compute_masks(params, ratios_per_layer: Sequence[float], *, method: str, tar
     raise ValueError(f"method {method} rewrites weights: use prune_layer (sequential)")
   if crit.calibration == "norms" and stats is None:
     raise ValueError(f"method {method} needs calibration stats (calibration.collect_stats)")
-  if method == "random" and key is None:
-    raise ValueError("method random needs a PRNG key")
+  if crit.needs_key and key is None:
+    raise ValueError(f"method {method} needs a PRNG key")
   norms = input_norms(stats) if crit.calibration == "norms" else {}
   names = target_names(targets)
+  options = _with_defaults(crit, options)
   scores = {}
   for l in range(n_layer):
     for n in names:
-      s = crit.score(kernel(params, l, n), MatrixInfo(l, n, key, norms.get((l, n))))
+      s = crit.score(kernel(params, l, n), MatrixInfo(l, n, key, norms.get((l, n)), options))
       if previous is not None:  # dead weights rank first, so they stay among the zeros
         s = jnp.where(trees.get_path(previous, kernel_path(l, n)), s, -jnp.inf)
       scores[(l, n)] = s
@@ -287,7 +328,7 @@ def prune_layer(params, layer: int, ratio: float, calib, *, method: str, targets
     one = {"h_0": params[f"h_{layer}"]}
     stats = {"h_0": calib} if crit.calibration == "norms" else None
     m = compute_masks(one, [ratio], method=method, targets=targets, stats=stats,
-                      pattern=pattern)
+                      pattern=pattern, options=options)
     masks = {f"h_{layer}": m["h_0"]}
     return apply_masks(params, masks), masks
   new = jax.tree.map(lambda x: x, params)
@@ -297,7 +338,8 @@ def prune_layer(params, layer: int, ratio: float, calib, *, method: str, targets
     if ratio == 0:
       keep = jnp.ones(w.shape, bool)
     else:
-      w, keep = crit.prune_matrix(w, calib[module][f"{dense}_in"], ratio, pattern, options or {})
+      w, keep = crit.prune_matrix(w, calib[module][f"{dense}_in"], ratio, pattern,
+                                  _with_defaults(crit, options))
     trees.set_path(new, kernel_path(layer, n), w)
     trees.set_path(masks, kernel_path(layer, n), keep)
   return apply_masks(new, masks), masks
@@ -325,7 +367,8 @@ def layer_scores(method: str, params, stats, targets: str, key=None) -> list[lis
   """[n_layer][matrix] score arrays of a score criterion (OWL's outlier statistics)."""
   crit = criterion(method)
   norms = input_norms(stats) if crit.calibration == "norms" else {}
-  return [[crit.score(kernel(params, l, n), MatrixInfo(l, n, key, norms.get((l, n))))
+  return [[crit.score(kernel(params, l, n),
+                      MatrixInfo(l, n, key, norms.get((l, n)), _with_defaults(crit, None)))
            for n in target_names(targets)] for l in range(n_layers(params))]
 
 

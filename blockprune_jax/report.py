@@ -27,8 +27,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from blockprune_jax import config_lib
 from blockprune_jax import files
+from blockprune_jax import keys
 from blockprune_jax import stats
+from blockprune_jax import trees
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +45,6 @@ _PPL = ("ppl_", "oneshot_", "delta_")  # prefixes of the perplexity columns, in 
 # ----------------------------------------------------------------------------------------------
 # One DataFrame from the results.json files
 # ----------------------------------------------------------------------------------------------
-
-
-def _get(d: Any, *path, default=None):
-  """d[path[0]][path[1]]...; `default` where anything along the way is missing."""
-  for p in path:
-    if not isinstance(d, dict) or p not in d:
-      return default
-    d = d[p]
-  return d
 
 
 def _num(x: Any) -> float | None:
@@ -113,15 +107,15 @@ def _record(results: dict, run: str, run_dir: str) -> dict:
   """One row; keys starting with '_' feed plots and grouping, not the tables."""
   cfg = results.get("config") if isinstance(results.get("config"), dict) else {}
   pruning = results.get("pruning") if isinstance(results.get("pruning"), dict) else {}
-  method = pruning.get("method", _get(cfg, "prune", "method"))
-  allocation = pruning.get("allocation", _get(cfg, "prune", "allocation"))
+  method = pruning.get("method", trees.get_path(cfg, ("prune", "method")))
+  allocation = pruning.get("allocation", trees.get_path(cfg, ("prune", "allocation")))
   # Older results.json lack the solved ratios; for explicit / layer runs they are the config's.
-  cfg_ratios = _nums(_get(cfg, "prune", "ratios"))
+  cfg_ratios = _nums(trees.get_path(cfg, ("prune", "ratios")))
   ratios_block = _nums(pruning.get("ratios_per_block")) or (
       cfg_ratios if allocation == "explicit" else None)
   ratios_layer = _nums(pruning.get("ratios_per_layer")) or (
       cfg_ratios if allocation == "layer" else None)
-  target = _num(_get(cfg, "prune", "target"))
+  target = _num(trees.get_path(cfg, ("prune", "target")))
   if method in (None, "none") or allocation not in _GENERATED:
     target = None  # a config default that the run did not use; a blank says so
   ppl = _ppls(results.get("perplexity"))
@@ -135,14 +129,15 @@ def _record(results: dict, run: str, run_dir: str) -> dict:
       "target": target,
       "ratios_per_block": _slash(ratios_block),
       "ratios_per_layer": _slash(ratios_layer) if allocation == "layer" else "",
-      "sparsity_overall": _num(_get(results, "sparsity", "overall")),
-      "sparsity_per_block": _slash(_nums(_get(results, "sparsity", "per_block")), "{:.6g}"),
-      "seed": _get(cfg, "seed", default=results.get("seed")),
-      "train_steps": _get(results, "train", "steps"),
-      "final_train_loss": _num(_get(results, "train", "final_loss")),
+      "sparsity_overall": _num(trees.get_path(results, ("sparsity", "overall"))),
+      "sparsity_per_block": _slash(_nums(trees.get_path(results, ("sparsity", "per_block"))),
+                                   "{:.6g}"),
+      "seed": trees.get_path(cfg, ("seed",), results.get("seed")),
+      "train_steps": trees.get_path(results, ("train", "steps")),
+      "final_train_loss": _num(trees.get_path(results, ("train", "final_loss"))),
       "_dir": run_dir,
       "_ppl": ppl,
-      "_oneshot": _ppls(_get(results, "oneshot", "perplexity")),
+      "_oneshot": _ppls(trees.get_path(results, ("oneshot", "perplexity"))),
       "_val": val if val is not None and math.isfinite(val) and val > 0 else None,  # plottable
       "_ratios_block": ratios_block,
       "_ratios_layer": ratios_layer,
@@ -307,14 +302,10 @@ def _write_csv(path: str, table: pd.DataFrame, columns: Sequence[str]) -> None:
     cells.to_csv(tmp, index=False, lineterminator="\r\n")
 
 
-def _flatten(d: dict, prefix: str = "", skip: Iterable[str] = ()) -> dict:
+def _flatten(d: dict, skip: Iterable[str] = ()) -> dict:
   """{"a.b": JSON of the value} of a nested dict, without the dotted keys in `skip`."""
-  out = {}
-  for k, v in d.items():
-    if f"{prefix}{k}" not in skip:
-      out.update(_flatten(v, f"{prefix}{k}.", skip) if isinstance(v, dict)
-                 else {f"{prefix}{k}": json.dumps(v, sort_keys=True)})
-  return out
+  return {k: json.dumps(v, sort_keys=True) for k, v in config_lib.flatten(d).items()
+          if k not in skip}
 
 
 def _keyed(configs: pd.Series, skip: Iterable[str], hide: Iterable[str] = ()) -> pd.DataFrame:
@@ -394,12 +385,11 @@ def _seed_markdown(seeds: pd.DataFrame, metrics: Sequence[str]) -> str:
 _PAIRED_COLUMNS = ["sparsity", "method", "train_steps", "setting", "stage", "split",
                    "allocation_a", "allocation_b", "n", "mean", "std", "ci_low", "ci_high",
                    "significant"]
-# What a paired comparison lets differ: the seed it pairs on and the allocation; prune.target
-# gives way to the sparsity level, which explicit ratios have too.
-# What tells allocations apart (and the seed they are paired by); the shape parameters of the
-# generated ones are part of the allocation's name where they are not the default.
-_ALLOCATION_KEYS = {"seed", "prune.allocation", "prune.ratios", "prune.target", "prune.direction",
-                    "prune.spread", "prune.growth"}
+# What a paired comparison lets differ: the seed it pairs on and what tells allocations apart
+# (keys.py: paired=True); prune.target gives way to the sparsity level, which explicit
+# ratios have too. The shape parameters of the generated allocations are part of the
+# allocation's name where they are not the default.
+_ALLOCATION_KEYS = keys.where(paired=True)
 
 
 def _allocation_label(allocation: str, config: dict) -> str:

@@ -28,6 +28,14 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from blockprune_jax.rules import POSITIVE, RATE, Option
+
+# The method's settings (keys prune.sparsegpt_damp / prune.sparsegpt_blocksize): the defaults
+# are the reference's, written here once.
+OPTIONS = (Option("damp", 0.01, RATE, "sparsegpt: dampening, a fraction of mean(diag H)"),
+           Option("blocksize", 128, POSITIVE, "sparsegpt: columns whose mask is chosen together"))
+_DEFAULT = {o.name: o.default for o in OPTIONS}
 from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 / bf16 passes: the updates compound block to block
@@ -215,8 +223,8 @@ def _sparsegpt(w, h, counts, damp, *, blocksize: int, nm):
   return wt.T, ~pruned.T
 
 
-def sparsegpt_prune(w, h, ratio: Optional[float], *, blocksize: int = 128, damp: float = 0.01,
-                    nm: Optional[Sequence[int]] = None):
+def sparsegpt_prune(w, h, ratio: Optional[float], *, blocksize: int = _DEFAULT["blocksize"],
+                    damp: float = _DEFAULT["damp"], nm: Optional[Sequence[int]] = None):
   """SparseGPT pruning of one kernel with optimal (OBS) updates of the remaining weights.
 
   Args:

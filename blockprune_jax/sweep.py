@@ -32,7 +32,6 @@ plots.
 """
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -47,7 +46,9 @@ import ml_collections
 
 from blockprune_jax import config_lib
 from blockprune_jax import files
+from blockprune_jax import keys
 from blockprune_jax import parallel
+from blockprune_jax import trees
 from blockprune_jax.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,7 @@ def load_get_sweep(config_path: str) -> list[dict] | None:
   path, _, arg = config_path.partition(":")
   if not os.path.exists(path):
     raise UserError(f"sweep: config file '{path}' not found")
-  spec = importlib.util.spec_from_file_location("_blockprune_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(path, "_blockprune_sweep_config")
   get_sweep = getattr(module, "get_sweep", None)
   if get_sweep is None:
     return None
@@ -168,11 +167,12 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
   if "sweep" in config and not config.sweep.controls:
     return list(runs)
   controls, have = [], {json.dumps(files.plain(r), sort_keys=True) for r in runs}
+  dense_drops = keys.where(needs="pruning") | {"role"}
   for run in runs:
     cfg = config_lib.apply_overrides(config, run)
     if cfg.prune.method == "none" or (cfg.train.steps <= 0 and cfg.train.epochs <= 0):
       continue
-    control = {k: v for k, v in run.items() if not k.startswith("prune.") and k != "role"}
+    control = {k: v for k, v in run.items() if k not in dense_drops}
     control.update({"prune.method": "none", "role": "control"})
     dense = {k: v for k, v in control.items() if k != "role"}
     sigs = {json.dumps(files.plain(c), sort_keys=True) for c in (control, dense)}
@@ -181,7 +181,7 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
       have |= sigs
   if controls:
     _say(f"sweep: {len(controls)} dense control run(s) added, fine-tuned like the pruned runs "
-         "(sweep.controls=False turns this off)", _multihost()[0] == 0)
+         "(sweep.controls=False turns this off)", parallel.processes()[0] == 0)
   return controls + list(runs)
 
 
@@ -235,32 +235,11 @@ def _outcome(run_dir: str) -> str:
     with open(os.path.join(run_dir, RESULTS)) as f:
       r = json.load(f)
     split, ppl = next(iter(r["perplexity"].items()))
-    oneshot = (r.get("oneshot") or {}).get("perplexity", {}).get(split)
+    oneshot = trees.get_path(r, ("oneshot", "perplexity", split))
     return (f"{split} ppl {ppl:.3f}" + (f" (one-shot {oneshot:.3f})" if oneshot else "")
             + f", sparsity {r['sparsity']['overall']:.3f}")
   except (OSError, ValueError, KeyError, StopIteration, TypeError):
     return "done"
-
-
-def _multihost() -> tuple[int, int]:
-  """(process_index, process_count); (0, 1) unless jax.distributed is up.
-
-  Checked without touching JAX otherwise, so tests and a CPU run never start a backend here.
-  """
-  jax = sys.modules.get("jax")
-  if jax is None or not jax.distributed.is_initialized():
-    return 0, 1
-  return jax.process_index(), jax.process_count()
-
-
-def _all_agree(flag: bool) -> bool:
-  """Process 0's `flag` on every process (their workdirs may be local disks that differ)."""
-  index, count = _multihost()
-  if count == 1:
-    return flag
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _groups(config, rows, configs, primary) -> list[list[int]]:
@@ -270,7 +249,7 @@ def _groups(config, rows, configs, primary) -> list[list[int]]:
   pending = [i for i, r in enumerate(rows) if r["status"] != "done"]
   if k <= 1 or len(pending) < 2:
     return [[i] for i in range(len(rows))]
-  if _multihost()[1] > 1:
+  if parallel.processes()[1] > 1:
     _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another",
          primary)
     return [[i] for i in range(len(rows))]
@@ -348,7 +327,7 @@ def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
 def _run_alone(i, rows, configs, run_fn, save, primary, fail_fast):
   """Run i by itself (run_fn); its row ends done, failed or (re-raised) interrupted."""
   row = rows[i]
-  if _all_agree(row["status"] == "done"):
+  if parallel.agree(row["status"] == "done"):
     log.info("sweep [%d/%d] %s: done already, skipped", i + 1, len(rows), row["name"])
     return
   _start(row, primary, f"[{i + 1}/{len(rows)}] {row['name']} ...", save)
@@ -403,7 +382,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
     run_fn = functools.partial(pipeline.run, echo=False)  # this loop prints a line per run
   workdir = os.path.abspath(workdir)
-  primary = _multihost()[0] == 0
+  primary = parallel.processes()[0] == 0
   os.makedirs(workdir, exist_ok=True)
 
   # Every run shares one base model trained from scratch once (see base.dir in configs/base.py).

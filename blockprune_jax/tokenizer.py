@@ -27,7 +27,7 @@ import numpy as np
 import transformers
 
 from blockprune_jax import files
-from blockprune_jax.errors import UserError
+from blockprune_jax.errors import UserError, one_line
 
 OFFLINE = "gpt2-offline"  # value of data.tokenizer that forces the offline GPT-2 BPE
 BYTES = "bytes"  # value of data.tokenizer for the byte-level vocabulary (257 tokens)
@@ -187,12 +187,6 @@ def _load_hub(name):
 def _looks_like_path(s):
   """Hub ids are "name" or "org/name"; anything else that is not a directory is a bad path."""
   return s.startswith(("/", ".", "~")) or s.count("/") > 1
-
-
-def one_line(e: BaseException) -> str:
-  """An exception as "Type: first line of its message", for one-line UserError messages."""
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def load_tokenizer(name_or_path: str, override: str = ""):

@@ -23,6 +23,7 @@ from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import hf_io
+from blockprune_jax import keys as keys_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pruning
@@ -497,37 +498,27 @@ def preempted(preemption, step, logs, workdirs) -> Exception:
 
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
-_FREE_TO_CHANGE = ("checkpoint.", "eval.", "export.", "train.log_every", "train.eval_every",
-                   "train.eval_max_tokens", "data.cache_dir", "base.dir", "model.attention", "sweep.",
-                   "wandb.", "runtime.")
+_FREE_TO_CHANGE = keys_lib.where(resume=True)
 
 
 def resume_keys(config) -> dict:
   """The flattened config entries that a checkpoint's trajectory depends on."""
   flat = {k: list(v) if isinstance(v, tuple) else v
           for k, v in config_lib.flatten(config).items()}
-  free = _FREE_TO_CHANGE + ("role",)
+  free = set(_FREE_TO_CHANGE)
   if flat.get("prune.method") == "none":
-    free += ("prune.",)
+    free |= keys_lib.where(needs="pruning")
   if not flat.get("distill.teacher"):
-    free += ("distill.",)
-  return {k: v for k, v in flat.items() if not k.startswith(free)}
-
-
-# Keys added after checkpoints were first written, with the value that reproduces a checkpoint
-# that lacks them: its behaviour from before they existed, or (for methods that did not exist
-# then, so cannot be what it ran) whatever the current run says.
-_LEGACY_DEFAULTS = {"prune.pattern": "unstructured", "prune.sequential": False}
-_LEGACY_ANY = ("prune.sparsegpt_damp", "prune.sparsegpt_blocksize", "prune.sensitivity_ratios",
-               "prune.sensitivity_rounds", "prune.search_evals")
+    free |= keys_lib.where(needs="distillation")
+  return {k: v for k, v in flat.items() if k not in free}
 
 
 def check_resumable(saved: dict, current: dict, workdir: str):
   """Refuses to continue a checkpoint under a config that would change its trajectory."""
   if not saved:
     return
-  if "prune.method" in saved:  # a pruned run's checkpoint from before the keys above existed
-    saved = {**_LEGACY_DEFAULTS, **{k: current[k] for k in _LEGACY_ANY if k in current}, **saved}
+  # A checkpoint from before some keys existed ran with their legacy values (keys.py).
+  saved = {**keys_lib.legacy_values(saved, current), **saved}
   diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if diff:
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])

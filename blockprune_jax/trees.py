@@ -10,11 +10,11 @@ def leaf_paths(tree, prefix=()):
       yield prefix + (k,)
 
 
-def get_path(tree, path):
-  """The value at `path`, or None where the path does not exist."""
+def get_path(tree, path, default=None):
+  """The value at `path`, or `default` where the path does not exist."""
   for k in path:
     if not isinstance(tree, dict) or k not in tree:
-      return None
+      return default
     tree = tree[k]
   return tree
 

@@ -6,241 +6,34 @@ so a bad value fails in milliseconds rather than after a base model has trained.
 be known later (a hub id, a pretrained model's n_layer, the device count) is checked where it is
 used, also in one line.
 
-RULES holds one rule per key of configs/base.py (tests/test_fuzz.py feeds every key wrong
-values and checks each is refused); a key without a rule gets a type check only.
+RULES holds the rule keys.py declares for each key of configs/base.py (tests/test_fuzz.py feeds
+every key wrong values and checks each is refused); a key without a rule gets a type check only.
 """
-import math
 import os
 
 from blockprune_jax import allocation
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
-from blockprune_jax import plan as plan_lib
+from blockprune_jax import keys
 from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
-from blockprune_jax import wandb_log
 from blockprune_jax.errors import UserError
 
-# XLA shapes, our int32 step / data-position counters and jax.random seeds hold no more.
-INT_MAX = 2**31 - 1
-ROLES = ("experiment", "base", "control")  # base: pipeline.base_config; control: sweep controls
-
-# Allowed values of the keys that name a choice; the pruning ones come from their registries.
-CHOICES = {
-    "role": ROLES,
-    "model.init": ("pretrained", "scratch"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("auto", "cudnn", "xla"),
-    "data.source": data_lib.SOURCES,
-    "prune.method": ("none", *pruning.CRITERIA),
-    "prune.targets": tuple(pruning.TARGETS),
-    "prune.allocation": allocation.ALLOCATIONS,
-    "prune.scope": pruning.SCOPES,
-    "prune.schedule": plan_lib.SCHEDULES,
-    "prune.when": ("before_finetune", "after_finetune"),
-    "prune.direction": ("increasing", "decreasing"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "wandb.mode": wandb_log.MODES,
-    "sweep.side_by_side": ("auto", "vmap", "map"),
-}
-
-
-# --- rules for one value ------------------------------------------------------------------
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class Int:
-  """An integer in lo..hi."""
-
-  def __init__(self, lo=0, hi=INT_MAX):
-    self.lo, self.hi = lo, hi
-
-  def what(self, v=None) -> str:
-    if self.hi != INT_MAX:
-      return f"an integer in {self.lo}..{self.hi}"
-    too_big = _is_number(v) and v > self.hi
-    return f"an integer >= {self.lo}" + (f" and at most 2**31 - 1 ({INT_MAX})" if too_big else "")
-
-  def check(self, key, v):
-    if not _is_int(v) or not self.lo <= v <= self.hi:
-      raise UserError(f"{key}={v!r} must be {self.what(v)}")
-
-
-class Float:
-  """A finite number in an interval; `lo_open` / `hi_open` exclude the ends."""
-
-  def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-
-  def what(self) -> str:
-    if self.hi == math.inf:
-      return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
-    if self.lo == -math.inf:
-      return f"a finite number {'<' if self.hi_open else '<='} {self.hi:g}"
-    return (f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-            f"{')' if self.hi_open else ']'}")
-
-  def ok(self, v) -> bool:
-    if not _is_number(v) or not math.isfinite(v):
-      return False
-    above = v > self.lo if self.lo_open else v >= self.lo
-    below = v < self.hi if self.hi_open else v <= self.hi
-    return above and below
-
-  def check(self, key, v):
-    if not self.ok(v):
-      raise UserError(f"{key}={v!r} must be {self.what()}")
-
-
-class Choice:
-  """One of CHOICES[key] (the message is the one the README quotes)."""
-
-  def check(self, key, v):
-    allowed = CHOICES[key]
-    if v not in allowed:
-      raise UserError(f"{key}={v!r} is not one of {', '.join(allowed)}")
-
-
-class Str:
-  """Any text (paths and names: combinations check what they must hold)."""
-
-  def check(self, key, v):
-    if not isinstance(v, str):
-      raise UserError(f"{key}={v!r} must be text (a string)")
-
-
-class Bool:
-
-  def check(self, key, v):
-    if not isinstance(v, bool):
-      raise UserError(f"{key}={v!r} must be true or false")
-
-
-class Pattern:
-  """prune.pattern: `unstructured` or N:M (pruning.parse_pattern says why not)."""
-
-  def check(self, key, v):
-    Str().check(key, v)
-    pruning.parse_pattern(v)
-
-
-class Numbers:
-  """A tuple of numbers, each in `each` (a Float); optionally non-empty and strictly rising."""
-
-  def __init__(self, each, nonempty=False, ascending=False):
-    self.each, self.nonempty, self.ascending = each, nonempty, ascending
-
-  def check(self, key, v):
-    if not isinstance(v, (tuple, list)) or not all(self.each.ok(x) for x in v):
-      raise UserError(f"{key}={v!r} must be a tuple of numbers, each {self.each.what()} "
-                      f"(--config.{key}=0.1,0.2,...)")
-    if self.nonempty and not v:
-      raise UserError(f"{key}=() must hold at least one ratio (--config.{key}=0.2,0.5,...)")
-    if self.ascending and any(b <= a for a, b in zip(v, v[1:])):
-      raise UserError(f"{key}={tuple(v)!r} must be strictly ascending")
-
-
-class Splits:
-  """eval.splits: names from data.SPLITS (also 'validation,test' in one element), no repeats."""
-
-  def check(self, key, v):
-    if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
-      raise UserError(f"{key}={v!r} must be a tuple of split names "
-                      f"({', '.join(data_lib.SPLITS)})")
-    names = [s.strip() for item in v for s in item.split(",") if s.strip()]
-    if not names:
-      raise UserError(f"{key}={tuple(v)!r} names no split: give one or more of "
-                      f"{', '.join(data_lib.SPLITS)}")
-    for s in names:
-      if s not in data_lib.SPLITS:
-        raise UserError(f"{key}: {s!r} is not one of {', '.join(data_lib.SPLITS)}")
-    if len(set(names)) < len(names):
-      raise UserError(f"{key}={tuple(v)!r} names a split twice")
-
-
-class TokenCount:
-  """0 (everything) or at least 2 tokens (a window scores the tokens after its first)."""
-
-  def check(self, key, v):
-    Int(0).check(key, v)
-    if v == 1:
-      raise UserError(f"{key}=1 must be 0 (all tokens) or at least 2 (one scored token)")
-
-
-POSITIVE = Int(1)
-COUNT = Int(0)
-RATIO = Float(0.0, 1.0, hi_open=True)
-RATE = Float(0.0, lo_open=True)  # learning rates, temperatures: > 0
-# prune.start / end / every: a fraction of the run (<= 1) or a step count (> 1).
-WHEN = Float(0.0, float(INT_MAX))
-
-RULES = {
-    "seed": Int(0), "role": Choice(),
-    # model
-    "model.init": Choice(), "model.name_or_path": Str(),
-    "model.n_layer": POSITIVE, "model.n_embd": POSITIVE, "model.n_head": POSITIVE,
-    "model.n_positions": Int(2), "model.dropout": RATIO, "model.dtype": Choice(),
-    "model.attention": Choice(),
-    # base
-    "base.steps": COUNT, "base.dir": Str(), "base.learning_rate": RATE, "base.batch_size": COUNT,
-    "base.seed": Int(0),
-    # data
-    "data.source": Choice(), "data.hf_path": Str(), "data.hf_name": Str(),
-    "data.text_dir": Str(), "data.seq_len": Int(2), "data.cache_dir": Str(),
-    "data.tokenizer": Str(),
-    # eval
-    "eval.splits": Splits(), "eval.stride": COUNT, "eval.batch_size": POSITIVE,
-    "eval.max_tokens": TokenCount(), "eval.oneshot": Bool(),
-    # train
-    "train.steps": COUNT, "train.epochs": Float(0.0, float(INT_MAX)),
-    "train.batch_size": POSITIVE, "train.grad_accum": POSITIVE, "train.learning_rate": RATE,
-    "train.warmup_steps": COUNT, "train.schedule": Choice(), "train.weight_decay": Float(0.0),
-    "train.b1": RATIO, "train.b2": RATIO, "train.grad_clip": Float(0.0),
-    "train.log_every": POSITIVE, "train.eval_every": COUNT, "train.eval_max_tokens": TokenCount(),
-    # distill
-    "distill.teacher": Str(), "distill.temperature": RATE, "distill.alpha": Float(0.0, 1.0),
-    # checkpoint
-    "checkpoint.every_steps": POSITIVE, "checkpoint.keep": POSITIVE,
-    "checkpoint.final_after_s": Float(0.0),
-    # prune
-    "prune.method": Choice(), "prune.targets": Choice(), "prune.blocks": POSITIVE,
-    "prune.allocation": Choice(), "prune.ratios": Numbers(RATIO),
-    "prune.target": Float(0.0, allocation.MAX_RATIO),
-    "prune.spread": Float(-1.0, 1.0),  # last minus first block ratio, ratios lie in [0, 1)
-    "prune.growth": RATE, "prune.direction": Choice(), "prune.owl_threshold": RATE,
-    "prune.owl_lambda": Float(0.0, 1.0), "prune.scope": Choice(), "prune.schedule": Choice(),
-    "prune.when": Choice(), "prune.start": WHEN, "prune.end": WHEN,
-    "prune.every": Float(0.0, float(INT_MAX), lo_open=True), "prune.initial": RATIO,
-    "prune.compact": Bool(), "prune.calib_batches": POSITIVE, "prune.pattern": Pattern(),
-    "prune.sequential": Bool(), "prune.sparsegpt_damp": RATE,
-    "prune.sparsegpt_blocksize": POSITIVE,
-    "prune.sensitivity_ratios": Numbers(Float(0.0, 1.0, lo_open=True, hi_open=True),
-                                        nonempty=True, ascending=True),
-    "prune.sensitivity_rounds": POSITIVE, "prune.search_evals": POSITIVE,
-    # export, runtime, sweep, wandb
-    "export.hf": Bool(), "runtime.compile_cache": Str(),
-    "sweep.controls": Bool(), "sweep.batch_runs": POSITIVE,
-    "sweep.side_by_side": Choice(),
-    "wandb.mode": Choice(), "wandb.project": Str(), "wandb.entity": Str(), "wandb.group": Str(),
-}
+# One rule per key of configs/base.py, declared in keys.py with the key's other facts.
+RULES = {k: key.rule for k, key in keys.KEYS.items()}
+INT_MAX = keys.INT_MAX
 
 
 def _type_rule(value):
   """The rule of a key RULES does not list: its value's type, nothing more."""
   if isinstance(value, bool):
-    return Bool()
+    return keys.Bool()
   if isinstance(value, str):
-    return Str()
-  if _is_int(value):
-    return Int(-INT_MAX)
+    return keys.Str()
+  if keys.is_int(value):
+    return keys.Int(-INT_MAX)
   if isinstance(value, float):
-    return Float()
+    return keys.Float()
   return None
 
 
@@ -359,8 +152,9 @@ def _check_pruning(config):
   pruning.check_method(p.method, targets=p.targets, scope=p.scope, pattern=pattern,
                        ratios=ratios)
   if (crit.sequential_only or p.sequential) and crit.calibration == "":
+    aware = ", ".join(n for n, c in pruning.CRITERIA.items() if c.calibration)
     raise UserError(f"prune.sequential=True with prune.method={p.method}: only data-aware "
-                    "methods (wanda, sparsegpt) calibrate layer by layer; set it to False")
+                    f"methods ({aware}) calibrate layer by layer; set it to False")
   if crit.sequential_only and p.schedule == "gradual":
     raise UserError(f"prune.method={p.method} is one-shot (it rewrites the kept weights once "
                     "from calibration data): set --config.prune.schedule=oneshot")

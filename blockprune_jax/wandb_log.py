@@ -18,7 +18,8 @@ import csv
 import os
 import re
 
-from blockprune_jax.errors import UserError
+from blockprune_jax import config_lib
+from blockprune_jax.errors import UserError, one_line
 
 MODES = ("disabled", "online", "offline")
 ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run continues
@@ -130,8 +131,7 @@ def init_run(wandb, mode, *, run_id, **kwargs):
     return wandb.init(mode=mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
   except Exception as e:  # pylint: disable=broad-except
     # No API key, no network, a bad entity: say what to change, in one line.
-    first = (str(e).strip().splitlines() or [""])[0]
-    raise UserError(f"wandb.init failed ({type(e).__name__}: {first}): run `wandb login`, or set "
+    raise UserError(f"wandb.init failed ({one_line(e)}): run `wandb login`, or set "
                     "--config.wandb.mode=offline (sync later with `wandb sync`) or disabled"
                     ) from None
 
@@ -154,7 +154,7 @@ class WandbRun:
 
   def summarize(self, results: dict):
     """results.json into the run summary, flattened with '/' (the config is logged already)."""
-    flat = flatten({k: v for k, v in results.items() if k != "config"})
+    flat = config_lib.flatten({k: v for k, v in results.items() if k != "config"}, sep="/")
     self.run.summary.update({k: v for k, v in flat.items() if v is not None})
 
   def images(self, paths, prefix: str = "plots"):
@@ -179,18 +179,6 @@ def _number(v):
   if isinstance(v, bool) or not isinstance(v, (int, float)):
     return None
   return v
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-  """{'a': {'b': 1}} -> {'a/b': 1}; lists stay values."""
-  flat = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      flat.update(flatten(v, key + "/"))
-    else:
-      flat[key] = v
-  return flat
 
 
 def image_dict(wandb, paths, prefix: str) -> dict:

@@ -8,6 +8,8 @@ Any key can be overridden on the command line, e.g.
 """
 import ml_collections
 
+from blockprune_jax import pruning
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -19,9 +21,9 @@ def get_config():
   m.init = "pretrained"  # pretrained (hub id or local HF dir) | scratch (random init)
   m.name_or_path = "gpt2"  # hub id, or a directory with config.json + model.safetensors/pytorch_model.bin
   m.n_layer = 12  # shape of a scratch model (a checkpoint brings its own)
-  m.n_embd = 768
-  m.n_head = 12
-  m.n_positions = 1024
+  m.n_embd = 768  # width of a scratch model
+  m.n_head = 12  # attention heads of a scratch model (must divide n_embd)
+  m.n_positions = 1024  # longest sequence a scratch model takes (>= data.seq_len)
   m.dropout = 0.1  # embedding and residual dropout during training (GPT-2's 0.1)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   m.attention = "auto"  # auto (cuDNN on GPU when possible, else XLA) | cudnn | xla
@@ -38,8 +40,8 @@ def get_config():
   # --- data --------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "hf"  # hf (datasets.load_dataset) | text (local files) | builtin (offline corpus)
-  d.hf_path = "wikitext"
-  d.hf_name = "wikitext-2-raw-v1"
+  d.hf_path = "wikitext"  # source=hf: the dataset's hub name
+  d.hf_name = "wikitext-2-raw-v1"  # source=hf: its configuration ("" for none)
   d.text_dir = ""  # for source=text: wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt
   d.seq_len = 1024  # tokens per sequence
   d.cache_dir = ""  # token stream cache; "" = ~/.cache/blockprune_jax (or $BLOCKPRUNE_CACHE)
@@ -47,7 +49,7 @@ def get_config():
 
   # --- evaluation ----------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
-  e.splits = ("validation", "test")
+  e.splits = ("validation", "test")  # splits perplexity is reported on at the end
   e.stride = 0  # window step; 0 means seq_len (non-overlapping blocks)
   e.batch_size = 8  # windows per evaluation step, global (padded to a multiple of devices)
   e.max_tokens = 0  # >0: evaluate only the first max_tokens tokens of each split (quick checks)
@@ -59,12 +61,12 @@ def get_config():
   t.epochs = 0.0  # float; steps and epochs both 0 means no fine-tuning
   t.batch_size = 8  # global batch in sequences, split across all devices
   t.grad_accum = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-  t.learning_rate = 5e-5
+  t.learning_rate = 5e-5  # peak learning rate (AdamW)
   t.warmup_steps = 0  # 0 = 5 % of the steps
   t.schedule = "cosine"  # cosine | linear | constant (decay after warmup)
   t.weight_decay = 0.01  # not applied to biases, LayerNorm and embeddings
-  t.b1 = 0.9
-  t.b2 = 0.999
+  t.b1 = 0.9  # AdamW's first-moment decay
+  t.b2 = 0.999  # AdamW's second-moment decay
   t.grad_clip = 1.0  # global-norm clipping; 0 disables
   t.log_every = 10  # steps between log lines
   t.eval_every = 0  # steps between validation evaluations; 0 = only at the end
@@ -73,7 +75,7 @@ def get_config():
   # --- distillation ----------------------------------------------------------
   c.distill = ds = ml_collections.ConfigDict()
   ds.teacher = ""  # "" = off; a HF hub id / directory, or a workdir (its export/ is used)
-  ds.temperature = 2.0
+  ds.temperature = 2.0  # softens both distributions before the KL term
   ds.alpha = 0.5  # loss = (1-alpha) CE + alpha T^2 KL(teacher || student)
 
   # --- checkpoints -----------------------------------------------------------
@@ -84,10 +86,10 @@ def get_config():
 
   # --- pruning -----------------------------------------------------------
   c.prune = p = ml_collections.ConfigDict()
-  p.method = "none"  # none | magnitude | random | wanda | neurons
+  p.method = "none"  # pruning criterion, none = dense (the choices: docs/config.md)
   p.targets = "mlp"  # mlp (c_fc, c_proj) | attn (c_attn, c_proj) | all
   p.blocks = 3  # contiguous layer blocks (3 = front / middle / back)
-  p.allocation = "uniform"  # explicit | layer | uniform | linear | exponential | owl
+  p.allocation = "uniform"  # ratios per block: explicit / layer read prune.ratios
   p.ratios = ()  # one ratio per block (explicit) or per layer (layer)
   p.target = 0.5  # overall sparsity of the targeted weights for generated allocations
   p.spread = 0.2  # linear: last block ratio minus first
@@ -103,11 +105,12 @@ def get_config():
   p.every = 0.01  # gradual: mask update interval (same units)
   p.initial = 0.0  # gradual: starting sparsity s_i
   p.compact = True  # neurons: evaluate with the pruned hidden units removed (smaller, faster MLPs)
-  p.calib_batches = 8  # wanda / owl / sparsegpt / sensitivity: train-split calibration sequences
+  p.calib_batches = 8  # data-aware methods and allocations: train-split calibration sequences
   p.pattern = "unstructured"  # unstructured | N:M (e.g. 2:4): N zeros in every M consecutive inputs
-  p.sequential = False  # wanda: calibrate each layer on the outputs of the pruned layers below
-  p.sparsegpt_damp = 0.01  # sparsegpt: dampening, a fraction of mean(diag H)
-  p.sparsegpt_blocksize = 128  # sparsegpt: columns whose mask is chosen together
+  p.sequential = False  # calibrate each layer on the outputs of the pruned layers below
+  # The methods' own options, prune.<method>_<option> (e.g. sparsegpt_damp, sparsegpt_blocksize):
+  # their defaults and meanings are declared with each method (pruning.py's registry).
+  p.update(pruning.option_defaults())
   p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)  # sensitivity: ratios each block is probed at
   p.sensitivity_rounds = 2  # sensitivity: round 2+ probes each block with the others pruned as solved
   p.search_evals = 64  # search: calibration-loss evaluations of the allocation search
@@ -129,7 +132,7 @@ def get_config():
   # --- Weights & Biases (optional; wandb is imported only when mode is not disabled) -----
   c.wandb = wb = ml_collections.ConfigDict()
   wb.mode = "disabled"  # disabled | online | offline (no network: sync later with `wandb sync`)
-  wb.project = "blockprune_jax"
+  wb.project = "blockprune_jax"  # the W&B project runs are logged to
   wb.entity = ""  # "" = your default entity
   wb.group = ""  # "" = the sweep's name for runs of a sweep, none for a single run
 

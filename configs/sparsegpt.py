@@ -6,7 +6,8 @@ kept weights, layer by layer on the outputs of the already pruned layers below.
 GPT-2's MLP and attention matrices at 50 % (uniform), 128 calibration sequences of 1024 tokens
 from the WikiText-2 train split, no fine-tuning. `--config.prune.pattern=2:4` for the
 semi-structured pattern sparse tensor cores run (see configs/nm_2of4.py); `--config.train.epochs=1`
-adds masked fine-tuning.
+adds masked fine-tuning. The method's own settings (prune.sparsegpt_damp = 0.01,
+prune.sparsegpt_blocksize = 128) keep the defaults of the reference code.
 """
 from configs import base
 
@@ -18,6 +19,4 @@ def get_config():
   c.prune.allocation = "uniform"
   c.prune.target = 0.5
   c.prune.calib_batches = 128
-  c.prune.sparsegpt_damp = 0.01
-  c.prune.sparsegpt_blocksize = 128
   return c

@@ -1,4 +1,4 @@
-"""Seed statistics: mean ± std, the t quantile without scipy, paired intervals, verdicts."""
+"""Seed statistics: mean ± std, the t quantile (scipy's), paired intervals, verdicts."""
 import math
 
 import pytest
@@ -23,13 +23,10 @@ def test_t_quantile_matches_the_table(df, want):
   assert stats.t_quantile_975(df) == pytest.approx(want, abs=5e-4)
 
 
-def test_t_quantile_matches_scipy_and_tends_to_the_normal():
-  t = pytest.importorskip("scipy.stats").t
-  for df in list(range(1, 40)) + [45, 50, 75, 200, 1000, 10**6]:
-    assert stats.t_quantile_975(df) == pytest.approx(t.ppf(0.975, df), abs=1e-6)
+def test_t_quantile_tends_to_the_normal():
   assert abs(stats.t_quantile_975(10**9) - 1.959964) < 1e-6
   values = [stats.t_quantile_975(df) for df in range(1, 200)]
-  assert all(a > b for a, b in zip(values, values[1:]))  # strictly falling, also across 30/31
+  assert all(a > b for a, b in zip(values, values[1:]))  # strictly falling
 
 
 @pytest.mark.parametrize("df", [0, -1, 2.5])

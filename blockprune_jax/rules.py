@@ -1,0 +1,167 @@
+"""Rules for one config value: `rule.check(key, value)` raises one UserError line naming the key.
+
+keys.py gives each key of configs/base.py its rule; a pruning method's options (pruning.Option)
+give theirs. Imports nothing heavy, so the method modules and keys.py can both use it.
+"""
+import dataclasses
+import math
+from typing import Any, Callable
+
+from blockprune_jax.errors import UserError
+
+# XLA shapes, our int32 step / data-position counters and jax.random seeds hold no more.
+INT_MAX = 2**31 - 1
+
+
+def is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Int:
+  """An integer in lo..hi."""
+
+  def __init__(self, lo=0, hi=INT_MAX):
+    self.lo, self.hi = lo, hi
+
+  def what(self, v=None) -> str:
+    if self.hi != INT_MAX:
+      return f"an integer in {self.lo}..{self.hi}"
+    too_big = _is_number(v) and v > self.hi
+    return f"an integer >= {self.lo}" + (f" and at most 2**31 - 1 ({INT_MAX})" if too_big else "")
+
+  def check(self, key, v):
+    if not is_int(v) or not self.lo <= v <= self.hi:
+      raise UserError(f"{key}={v!r} must be {self.what(v)}")
+
+
+class Float:
+  """A finite number in an interval; `lo_open` / `hi_open` exclude the ends."""
+
+  def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+  def what(self) -> str:
+    if self.hi == math.inf:
+      return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+    if self.lo == -math.inf:
+      return f"a finite number {'<' if self.hi_open else '<='} {self.hi:g}"
+    return (f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+            f"{')' if self.hi_open else ']'}")
+
+  def ok(self, v) -> bool:
+    if not _is_number(v) or not math.isfinite(v):
+      return False
+    above = v > self.lo if self.lo_open else v >= self.lo
+    below = v < self.hi if self.hi_open else v <= self.hi
+    return above and below
+
+  def check(self, key, v):
+    if not self.ok(v):
+      raise UserError(f"{key}={v!r} must be {self.what()}")
+
+
+class Choice:
+  """One of `allowed`: a tuple, or a function returning one (a registry, read when checked)."""
+
+  def __init__(self, allowed: tuple | Callable[[], tuple]):
+    self._allowed = allowed
+
+  @property
+  def allowed(self) -> tuple:
+    return tuple(self._allowed() if callable(self._allowed) else self._allowed)
+
+  def check(self, key, v):
+    if v not in self.allowed:  # the message is the one the README quotes
+      raise UserError(f"{key}={v!r} is not one of {', '.join(self.allowed)}")
+
+
+class Str:
+  """Any text (paths and names: validate.py's combinations check what they must hold)."""
+
+  def check(self, key, v):
+    if not isinstance(v, str):
+      raise UserError(f"{key}={v!r} must be text (a string)")
+
+
+class Bool:
+
+  def check(self, key, v):
+    if not isinstance(v, bool):
+      raise UserError(f"{key}={v!r} must be true or false")
+
+
+class Numbers:
+  """A tuple of numbers, each in `each` (a Float); optionally non-empty and strictly rising."""
+
+  def __init__(self, each, nonempty=False, ascending=False):
+    self.each, self.nonempty, self.ascending = each, nonempty, ascending
+
+  def check(self, key, v):
+    if not isinstance(v, (tuple, list)) or not all(self.each.ok(x) for x in v):
+      raise UserError(f"{key}={v!r} must be a tuple of numbers, each {self.each.what()} "
+                      f"(--config.{key}=0.1,0.2,...)")
+    if self.nonempty and not v:
+      raise UserError(f"{key}=() must hold at least one ratio (--config.{key}=0.2,0.5,...)")
+    if self.ascending and any(b <= a for a, b in zip(v, v[1:])):
+      raise UserError(f"{key}={tuple(v)!r} must be strictly ascending")
+
+
+class Splits:
+  """eval.splits: names from data.SPLITS (also 'validation,test' in one element), no repeats."""
+
+  def check(self, key, v):
+    from blockprune_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
+      raise UserError(f"{key}={v!r} must be a tuple of split names "
+                      f"({', '.join(data_lib.SPLITS)})")
+    names = [s.strip() for item in v for s in item.split(",") if s.strip()]
+    if not names:
+      raise UserError(f"{key}={tuple(v)!r} names no split: give one or more of "
+                      f"{', '.join(data_lib.SPLITS)}")
+    for s in names:
+      if s not in data_lib.SPLITS:
+        raise UserError(f"{key}: {s!r} is not one of {', '.join(data_lib.SPLITS)}")
+    if len(set(names)) < len(names):
+      raise UserError(f"{key}={tuple(v)!r} names a split twice")
+
+
+class TokenCount:
+  """0 (everything) or at least 2 tokens (a window scores the tokens after its first)."""
+
+  def check(self, key, v):
+    Int(0).check(key, v)
+    if v == 1:
+      raise UserError(f"{key}=1 must be 0 (all tokens) or at least 2 (one scored token)")
+
+
+POSITIVE = Int(1)
+COUNT = Int(0)
+RATIO = Float(0.0, 1.0, hi_open=True)
+RATE = Float(0.0, lo_open=True)  # learning rates, temperatures: > 0
+# prune.start / end / every: a fraction of the run (<= 1) or a step count (> 1).
+WHEN = Float(0.0, float(INT_MAX))
+
+
+# --- a pruning method's own settings ---------------------------------------------------------
+
+CURRENT = "<the resumed run's value>"  # legacy value of keys a checkpoint cannot have used
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A setting of one pruning method: config key `prune.<method>_<name>` (e.g. sparsegpt_damp).
+
+  Declared once, on the method's registry entry (pruning.Criterion.options): its default (which
+  configs/base.py takes), its rule, its one-line meaning, and its legacy value (keys.py): what
+  a checkpoint written before the option existed ran with; CURRENT when the method is newer
+  than such checkpoints (so none of them can have used it).
+  """
+  name: str
+  default: Any
+  rule: Any
+  help: str
+  legacy: Any = CURRENT
