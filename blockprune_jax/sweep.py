@@ -48,7 +48,7 @@ import ml_collections
 from blockprune_jax import config_lib
 from blockprune_jax import files
 from blockprune_jax import parallel
-from blockprune_jax.errors import Preempted, UserError
+from blockprune_jax.errors import NoSpace, Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
   start = time.time()
   try:
     outcomes = batched.run_group([configs[i] for i in group], [rows[i]["workdir"] for i in group])
-  except (KeyboardInterrupt, SystemExit, Preempted):
+  except (KeyboardInterrupt, SystemExit, Preempted, NoSpace):
     for i in group:
       rows[i].update(status="interrupted", seconds=round(time.time() - start, 1))
     save()
@@ -409,7 +409,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
     start = time.time()
     try:
       run_fn(cfg, row["workdir"])
-    except (KeyboardInterrupt, SystemExit, Preempted):
+    except (KeyboardInterrupt, SystemExit, Preempted, NoSpace):  # a full disk fails every run
       row.update(status="interrupted", seconds=round(time.time() - start, 1))
       save()
       raise
@@ -427,6 +427,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
       if "wandb" in config and config.wandb.mode != "disabled":
         from blockprune_jax import wandb_log  # pylint: disable=g-import-not-at-top
         wandb_log.log_report(config, workdir, written)
+    except NoSpace:
+      raise  # one line, as for the runs (main's exit code for a full disk)
     except Exception:  # pylint: disable=broad-except
       # The runs are the expensive part; a plotting problem must not hide that they finished.
       log.error("sweep: writing the report failed:\n%s", traceback.format_exc())

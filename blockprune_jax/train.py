@@ -269,6 +269,7 @@ def fit(config, model_cfg, params, masks, *, total, plan, streams, mesh, workdir
   state = init_state(params, optimizer, masks, config.seed + 1)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                every_steps=config.checkpoint.every_steps)
+  ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
   meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(config)}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
