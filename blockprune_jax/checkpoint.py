@@ -208,7 +208,7 @@ class Checkpointer:
     arrays' bytes, or what the newest saved step takes if more (Orbax's metadata, file
     blocks). Steps already saved here count as free, since they make room as new ones come.
     Returns (needed, free) in bytes."""
-    per_state = sum(int(np.prod(np.shape(x))) * np.dtype(np.result_type(x)).itemsize
+    per_state = sum(int(x.nbytes) if hasattr(x, 'nbytes') else np.asarray(x).nbytes
                     for x in jax.tree.leaves(state))
     if self.latest_step() is not None:
       per_state = max(per_state, _bytes_under(os.path.join(self.directory,

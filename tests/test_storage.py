@@ -146,6 +146,16 @@ def test_a_dead_tensorboard_writer_ends_the_run_in_one_line(tmp_path, capfd):
   assert "Traceback" not in capfd.readouterr().err  # the thread's death was kept quiet
 
 
+def test_a_report_on_a_full_disk_is_one_line_and_exit_28(full_disk, capsys, monkeypatch):
+  from blockprune_jax import report  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "report"))
+  _fill(full_disk)
+  assert report.main(["sweeps/odd", "--out", str(full_disk / "report")]) == 28
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {NO_SPACE}"), err
+  assert str(full_disk / "report") in err[0]
+
+
 def test_checkpoint_save_on_a_full_disk_keeps_the_previous_step(small_disk):
   disk = small_disk(256)
   state = {"params": {"w": np.ones((128, 128), np.float32)}}  # 64 KiB
