@@ -178,7 +178,7 @@ class Checkpointer:
       state, meta = restored['state'], dict(restored['meta'] or {})
       saved = meta.pop(CHECKSUM, None)
       if saved is not None and list(saved) != state_checksum(state):
-        return None, None, 'checksum mismatch: a file changed after it was written'
+        return None, None, 'its checksum does not match: a file changed after it was written'
     except Exception as e:  # pylint: disable=broad-except
       # Orbax / TensorStore raise many types (ValueError, JSONDecodeError, OSError, ...) for a
       # damaged file; any of them means this step cannot be trusted.

@@ -3,6 +3,10 @@ files a run reads back (results.json) checked, and a workdir locked while a run 
 
 Nothing here deletes a user's file: an unreadable results.json or a replaced export is moved
 aside under a new name (`<name>.unreadable-<time>`, `<name>.replaced-<time>`), never removed.
+
+A full disk (or spent quota) is one place's business: `writing(what, path)` turns it, however a
+library wrapped it, into one NoSpace line naming what was written where and the space left
+(`no_space_error`); every writer here goes through it, and so do the checkpoints and logs.
 """
 import contextlib
 import errno
