@@ -86,7 +86,8 @@ def _exit_if_no_space(e, workdir):
   if reason:
     path = next((getattr(x, "filename", None) for x in (e, e.__cause__, e.__context__)
                  if getattr(x, "filename", None)), None)
-    _exit(EXIT_NO_SPACE, f"error: {files.no_space_error('the run', path or workdir, reason)}")
+    error = files.no_space_error("the run's files", path or workdir, reason)
+    _exit(EXIT_NO_SPACE, f"error: {error}")
 
 
 def _report_failed_runs(rows):

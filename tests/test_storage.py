@@ -202,6 +202,20 @@ def test_a_sweep_stops_at_a_full_disk(tmp_path):
   assert [r["status"] for r in rows] == ["interrupted", "pending"]
 
 
+def test_a_full_disk_no_writer_named_is_still_one_line_and_exit_28(tmp_path, capsys):
+  from blockprune_jax import main  # pylint: disable=import-outside-toplevel
+  try:
+    open(tmp_path / "x", "w").write("")
+    raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+  except OSError as e:
+    with pytest.raises(SystemExit) as exited:
+      main._exit_if_no_space(e, str(tmp_path))  # pylint: disable=protected-access
+  assert exited.value.code == main.EXIT_NO_SPACE == 28
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith(f"error: {NO_SPACE}the run's files to {tmp_path / 'x'} ("), err
+
+
 # --- the compilation cache -------------------------------------------------------------------
 
 _COMPILE_ON_A_FULL_DISK = """
