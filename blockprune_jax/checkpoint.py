@@ -36,12 +36,23 @@ truncated by hand): every save stores a checksum of the state in its metadata, a
 verifies it. A newest step that cannot be read or fails its checksum is moved aside to
 `<directory>.unreadable/<step>-<time>` (never deleted) with a one-line warning, and the next
 newest is tried. Orbax alone would not notice: a flipped byte in an array file restores
-silently as a wrong number.
+silently as a wrong number. Orbax's own log records and tracebacks of the failed attempt (its
+abandoned asyncio reads, TensorStore callbacks into a closed loop) are dropped: the warning
+says it all.
+
+A full disk (or spent quota) while writing a step ends in one `files.no_space_error` line
+(NoSpace: main exits with its own code): the step's temporary directory is removed, the
+previous complete steps are kept, and the same command resumes from them once space is freed.
+`check_free_space` warns before training when the filesystem cannot hold the steps to keep.
 """
 
+import contextlib
+import gc
 import logging as std_logging
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -55,8 +66,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
+from blockprune_jax import files
 from blockprune_jax import parallel
-from blockprune_jax.errors import Preempted, UserError, one_line
+from blockprune_jax.errors import Preempted, UserError
 
 METRIC = 'perplexity'  # the name under which Orbax stores the best-keeping metric (lower is better)
 # Orbax writes this file into a step's temporary directory just before renaming it into place.
@@ -64,6 +76,8 @@ METRIC = 'perplexity'  # the name under which Orbax stores the best-keeping metr
 # filesystem whose rename is not atomic, such as gcsfuse), so it is never restored.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 CHECKSUM = 'checksum'  # the meta key holding the state's checksum (see state_checksum)
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp[-<time>]` and renames it when complete.
+TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
 class Checkpointer:
@@ -102,9 +116,13 @@ class Checkpointer:
         cleanup_tmp_directories=True,
     )
     self.directory = os.fspath(directory)
+    self.keep = keep
     self.keep_best = keep_best
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(self.directory), options=options, item_names=('state', 'meta'))
+    self._writing_step = None  # the step whose write has not been confirmed yet
+    self._failed = False  # a write ran out of space (reported once; close() stays quiet)
+    with _orbax_muted():  # a damaged step's metadata is our one warning line when restored
+      self._manager = ocp.CheckpointManager(
+          os.path.abspath(self.directory), options=options, item_names=('state', 'meta'))
     # Checked once: steps this process saves later are tracked by Orbax itself.
     self._incomplete = {step for step in self._manager.all_steps() if not (
         self._manager.directory / str(step) / STEP_METADATA_FILE).exists()}
@@ -154,18 +172,22 @@ class Checkpointer:
   def _try_restore(self, target_state, step):
     """(state, meta, None) if `step` restores and matches its checksum, else (.., reason)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    _hide_closed_loop_noise()
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      with _orbax_muted():
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
       state, meta = restored['state'], dict(restored['meta'] or {})
       saved = meta.pop(CHECKSUM, None)
       if saved is not None and list(saved) != state_checksum(state):
-        return None, None, 'its checksum does not match: a file was changed after it was written'
+        return None, None, 'its checksum does not match: a file changed after it was written'
     except Exception as e:  # pylint: disable=broad-except
       # Orbax / TensorStore raise many types (ValueError, JSONDecodeError, OSError, ...) for a
       # damaged file; any of them means this step cannot be trusted.
-      return None, None, one_line(e)
+      return None, None, _short_reason(e)
+    finally:
+      # Orbax's abandoned reads of a failed attempt are collected now, while the filters of
+      # _quiet_orbax_logging hold, not at exit where they would print a traceback.
+      gc.collect()
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return state, meta, None
 
@@ -180,6 +202,30 @@ class Checkpointer:
     self._manager.reload()
     logging.warning('Checkpoint step %d in %s does not restore (%s); moved it to %s and '
                     'falling back to the previous step.', step, self.directory, reason, aside)
+
+  def check_free_space(self, state):
+    """Warns (one line) when the checkpoints' filesystem cannot hold `keep` + 1 saved states of
+    `state`: the newest step is written before the oldest is deleted. A state's size is its
+    arrays' bytes, or what the newest saved step takes if more (Orbax's metadata, file
+    blocks). Steps already saved here count as free, since they make room as new ones come.
+    Returns (needed, free) in bytes."""
+    per_state = sum(int(x.nbytes) if hasattr(x, 'nbytes') else np.asarray(x).nbytes
+                    for x in jax.tree.leaves(state))
+    if self.latest_step() is not None:
+      per_state = max(per_state, _bytes_under(os.path.join(self.directory,
+                                                           str(self.latest_step()))))
+    needed = (self.keep + 1) * per_state
+    free = files.free_space(self.directory)
+    if free is None:
+      return needed, None
+    free += _bytes_under(self.directory)
+    if free < needed:
+      logging.warning(
+          'Only %s free for checkpoints in %s, but checkpoint.keep=%d + 1 saved states need '
+          '%s (%s each): a save will fail for want of space; free space or lower '
+          'checkpoint.keep.', files.human_bytes(free), self.directory, self.keep,
+          files.human_bytes(needed), files.human_bytes(per_state))
+    return needed, free
 
   def save(self, step, state, meta=None, metric=None, force=False):
     """Saves `state` and the JSON-able `meta` at `step` if it is a save step (a multiple of
@@ -204,17 +250,38 @@ class Checkpointer:
     if self.keep_best and metric is not None and math.isfinite(float(metric)):
       metrics = {METRIC: float(metric)}
     meta = dict(meta or {}, **{CHECKSUM: state_checksum(state)})
-    return self._manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    with self._writes():
+      self._manager.wait_until_finished()  # an earlier step's failed write shows here
+      self._writing_step = step
+      return self._manager.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
 
   def wait(self):
     """Blocks until the background write (and the deletions after it) has finished."""
-    self._manager.wait_until_finished()
+    with self._writes():
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.close()
+    if self._failed:  # Orbax would raise the reported failure again
+      with contextlib.suppress(Exception):
+        self._manager.close()
+      return
+    with self._writes():
+      self._manager.close()
+
+  def _writes(self):
+    """A full disk while Orbax writes (its error may surface at a later call): one NoSpace
+    line naming the step, after the partial step is removed."""
+    return files.writing(lambda: f'checkpoint step {self._writing_step}', self.directory,
+                         cleanup=self._after_failed_write)
+
+  def _after_failed_write(self):
+    self._failed = True
+    gc.collect()  # Orbax's abandoned write coroutines close now, not noisily at exit
+    if jax.process_index() == 0:
+      remove_partial_steps(self.directory)
 
   def __enter__(self):
     return self
@@ -380,11 +447,44 @@ def _in_main_thread():
   return threading.current_thread() is threading.main_thread()
 
 
+def remove_partial_steps(directory):
+  """Removes the temporary directories of unfinished saves (never a complete step)."""
+  for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    if TMP_MARKER in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _bytes_under(directory) -> int:
+  total = 0
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with contextlib.suppress(OSError):
+        total += os.lstat(os.path.join(root, name)).st_size
+  return total
+
+
+def _short_reason(e: BaseException) -> str:
+  """The reason a step does not restore, in a few words: the type and the start of the first
+  line, without the TensorStore spec (JSON, often dozens of lines) that many messages carry."""
+  first = (str(e).strip().splitlines() or [''])[0]
+  first = re.sub(r'Error opening "\w+" driver: ', '', first)  # what was read says enough
+  for cut in (' {', '{"', ' in OCDBT database', ' at local file'):
+    first = first.split(cut)[0]
+  first = first.rstrip(' :;,')
+  if len(first) > 120:
+    first = first[:117] + '...'
+  return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
 def _hide_closed_loop_noise():
-  """After a failed restore, TensorStore callbacks into Orbax's closed asyncio loop each print a
-  'RuntimeError: Event loop is closed' traceback (as unraisable exceptions), and abandoned read
-  tasks log their error again. They say nothing the one-line warning does not, so only those are
-  dropped; other unraisables and asyncio errors print as before."""
+  """Drops the tracebacks a failed Orbax read or write leaves behind; other unraisables and
+  asyncio errors print as before. They say nothing the one line we print does not:
+    * TensorStore callbacks into Orbax's closed asyncio loop each print a 'RuntimeError: Event
+      loop is closed' traceback (unraisable exceptions);
+    * Orbax's abandoned tasks keep their error unretrieved, and asyncio logs it with a traceback
+      ('Task exception was never retrieved') when the task is collected;
+    * abandoned write coroutines collected while Python shuts down fail to import in their
+      cleanup ('Python is likely shutting down')."""
   previous = sys.unraisablehook
   if getattr(previous, '_blockprune_filter', False):
     return
@@ -393,11 +493,11 @@ def _hide_closed_loop_noise():
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
       return
+    if isinstance(exc, ImportError) and 'Python is likely shutting down' in str(exc):
+      return
     previous(unraisable)
   hook._blockprune_filter = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
-  # The same failed restore can leave Orbax's read tasks with their (already reported) error
-  # unretrieved; asyncio then logs it with a traceback when the task is collected.
   std_logging.getLogger('asyncio').addFilter(_UnretrievedTaskFilter())
 
 
@@ -419,17 +519,45 @@ def _reached_preemption_sync_point(step):
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
-  """Drops Orbax's per-save INFO lines (dozens per checkpoint) and its warning that a step was
-  saved without a metric (expected: only evaluation steps carry one). Other warnings pass."""
+  """Drops Orbax's per-save INFO lines (dozens per checkpoint), its warning that a step was
+  saved without a metric (expected: only evaluation steps carry one), its tracebacks of a write
+  that ran out of space (NoSpace says it in one line) and, while `muted`, everything (a restore
+  attempt: its failure is our one warning line). Other warnings pass."""
+
+  muted = 0  # how many restore attempts are running (threads may overlap)
 
   def filter(self, record):
     if 'orbax' not in record.pathname.replace(os.sep, '/').split('/'):
       return True
-    return (record.levelno >= std_logging.WARNING
-            and 'did not provide metrics' not in record.getMessage())
+    if self.muted or record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    no_space = (files.no_space_reason(record.exc_info[1] if record.exc_info else None)
+                or files.no_space_reason(Exception(message)))
+    return not no_space and 'did not provide metrics' not in message
+
+
+def _orbax_filter() -> _OrbaxInfoFilter:
+  absl_logger = std_logging.getLogger('absl')  # Orbax logs through absl.logging
+  for f in absl_logger.filters:
+    if isinstance(f, _OrbaxInfoFilter):
+      return f
+  f = _OrbaxInfoFilter()
+  absl_logger.addFilter(f)
+  return f
 
 
 def _quiet_orbax_logging():
-  absl_logger = std_logging.getLogger('absl')  # Orbax logs through absl.logging
-  if not any(isinstance(f, _OrbaxInfoFilter) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxInfoFilter())
+  _orbax_filter()
+  _hide_closed_loop_noise()
+
+
+@contextlib.contextmanager
+def _orbax_muted():
+  """Orbax logs nothing in the body (see _OrbaxInfoFilter)."""
+  f = _orbax_filter()
+  f.muted += 1
+  try:
+    yield
+  finally:
+    f.muted -= 1

@@ -7,11 +7,16 @@ makes a recompilation visible in results.json (`runtime.compilations`, `runtime.
 """
 import collections
 import contextlib
+import glob
 import os
 import threading
+import time
+import warnings
 
 import jax
 from absl import logging
+
+from blockprune_jax import files
 
 # Every request for an executable ends with this event (with the jitted function's name), also
 # one the persistent cache answered; such a hit is announced by _CACHE_HIT just before, on the
@@ -106,10 +111,60 @@ def enable_persistent_cache(directory: str) -> str:
   if directory == "off":
     return ""
   directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # a cache is worth a warning, never a failed run
+    logging.warning("JAX compilation cache %s cannot be created (%s: %s); compiling without it",
+                    directory, type(e).__name__, e.strerror or e)
+    return ""
   if jax.config.jax_compilation_cache_dir != directory:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     logging.info("JAX compilation cache: %s", directory)
+  _warn_once_when_writes_fail(directory)
   return directory
+
+
+_WRITE_FAILED = "Error writing persistent compilation cache entry"
+_NO_MORE_WRITES = 2**62  # jax_persistent_cache_min_entry_size_bytes no program reaches
+
+
+def _warn_once_when_writes_fail(directory):
+  """One warning line the first time JAX cannot write a cache entry (a full disk, a read-only
+  directory), then no more writes in this process.
+
+  JAX itself only warns, but once per program (dozens of lines), and leaves the entry it was
+  writing cut short, which every later process would fail to read (a warning each time). That
+  entry is the newest file in the cache; it is removed (a cache entry is safe to remove).
+  """
+  previous = warnings.showwarning
+  if getattr(previous, "_blockprune_cache", False):
+    return
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    text = str(message)
+    if not text.startswith(_WRITE_FAILED):
+      previous(message, category, filename, lineno, file, line)
+      return
+    cache_dir = jax.config.jax_compilation_cache_dir or directory
+    if jax.config.jax_persistent_cache_min_entry_size_bytes == _NO_MORE_WRITES:
+      return  # warned already
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", _NO_MORE_WRITES)
+    _remove_newest_entry(cache_dir)
+    reason = files.no_space_reason(Exception(text)) or text.split("': ", 1)[-1]
+    logging.warning("JAX compilation cache %s cannot be written (%s; %s free): compiling on "
+                    "without caching new programs in this process", cache_dir, reason,
+                    files.human_bytes(files.free_space(cache_dir)))
+  show._blockprune_cache = True  # pylint: disable=protected-access
+  warnings.showwarning = show
+
+
+def _remove_newest_entry(directory, within_s=60.0):
+  entries = [p for p in glob.glob(os.path.join(directory, "*-cache"))
+             if time.time() - os.path.getmtime(p) < within_s]
+  if entries:
+    try:
+      os.remove(max(entries, key=os.path.getmtime))
+    except OSError:
+      pass  # another process's, removed meanwhile

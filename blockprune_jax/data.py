@@ -241,7 +241,7 @@ def _tokenize(text, split, tok):
 
 def _save_atomic(path, array):
   """np.save through a temporary file: never a partial cache file."""
-  with files.atomic_path(path) as tmp:
+  with files.atomic_path(path, "the token cache") as tmp:
     with open(tmp, "wb") as f:
       np.save(f, array)
 

@@ -21,3 +21,12 @@ class Preempted(Exception):
 
   Not a failure: the same command resumes. Sweeps stop (rather than go on to the next run).
   """
+
+
+class NoSpace(UserError):
+  """A write failed because the filesystem is full (ENOSPC) or the quota is spent (EDQUOT).
+
+  `main` prints it as one line and exits with EXIT_NO_SPACE; what was written completely
+  (earlier checkpoints, results) is kept, so the same command resumes once space is freed.
+  Made by `files.no_space_error`, which knows the free space.
+  """

@@ -3,6 +3,10 @@ files a run reads back (results.json) checked, and a workdir locked while a run 
 
 Nothing here deletes a user's file: an unreadable results.json or a replaced export is moved
 aside under a new name (`<name>.unreadable-<time>`, `<name>.replaced-<time>`), never removed.
+
+A full disk (or spent quota) is one place's business: `writing(what, path)` turns it, however a
+library wrapped it, into one NoSpace line naming what was written where and the space left
+(`no_space_error`); every writer here goes through it, and so do the checkpoints and logs.
 """
 import contextlib
 import errno
@@ -17,30 +21,32 @@ import time
 
 from absl import logging
 
-from blockprune_jax.errors import UserError, one_line
+from blockprune_jax.errors import NoSpace, UserError, one_line
 
 LOCK_FILE = ".lock"  # in the workdir, held (flock) while a run uses it
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, what: str = ""):
   """Yields a temporary path beside `path`; on success it is renamed onto `path` in one step.
 
   The temporary file sits in the same directory (a rename across filesystems is not atomic)
-  and is removed if the body raises, so `path` holds either the old or the new content.
+  and is removed if the body raises, so `path` holds either the old or the new content. A full
+  disk is one NoSpace line naming `what` (default: the file's name) and the free space.
   """
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
-  os.close(fd)
-  try:
-    yield tmp
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; what a run writes is meant to be read
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with writing(what or os.path.basename(path), path):
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+    os.close(fd)
+    try:
+      yield tmp
+      os.chmod(tmp, 0o644)  # mkstemp makes it private; what a run writes is meant to be read
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def to_jsonable(x):
@@ -57,9 +63,9 @@ def plain(value):
   return value
 
 
-def write_json(path: str, obj, indent: int = 2) -> None:
-  """JSON to `path`, atomically."""
-  with atomic_path(path) as tmp:
+def write_json(path: str, obj, indent: int = 2, what: str = "") -> None:
+  """JSON to `path`, atomically (a full disk: one NoSpace line naming `what`)."""
+  with atomic_path(path, what) as tmp:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=indent, default=to_jsonable)
       f.write("\n")
@@ -194,30 +200,32 @@ def _read_holder(fd) -> str:
 # --- whole directories --------------------------------------------------------------------
 
 @contextlib.contextmanager
-def atomic_directory(path: str):
+def atomic_directory(path: str, what: str = ""):
   """Yields a temporary directory beside `path`; on success it becomes `path`.
 
   If `path` already exists with the same files (same names, same bytes) it is kept as it is;
   if it differs it is moved aside to `<path>.replaced-<time>` (one warning line) before the new
   one takes its place, so an earlier export is never overwritten. The temporary directory is
-  removed if the body raises.
+  removed if the body raises; a full disk is one NoSpace line naming `what` (default: the
+  directory's name).
   """
   parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  try:
-    yield tmp
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
-    if os.path.isdir(path) and same_files(tmp, path):
-      shutil.rmtree(tmp)
-      return
-    if os.path.lexists(path):
-      aside = move_aside(path, "replaced")
-      logging.warning("%s held other files; moved them to %s", path, aside)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with writing(what or os.path.basename(path), path):
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+      yield tmp
+      os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+      if os.path.isdir(path) and same_files(tmp, path):
+        shutil.rmtree(tmp)
+        return
+      if os.path.lexists(path):
+        aside = move_aside(path, "replaced")
+        logging.warning("%s held other files; moved them to %s", path, aside)
+      os.rename(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
 
 
 def same_files(a: str, b: str) -> bool:
@@ -246,6 +254,95 @@ def emit_json_line(record: dict, path: str = "") -> dict:
   line = json.dumps(record)
   print(line, flush=True)
   if path:
-    with open(path, "a") as f:
-      f.write(line + "\n")
+    append_line(path, line)
   return record
+
+
+def append_line(path: str, line: str, what: str = "") -> None:
+  """Appends `line` and a newline to `path` (a log); a full disk is one NoSpace line, and the
+  part of `line` that was written is cut off again (a resumed run appends whole lines)."""
+  with writing(what or os.path.basename(path), path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      end = os.lseek(fd, 0, os.SEEK_END)
+      data = (line + "\n").encode("utf-8")
+      try:
+        while data:  # unbuffered: a short write is seen here, not when the file closes
+          data = data[os.write(fd, data):]
+      except BaseException:
+        os.ftruncate(fd, end)
+        raise
+    finally:
+      os.close(fd)
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+# ENOSPC: the filesystem is full; EDQUOT: the user's quota on it is spent. C++ writers
+# (TensorStore under Orbax) report them inside their own exception types, by these texts.
+_NO_SPACE = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def no_space_reason(e: BaseException):
+  """"No space left on device" / "Disk quota exceeded" when `e`, or an exception it was raised
+  from or during, is one (an OSError, or a library's wrapper such as TensorStore's `ValueError:
+  RESOURCE_EXHAUSTED: ... No space left on device`); else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return _NO_SPACE[e.errno]
+    text = str(e)
+    for reason in _NO_SPACE.values():
+      if reason in text:
+        return reason
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def free_space(path: str):
+  """Free bytes (for this user) on the filesystem that holds `path`, or of its nearest existing
+  parent when `path` is not there yet; None when it cannot be asked."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return None
+
+
+def human_bytes(n) -> str:
+  """1536 -> '1.5 KiB', 1234567 -> '1.18 MiB'."""
+  if n is None:
+    return "unknown"
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n} B" if unit == "B" else f"{n:.3g} {unit}"
+    n /= 1024
+  return ""  # not reached
+
+
+def no_space_error(what: str, path: str, reason: str = _NO_SPACE[errno.ENOSPC]) -> NoSpace:
+  """The one line a full disk ends in: what was written where, and what is free now."""
+  return NoSpace(f"{reason} writing {what} to {path} ({human_bytes(free_space(path))} free); "
+                 "free space and run the same command again to resume")
+
+
+@contextlib.contextmanager
+def writing(what, path: str, cleanup=None):
+  """Turns a full disk inside the body into one NoSpace line (see no_space_error); other
+  errors pass unchanged. `what` is a text or a function giving it (asked only on failure);
+  `cleanup()` runs first, e.g. to remove a partial write so that the free space named is what
+  a rerun will have."""
+  try:
+    yield
+  except NoSpace:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = no_space_reason(e)
+    if reason is None:
+      raise
+    if cleanup is not None:
+      cleanup()
+    raise no_space_error(what() if callable(what) else what, path, reason) from e

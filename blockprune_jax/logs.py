@@ -9,10 +9,13 @@ any plots; its run id is kept in `wandb_id`, so a resumed workdir continues the 
 import json
 import os
 import sys
+import threading
 import time
+import traceback
 
 import jax
 
+from blockprune_jax import files
 from blockprune_jax import wandb_log
 
 
@@ -37,9 +40,15 @@ class RunLog:
       self._wandb = wandb_log.start(config, workdir)  # None unless wandb.mode is on
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        _watch_tensorboard_thread()
+        with files.writing("TensorBoard events", self._tb_dir):
+          self._tb = SummaryWriter(self._tb_dir)
       except ImportError:  # optional: clu would pull in TensorFlow, tensorboardX does not
         self._tb = None
+
+  @property
+  def _tb_dir(self):
+    return os.path.join(self.workdir, "tb")
 
   def __enter__(self):
     return self
@@ -61,6 +70,7 @@ class RunLog:
       return
     self._append("metrics.jsonl", {"step": int(step), "split": split, **values})
     if self._tb is not None:
+      self._check_tensorboard()
       for k, v in values.items():
         if isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -82,15 +92,44 @@ class RunLog:
   def close(self, exit_code: int = 0):
     """Closes TensorBoard and finishes the W&B run (exit_code != 0: marked failed)."""
     if self._tb is not None:
-      self._tb.close()
+      if not _TB_NO_SPACE:  # a dead writer thread would never take the closing event
+        self._tb.close()
       self._tb = None
     if self._wandb is not None:
       self._wandb.close(exit_code=exit_code)
       self._wandb = None
 
+  def _check_tensorboard(self):
+    """NoSpace once tensorboardX's writer thread died of a full disk: its queue would fill and
+    block the run for good."""
+    if _TB_NO_SPACE:
+      self._tb = None
+      raise files.no_space_error("TensorBoard events", self._tb_dir, _TB_NO_SPACE[0])
+
   def _append(self, name, record):
-    with open(os.path.join(self.workdir, name), "a") as f:
-      f.write(json.dumps(record, default=_jsonable) + "\n")
+    files.append_line(os.path.join(self.workdir, name), json.dumps(record, default=_jsonable))
+
+
+_TB_NO_SPACE = []  # the reason tensorboardX's writer thread died of, if it did
+
+
+def _watch_tensorboard_thread():
+  """tensorboardX writes events from a thread; a full disk kills it with a traceback on stderr
+  ('Exception in thread ...'). That thread's no-space error is kept quiet and recorded here
+  instead (RunLog then ends the run in one line); any other thread error prints as before."""
+  previous = threading.excepthook
+  if getattr(previous, "_blockprune_tb", False):
+    return
+
+  def hook(args):
+    reason = files.no_space_reason(args.exc_value)
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    if reason and any("tensorboardX" in frame.filename for frame in frames):
+      _TB_NO_SPACE.append(reason)
+      return
+    previous(args)
+  hook._blockprune_tb = True  # pylint: disable=protected-access
+  threading.excepthook = hook
 
 
 def _jsonable(x):

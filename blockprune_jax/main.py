@@ -7,9 +7,10 @@ A config file that defines get_sweep() (hpml_grid, hpml_ramps, layer_scan, quick
 sweep: one workdir per run under --workdir, finished runs skipped, a report at the end.
 
 Exit codes: 0 done; 1 a sweep finished with failed runs (each named, with its error); 2 a user
-error (bad flag, config value or file: one `error: ...` line); 130 stopped by Ctrl-C (SIGINT);
-143 stopped by SIGTERM. After 130 or 143 the same command resumes from the checkpoint saved on
-the way out.
+error (bad flag, config value or file: one `error: ...` line); 28 (ENOSPC) a write found the
+disk full or the quota spent (one `error: No space left on device writing ...` line; the last
+complete checkpoint is kept); 130 stopped by Ctrl-C (SIGINT); 143 stopped by SIGTERM. After 28
+(once space is freed), 130 or 143 the same command resumes from its last checkpoint.
 """
 import os
 import re
@@ -20,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from blockprune_jax import logs
-from blockprune_jax.errors import Preempted, UserError
+from blockprune_jax.errors import NoSpace, Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).",
                                           lock_config=True)
@@ -28,6 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
+EXIT_NO_SPACE = 28  # errno ENOSPC
 
 
 def main(argv):
@@ -60,6 +62,8 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     rows = sweep.run_sweep(config, workdir, runs)
     _report_failed_runs(rows)
+  except NoSpace as e:
+    _exit(EXIT_NO_SPACE, f"error: {e}")
   except UserError as e:
     _exit(EXIT_USER_ERROR, f"error: {e}")
   except Preempted as e:
@@ -68,6 +72,21 @@ def main(argv):
   except KeyboardInterrupt:
     _exit(EXIT_SIGINT, "interrupted: stopped at once (Ctrl-C); the last saved checkpoint is "
           "kept, run the same command to resume")
+  except Exception as e:  # pylint: disable=broad-except
+    _exit_if_no_space(e, _WORKDIR.value)
+    raise
+
+
+def _exit_if_no_space(e, workdir):
+  """A full disk met by a writer that does not say so itself: still one line, and exit 28."""
+  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import files
+  reason = files.no_space_reason(e)
+  if reason:
+    path = next((getattr(x, "filename", None) for x in (e, e.__cause__, e.__context__)
+                 if getattr(x, "filename", None)), None)
+    error = files.no_space_error("the run's files", path or workdir, reason)
+    _exit(EXIT_NO_SPACE, f"error: {error}")
 
 
 def _report_failed_runs(rows):

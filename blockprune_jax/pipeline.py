@@ -31,6 +31,7 @@ from blockprune_jax import pruning
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax import validate as validate_lib
+from blockprune_jax.errors import NoSpace
 from blockprune_jax.errors import Preempted
 from blockprune_jax.errors import UserError
 from blockprune_jax.logs import RunLog
@@ -125,10 +126,11 @@ class _Closing:
 
 def _attempt(logs, fn, *args, **kwargs):
   """fn(*args, **kwargs), or the exception that ended it (then the runs of `logs`, _Closing
-  each, close as failed). Preemption (SIGTERM, Ctrl-C) is no failure: it propagates."""
+  each, close as failed). Preemption (SIGTERM, Ctrl-C) is no failure, and a full disk would fail
+  every run alike: both propagate."""
   try:
     return fn(*args, **kwargs)
-  except Preempted:
+  except (Preempted, NoSpace):
     raise
   except Exception as e:  # pylint: disable=broad-except
     for log in logs:

@@ -32,6 +32,7 @@ from blockprune_jax import files
 from blockprune_jax import keys
 from blockprune_jax import stats
 from blockprune_jax import trees
+from blockprune_jax.errors import NoSpace, UserError
 
 log = logging.getLogger(__name__)
 
@@ -743,6 +744,8 @@ def _plots(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
         plots.update(fn(df, out_dir))
       elif path := fn(df, os.path.join(out_dir, name + ".png")):
         plots[name] = path
+    except NoSpace:
+      raise  # the report cannot be written either: one line, not a traceback per plot
     except Exception:  # pylint: disable=broad-except
       log.exception("report: plot %s failed", name)
   return plots
@@ -824,7 +827,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="where to write (default: the first dir)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  written = write_report(args.out or args.dirs[0], args.dirs)
+  try:
+    written = write_report(args.out or args.dirs[0], args.dirs)
+  except UserError as e:  # a full disk (exit 28, as blockprune_jax.main), a bad directory
+    print(f"error: {e}", file=sys.stderr)
+    return 28 if isinstance(e, NoSpace) else 2
   print(written.table)
   if not find_results(args.dirs):
     print(f"(no results.json under {', '.join(args.dirs)})", file=sys.stderr)

@@ -49,7 +49,7 @@ from blockprune_jax import files
 from blockprune_jax import keys
 from blockprune_jax import parallel
 from blockprune_jax import trees
-from blockprune_jax.errors import Preempted, UserError
+from blockprune_jax.errors import NoSpace, Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def _run_side_by_side(group, rows, configs, save, primary, fail_fast):
   try:
     outcomes = pipeline.run_group([configs[i] for i in group],
                                   [rows[i]["workdir"] for i in group])
-  except (KeyboardInterrupt, SystemExit, Preempted):
+  except (KeyboardInterrupt, SystemExit, Preempted, NoSpace):
     for i in group:
       rows[i].update(status="interrupted", seconds=round(time.time() - start, 1))
     save()
@@ -334,7 +334,7 @@ def _run_alone(i, rows, configs, run_fn, save, primary, fail_fast):
   start = time.time()
   try:
     run_fn(configs[i], row["workdir"])
-  except (KeyboardInterrupt, SystemExit, Preempted):
+  except (KeyboardInterrupt, SystemExit, Preempted, NoSpace):  # a full disk fails every run
     row.update(status="interrupted", seconds=round(time.time() - start, 1))
     save()
     raise
@@ -354,6 +354,8 @@ def _write_report(config, workdir):
     if "wandb" in config and config.wandb.mode != "disabled":
       from blockprune_jax import wandb_log  # pylint: disable=g-import-not-at-top
       wandb_log.log_report(config, workdir, written)
+  except NoSpace:
+    raise  # one line, as for the runs (main's exit code for a full disk)
   except Exception:  # pylint: disable=broad-except
     # The runs are the expensive part; a plotting problem must not hide that they finished.
     log.error("sweep: writing the report failed:\n%s", traceback.format_exc())

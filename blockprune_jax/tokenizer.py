@@ -41,21 +41,42 @@ _HELLO_WORLD_IDS = [15496, 995]  # GPT-2 ids of "Hello world": the build-time sa
 
 
 def _read_vocab_merges(vocab_path, merges_path):
-  """Reads a GPT-2 style vocab.json (token -> id) and merges.txt ("a b" per line)."""
-  with open(vocab_path, encoding="utf-8") as f:
-    vocab = json.load(f)
-  with open(merges_path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  """Reads a GPT-2 style vocab.json (token -> id) and merges.txt ("a b" per line); UserError
+  naming the file when either is damaged."""
+  try:
+    with open(vocab_path, encoding="utf-8") as f:
+      vocab = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise _damaged(vocab_path, one_line(e)) from None
+  try:
+    with open(merges_path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except (OSError, UnicodeDecodeError) as e:
+    raise _damaged(merges_path, one_line(e)) from None
   # The first line is a "#version: 0.2" header; blank lines carry no merge.
-  merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+  merges = []
+  for number, line in enumerate(lines, 1):
+    if line and not line.startswith("#version"):
+      merges.append(tuple(line.split(" ")))
+      if len(merges[-1]) != 2:
+        raise _damaged(merges_path, f"line {number} is {line[:40]!r}, not two tokens 'a b'")
   return vocab, merges
+
+
+def _damaged(path, why):
+  return UserError(f"{path} is unreadable ({why}): the tokenizer files are damaged; save the "
+                   "tokenizer again, or set --config.data.tokenizer to another one")
 
 
 def _bpe_tokenizer(vocab_path, merges_path):
   """A fast GPT-2 tokenizer from vocab.json + merges.txt (passed as objects: see module doc)."""
   vocab, merges = _read_vocab_merges(vocab_path, merges_path)
-  return transformers.GPT2TokenizerFast(
-      vocab=vocab, merges=merges, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+  try:
+    return transformers.GPT2TokenizerFast(
+        vocab=vocab, merges=merges, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+  except Exception as e:  # pylint: disable=broad-except
+    # The Rust BPE refuses e.g. a merge of a token the vocabulary lacks ("out of vocabulary").
+    raise _damaged(merges_path, one_line(e)) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +165,12 @@ def _load_dir_cached(stamp):
   path = stamp[0]
   has = lambda name: os.path.isfile(os.path.join(path, name))
   if has("tokenizer.json") or has("tokenizer_config.json"):
-    return transformers.AutoTokenizer.from_pretrained(path)
+    try:
+      return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # transformers and tokenizers raise many types for a damaged file (a merges.txt line
+      # without its pair, a token out of vocabulary, ...).
+      raise _damaged(path, one_line(e)) from None
   if has("vocab.json") and has("merges.txt"):
     return _bpe_tokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
   return None

@@ -307,6 +307,7 @@ class _Loop:
       if r.plan.gradual and not masks:
         masks = r.plan.full_masks(r.params)  # all ones: the checkpoint tree has its final shape
       state = init_state(r.params, optimizer, masks, r.config.seed + 1)
+      ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
       meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(r.config)}
       if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)

@@ -19,7 +19,8 @@ import os
 import re
 
 from blockprune_jax import config_lib
-from blockprune_jax.errors import UserError, one_line
+from blockprune_jax import files
+from blockprune_jax.errors import NoSpace, UserError, one_line
 
 MODES = ("disabled", "online", "offline")
 ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run continues
@@ -94,10 +95,8 @@ def read_id(path: str):
 
 def write_id(path: str, run_id: str):
   """Writes the id atomically: a crash mid-write must not leave a half id to resume."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_path(path, "the W&B run id") as tmp, open(tmp, "w") as f:
     f.write(run_id + "\n")
-  os.replace(tmp, path)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -128,7 +127,10 @@ def start(config, workdir: str):
 def init_run(wandb, mode, *, run_id, **kwargs):
   """wandb.init that resumes `run_id` (None: a new run, or the sweep agent's WANDB_RUN_ID)."""
   try:
-    return wandb.init(mode=mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
+    with files.writing("the W&B run directory", kwargs.get("dir") or os.getcwd()):
+      return wandb.init(mode=mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
+  except NoSpace:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     # No API key, no network, a bad entity: say what to change, in one line.
     raise UserError(f"wandb.init failed ({one_line(e)}): run `wandb login`, or set "

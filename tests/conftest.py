@@ -62,3 +62,33 @@ def tiny_config(**overrides):
   from blockprune_jax import config_lib  # pylint: disable=import-outside-toplevel
   return config_lib.apply_overrides(module.get_config(),
                                {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """`make(size_kb)`: a directory on a tmpfs of that size, unmounted at the end, with
+  `make.resize(path, size_kb)` to give it more room. Skipped where mounting is not allowed
+  (not root, no mount command, or a container without the capability)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  mounted = []
+
+  def mount(*args):
+    try:
+      r = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      pytest.skip(f"cannot run mount here ({e}): the full-disk test needs a small tmpfs")
+    if r.returncode:
+      pytest.skip(f"cannot mount a small tmpfs here (mount: {r.stderr.strip()}; it needs root "
+                  "or CAP_SYS_ADMIN): the full-disk test needs one")
+
+  def make(size_kb):
+    path = tmp_path / f"disk{len(mounted)}"
+    path.mkdir()
+    mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path))
+    mounted.append(path)
+    return path
+
+  make.resize = lambda path, size_kb: mount("-o", f"remount,size={size_kb}k", str(path))
+  yield make
+  for path in mounted:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

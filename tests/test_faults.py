@@ -204,6 +204,34 @@ def test_checksum_catches_a_changed_array(tmp_path):
   del tmp_path
 
 
+# --- a full disk --------------------------------------------------------------------------------
+
+def test_a_full_disk_ends_in_one_line_keeps_the_checkpoints_and_resumes_as_uninterrupted(
+    small_disk, straight):
+  # 1200 KiB hold the logs and two of the tiny model's checkpoints (about 550 KiB each), not a
+  # third: the third save runs out of space for real.
+  disk = small_disk(1200)
+  d, ckpts = disk / "run", disk / "run" / "checkpoints"
+  r = _run(d)
+  assert r.returncode == 28, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-3000:]
+  said = [l for l in r.stderr.strip().splitlines() if not l.startswith("[blockprune] ")]
+  assert len(said) == 2, said  # the warning before training, the error at the end
+  assert "free for checkpoints in" in said[0] and "checkpoint.keep=2 + 1 saved states" in said[0]
+  error = said[1]
+  assert error.startswith("error: No space left on device writing checkpoint step "), error
+  assert f" to {ckpts} (" in error and " free); free space and run the same command again" in error
+  kept = _steps(ckpts)
+  assert len(kept) == 2 and sorted(os.listdir(ckpts)) == sorted(map(str, kept))  # no tmp dir
+  assert not (d / "results.json").exists()
+
+  small_disk.resize(disk, 16 * 1024)  # space freed: the same command resumes from the newest
+  r = _run(d)
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert _events(d, "resume")[-1]["step"] == kept[-1]
+  _assert_same_params(_final_params(d), straight)
+
+
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
 def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_path, straight):
