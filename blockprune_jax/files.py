@@ -300,6 +300,11 @@ def no_space_reason(e: BaseException):
   return None
 
 
+def _full(path) -> bool:
+  free = free_space(path)
+  return free is not None and free < 64 * 1024
+
+
 def free_space(path: str):
   """Free bytes (for this user) on the filesystem that holds `path`, or of its nearest existing
   parent when `path` is not there yet; None when it cannot be asked."""
@@ -341,6 +346,10 @@ def writing(what, path: str, cleanup=None):
     raise
   except Exception as e:  # pylint: disable=broad-except
     reason = no_space_reason(e)
+    if reason is None and isinstance(e, (OSError, ValueError)) and _full(path):
+      # On a full disk the first error a library reports may be a consequence (a file missing
+      # because its directory could not be made), not the ENOSPC itself.
+      reason = _NO_SPACE[errno.ENOSPC]
     if reason is None:
       raise
     if cleanup is not None:
