@@ -1,0 +1,132 @@
+"""Zero-shot tasks (blockprune_jax/tasks.py) against lm-evaluation-harness's own Hugging Face
+backend (HFLM) on the same tiny GPT-2, on local tasks the tests write (JSONL + YAML)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from blockprune_jax import hf_io
+from blockprune_jax import parallel
+from blockprune_jax import pruning
+from blockprune_jax import tasks as tasks_lib
+from blockprune_jax import tokenizer as tok_lib
+from blockprune_jax.errors import UserError
+
+pytest.importorskip("lm_eval")
+
+WORDS = ("the cat sat on a mat while rain fell over quiet hills and the old river ran past "
+         "stone bridges toward a grey sea where ships waited for morning light").split()
+
+
+def _text(rng, n):
+  return " ".join(rng.choice(WORDS, n))
+
+
+def write_tasks(root: str) -> str:
+  """A multiple-choice, a rolling-loglikelihood and a generate_until task under root/tasks."""
+  rng = np.random.RandomState(0)
+  d = os.path.join(root, "tasks")
+  os.makedirs(d, exist_ok=True)
+  docs = {
+      # contexts of mixed lengths, 2-4 choices of 1-3 words: several bucket lengths
+      "mc": [{"question": _text(rng, int(rng.randint(2, 40))),
+              "choices": [_text(rng, int(rng.randint(1, 4))) for _ in range(int(rng.randint(2, 5)))],
+              "answer": 0} for _ in range(12)],
+      # one text longer than n_positions=64 tokens: several rolling windows
+      "rolling": [{"text": _text(rng, n)} for n in (3, 20, 90)],
+      "gen": [{"question": _text(rng, int(rng.randint(3, 20))), "answer": "the"} for _ in range(3)],
+  }
+  for name, rows in docs.items():
+    with open(os.path.join(d, f"{name}.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  common = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+            "test_split: test\n")
+  yamls = {
+      "tiny_mc": ("mc", "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+                  "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+                  "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
+      "tiny_rolling": ("rolling", "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
+                       "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n"
+                       "  - metric: bits_per_byte\n"),
+      "tiny_gen": ("gen", "output_type: generate_until\ndoc_to_text: \"{{question}}\"\n"
+                   "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\".\"]\n"
+                   "  max_gen_toks: 6\n  do_sample: false\n"
+                   "metric_list:\n  - metric: exact_match\n"),
+  }
+  for task, (data, body) in yamls.items():
+    with open(os.path.join(d, f"{task}.yaml"), "w") as f:
+      f.write(f"task: {task}\n" + common.format(path=os.path.join(d, f"{data}.jsonl")) + body)
+  return d
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+  return write_tasks(str(tmp_path_factory.mktemp("lm_tasks")))
+
+
+@pytest.fixture(scope="module")
+def models(hf_tiny_dir, tmp_path_factory):
+  """(model_cfg, dense params, pruned params, dir of the pruned export, tokenizer)."""
+  tok = tok_lib.offline_gpt2_tokenizer()
+  cfg = hf_io.load_config(hf_tiny_dir)
+  params = hf_io.load_params(hf_tiny_dir, cfg)
+  masks = pruning.compute_masks(params, [0.5] * cfg.n_layer, method="magnitude", targets="all")
+  pruned = pruning.apply_masks(params, masks)
+  out = hf_io.export(jax.device_get(pruned), cfg, str(tmp_path_factory.mktemp("pruned")), tok)
+  return cfg, params, pruned, out, tok
+
+
+def _samples(lm, task_dir, names):
+  """{task: [each document's filtered responses]} from the harness's own evaluation loop."""
+  import lm_eval  # pylint: disable=import-outside-toplevel
+  out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=0, log_samples=True,
+                                task_manager=tasks_lib.task_manager(task_dir),
+                                bootstrap_iters=0)
+  return ({t: [s["filtered_resps"] for s in sorted(v, key=lambda s: s["doc_id"])]
+           for t, v in out["samples"].items()},
+          {t: tasks_lib.metrics_of(e) for t, e in out["results"].items()})
+
+
+@pytest.fixture(scope="module")
+def reference(models, hf_tiny_dir, task_dir):
+  """HFLM's samples and metrics for the dense and the pruned model."""
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=import-outside-toplevel
+  cfg, _, _, pruned_dir, tok = models
+  del cfg
+  names = ["tiny_mc", "tiny_rolling", "tiny_gen"]
+  return {pruned: _samples(HFLM(pretrained=d, tokenizer=tok, batch_size=4, device="cpu"),
+                           task_dir, names)
+          for pruned, d in ((False, hf_tiny_dir), (True, pruned_dir))}
+
+
+def _close(ours, theirs):
+  """Same strings / greedy flags; log-likelihoods within 1e-4, plus float32 rounding of a sum
+  over many tokens for whole documents (2e-7 relative: 1.2e-4 apart at -973 over ~200 tokens)."""
+  if isinstance(theirs, str):
+    return ours == theirs
+  if isinstance(theirs, (list, tuple)):
+    return len(ours) == len(theirs) and all(_close(a, b) for a, b in zip(ours, theirs))
+  if isinstance(theirs, bool):
+    return bool(ours) == theirs
+  return abs(float(ours) - float(theirs)) <= 1e-4 + 2e-7 * abs(float(theirs))
+
+
+@pytest.mark.parametrize("n_dev,pruned", [(1, False), (4, True), (4, False), (1, True)])
+def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
+  cfg, dense, masked, _, tok = models
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), (parallel.AXIS,))
+  lm = tasks_lib.flax_lm(masked if pruned else dense, cfg, tok, mesh, batch_size=3,
+                         progress=False)
+  ours, our_metrics = _samples(lm, task_dir, ["tiny_mc", "tiny_rolling", "tiny_gen"])
+  theirs, their_metrics = reference[pruned]
+  for task in theirs:
+    assert _close(ours[task], theirs[task]), (task, ours[task], theirs[task])
+  assert our_metrics["tiny_mc"]["acc"] == their_metrics["tiny_mc"]["acc"]
+  assert our_metrics["tiny_mc"]["acc_norm"] == their_metrics["tiny_mc"]["acc_norm"]
+  assert our_metrics["tiny_rolling"]["word_perplexity"] == pytest.approx(
+      their_metrics["tiny_rolling"]["word_perplexity"], rel=1e-5)
+  if pruned:  # the masks change the model: the pruned scores differ from the dense ones
+    assert not _close(ours["tiny_rolling"], reference[False][0]["tiny_rolling"])
