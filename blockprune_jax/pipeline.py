@@ -25,6 +25,7 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
+from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax import validate as validate_lib
@@ -215,6 +216,9 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, *, compact_wid
   """
   config, log = prep.config, prep.log
   results_path = os.path.join(prep.workdir, "results.json")
+  # Zero-shot tasks (eval.tasks), like perplexity: final and, for one-shot pruned runs, before
+  # fine-tuning (prep.params are the pruned weights); scored here so batched runs get them too.
+  scored = tasks_lib.score_run(prep, params, oneshot=wants_oneshot(prep))
   dev = jax.devices()[0]
   results = {
       "role": config.role,
@@ -234,6 +238,7 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, *, compact_wid
                   "seconds": time.time() - prep.t_start if seconds is None else seconds,
                   **_compile_summary(compiled or compile_stats.since(prep.compiled_before))},
   }
+  results.update(scored)
   if batch is not None:
     results["runtime"]["batch"] = batch
   if oneshot is not None:

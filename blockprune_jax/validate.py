@@ -164,6 +164,18 @@ class Splits:
       raise UserError(f"{key}={tuple(v)!r} names a split twice")
 
 
+class TaskNames:
+  """eval.tasks: names of lm-evaluation-harness tasks ('piqa,hellaswag' in one element too), no
+  repeats; whether the harness knows them is checked by _check_tasks."""
+
+  def check(self, key, v):
+    if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
+      raise UserError(f"{key}={v!r} must be a tuple of task names (--config.{key}=piqa,hellaswag)")
+    names = [s.strip() for item in v for s in item.split(",") if s.strip()]
+    if len(set(names)) < len(names):
+      raise UserError(f"{key}={tuple(v)!r} names a task twice")
+
+
 class TokenCount:
   """0 (everything) or at least 2 tokens (a window scores the tokens after its first)."""
 
@@ -196,7 +208,8 @@ RULES = {
     "data.tokenizer": Str(),
     # eval
     "eval.splits": Splits(), "eval.stride": COUNT, "eval.batch_size": POSITIVE,
-    "eval.max_tokens": TokenCount(), "eval.oneshot": Bool(),
+    "eval.max_tokens": TokenCount(), "eval.oneshot": Bool(), "eval.tasks": TaskNames(),
+    "eval.num_fewshot": COUNT, "eval.task_limit": COUNT, "eval.task_dir": Str(),
     # train
     "train.steps": COUNT, "train.epochs": Float(0.0, float(INT_MAX)),
     "train.batch_size": POSITIVE, "train.grad_accum": POSITIVE, "train.learning_rate": RATE,
@@ -257,6 +270,7 @@ def validate(config) -> None:
   _check_training(config)
   if config.prune.method != "none":
     _check_pruning(config)
+  _check_tasks(config)
   if config.wandb.mode != "disabled" and not config.wandb.project:
     raise UserError(f"wandb.project='' with wandb.mode={config.wandb.mode}: name a project")
 
@@ -314,6 +328,16 @@ def _check_paths(config):
     if os.path.lexists(path) and not os.path.isdir(path):
       raise UserError(f"$BLOCKPRUNE_CACHE={cache_env!r} is a file, not a directory: point it at "
                       "a directory (or set --config.data.cache_dir)")
+
+
+def _check_tasks(config):
+  """eval.task_dir is a directory; eval.tasks names tasks the harness knows (only when some are
+  asked for: indexing the harness's tasks takes seconds), before any training."""
+  if config.eval.task_dir:
+    _check_directory_key("eval.task_dir", config.eval.task_dir, must_exist=True)
+  if any(s.strip() for item in config.eval.tasks for s in item.split(",")):
+    from blockprune_jax import tasks  # pylint: disable=import-outside-toplevel
+    tasks.check_task_names(config)
 
 
 def _check_text_files(text_dir):

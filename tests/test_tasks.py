@@ -130,3 +130,73 @@ def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
       their_metrics["tiny_rolling"]["word_perplexity"], rel=1e-5)
   if pruned:  # the masks change the model: the pruned scores differ from the dense ones
     assert not _close(ours["tiny_rolling"], reference[False][0]["tiny_rolling"])
+
+
+def test_sweep_scores_tasks_one_shot_and_fine_tuned(task_dir, tmp_path, capsys):
+  """A pruned run and its dense control side by side (batched.py), each scored by the pipeline:
+  results.json's `tasks` / `oneshot_tasks`, and the report's and console table's columns."""
+  from blockprune_jax import sweep  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(train__steps=2, prune__method="magnitude", prune__target=0.5,
+                       eval__tasks=("tiny_mc,tiny_rolling",), eval__task_dir=task_dir,
+                       eval__task_limit=6, sweep__batch_runs=2)
+  rows = sweep.run_sweep(config, str(tmp_path), [{"seed": 0}])
+  assert [r["status"] for r in rows] == ["done", "done"], rows
+  results = {r["name"]: json.load(open(os.path.join(r["workdir"], "results.json"))) for r in rows}
+  pruned = next(r for r in results.values() if r["role"] != "control")
+  control = next(r for r in results.values() if r["role"] == "control")
+  for scores in (pruned["tasks"], pruned["oneshot_tasks"], control["tasks"]):
+    assert set(scores) == {"tiny_mc", "tiny_rolling"}
+    assert 0.0 <= scores["tiny_mc"]["acc"] <= 1.0 and scores["tiny_mc"]["acc_stderr"] > 0
+    assert scores["tiny_rolling"]["word_perplexity"] > 1.0
+  assert "oneshot_tasks" not in control  # a dense run has no one-shot stage
+  assert pruned["runtime"]["batch"]["runs"] == 2  # trained side by side, scored per run
+  # fine-tuning changed the weights: the rolling task scores differently than right after pruning
+  assert pruned["tasks"]["tiny_rolling"] != pruned["oneshot_tasks"]["tiny_rolling"]
+  table = capsys.readouterr().out
+  md = open(os.path.join(tmp_path, "report.md")).read()
+  csv = open(os.path.join(tmp_path, "report.csv")).read()
+  for text in (table, md, csv):
+    assert "tiny_mc/acc" in text and "oneshot/tiny_rolling/word_perplexity" in text
+  assert f"{pruned['tasks']['tiny_mc']['acc']:.4f}" in md
+
+
+def test_bad_task_input_is_one_line(task_dir, tmp_path):
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+
+  def refused(**overrides):
+    with pytest.raises(UserError) as e:
+      pipeline.validate(tiny_config(**overrides))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  message = refused(eval__tasks=("tiny_mcq",), eval__task_dir=task_dir)
+  assert "'tiny_mcq'" in message and "tiny_mc" in message  # the name and a near match
+  assert "hellaswag" in refused(eval__tasks=("hellaswg",))
+  not_dir = tmp_path / "file.yaml"
+  not_dir.write_text("task: x\n")
+  assert "eval.task_dir" in refused(eval__tasks=("tiny_mc",), eval__task_dir=str(not_dir))
+  # a hub task with the hub unreachable (the tests run with HF_HUB_OFFLINE=1): one line
+  manager = tasks_lib.task_manager("")
+  with pytest.raises(UserError) as e:
+    tasks_lib._load(["piqa"], manager)  # pylint: disable=protected-access
+  assert "'piqa'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_allocation_study_takes_tasks_in_one_override(task_dir):
+  """configs/allocation_study.py:offline with --config.eval.tasks: every run of the sweep
+  validates (the check main makes before the first run starts)."""
+  from blockprune_jax import config_lib, pipeline, sweep  # pylint: disable=import-outside-toplevel
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  path = os.path.join(REPO, "configs", "allocation_study.py")
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("allocation_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = config_lib.apply_overrides(module.get_config("offline"), {
+      "eval.tasks": ("tiny_mc,tiny_rolling",), "eval.task_dir": task_dir})
+  runs = sweep.expand_sweep(config, None, module.get_sweep("offline"))
+  for run in runs:
+    pipeline.validate(config_lib.apply_overrides(config, run))
+  assert tasks_lib.task_names(config) == ["tiny_mc", "tiny_rolling"]
