@@ -246,7 +246,12 @@ def _flax_lm_class():
 
 def task_names(config) -> list[str]:
   """eval.tasks, also accepting the flag form --config.eval.tasks=piqa,hellaswag."""
-  return [t.strip() for item in config.eval.tasks for t in item.split(",") if t.strip()]
+  return split_names(config.eval.tasks)
+
+
+def split_names(items) -> list[str]:
+  """('a,b', 'c') -> ['a', 'b', 'c']: a tuple key given in the flag form or element by element."""
+  return [t.strip() for item in items for t in item.split(",") if t.strip()]
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
+from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import UserError
@@ -171,7 +172,7 @@ class TaskNames:
   def check(self, key, v):
     if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
       raise UserError(f"{key}={v!r} must be a tuple of task names (--config.{key}=piqa,hellaswag)")
-    names = [s.strip() for item in v for s in item.split(",") if s.strip()]
+    names = tasks_lib.split_names(v)
     if len(set(names)) < len(names):
       raise UserError(f"{key}={tuple(v)!r} names a task twice")
 
@@ -335,9 +336,8 @@ def _check_tasks(config):
   asked for: indexing the harness's tasks takes seconds), before any training."""
   if config.eval.task_dir:
     _check_directory_key("eval.task_dir", config.eval.task_dir, must_exist=True)
-  if any(s.strip() for item in config.eval.tasks for s in item.split(",")):
-    from blockprune_jax import tasks  # pylint: disable=import-outside-toplevel
-    tasks.check_task_names(config)
+  if tasks_lib.task_names(config):
+    tasks_lib.check_task_names(config)
 
 
 def _check_text_files(text_dir):

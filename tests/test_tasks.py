@@ -8,58 +8,16 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from blockprune_jax import compile_stats
 from blockprune_jax import hf_io
 from blockprune_jax import parallel
 from blockprune_jax import pruning
 from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
+from blockprune_jax.bench_tasks import write_tasks
 from blockprune_jax.errors import UserError
 
 pytest.importorskip("lm_eval")
-
-WORDS = ("the cat sat on a mat while rain fell over quiet hills and the old river ran past "
-         "stone bridges toward a grey sea where ships waited for morning light").split()
-
-
-def _text(rng, n):
-  return " ".join(rng.choice(WORDS, n))
-
-
-def write_tasks(root: str) -> str:
-  """A multiple-choice, a rolling-loglikelihood and a generate_until task under root/tasks."""
-  rng = np.random.RandomState(0)
-  d = os.path.join(root, "tasks")
-  os.makedirs(d, exist_ok=True)
-  docs = {
-      # contexts of mixed lengths, 2-4 choices of 1-3 words: several bucket lengths
-      "mc": [{"question": _text(rng, int(rng.randint(2, 40))),
-              "choices": [_text(rng, int(rng.randint(1, 4))) for _ in range(int(rng.randint(2, 5)))],
-              "answer": 0} for _ in range(12)],
-      # one text longer than n_positions=64 tokens: several rolling windows
-      "rolling": [{"text": _text(rng, n)} for n in (3, 20, 90)],
-      "gen": [{"question": _text(rng, int(rng.randint(3, 20))), "answer": "the"} for _ in range(3)],
-  }
-  for name, rows in docs.items():
-    with open(os.path.join(d, f"{name}.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-  common = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
-            "test_split: test\n")
-  yamls = {
-      "tiny_mc": ("mc", "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
-                  "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
-                  "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
-      "tiny_rolling": ("rolling", "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
-                       "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n"
-                       "  - metric: bits_per_byte\n"),
-      "tiny_gen": ("gen", "output_type: generate_until\ndoc_to_text: \"{{question}}\"\n"
-                   "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\".\"]\n"
-                   "  max_gen_toks: 6\n  do_sample: false\n"
-                   "metric_list:\n  - metric: exact_match\n"),
-  }
-  for task, (data, body) in yamls.items():
-    with open(os.path.join(d, f"{task}.yaml"), "w") as f:
-      f.write(f"task: {task}\n" + common.format(path=os.path.join(d, f"{data}.jsonl")) + body)
-  return d
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +78,13 @@ def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
   mesh = Mesh(np.array(jax.devices()[:n_dev]), (parallel.AXIS,))
   lm = tasks_lib.flax_lm(masked if pruned else dense, cfg, tok, mesh, batch_size=3,
                          progress=False)
-  ours, our_metrics = _samples(lm, task_dir, ["tiny_mc", "tiny_rolling", "tiny_gen"])
+  with compile_stats.counting() as compiled:
+    ours, our_metrics = _samples(lm, task_dir, ["tiny_mc", "tiny_rolling", "tiny_gen"])
+  # ~40 scoring batches of lengths 5..64 (3 per batch): one program per bucket (16, 32, 64)
+  scoring = compiled["by_name"].get("jit(score_step)", 0)
+  assert scoring <= 3, compiled
+  if (n_dev, pruned) == (1, False):  # the first case compiles them (later ones reuse them)
+    assert scoring >= 2, compiled
   theirs, their_metrics = reference[pruned]
   for task in theirs:
     assert _close(ours[task], theirs[task]), (task, ours[task], theirs[task])
@@ -151,6 +115,8 @@ def test_sweep_scores_tasks_one_shot_and_fine_tuned(task_dir, tmp_path, capsys):
     assert scores["tiny_rolling"]["word_perplexity"] > 1.0
   assert "oneshot_tasks" not in control  # a dense run has no one-shot stage
   assert pruned["runtime"]["batch"]["runs"] == 2  # trained side by side, scored per run
+  from blockprune_jax import wandb_log  # pylint: disable=import-outside-toplevel
+  assert wandb_log.flatten(pruned)["tasks/tiny_mc/acc"] == pruned["tasks"]["tiny_mc"]["acc"]
   # fine-tuning changed the weights: the rolling task scores differently than right after pruning
   assert pruned["tasks"]["tiny_rolling"] != pruned["oneshot_tasks"]["tiny_rolling"]
   table = capsys.readouterr().out
@@ -173,12 +139,13 @@ def test_bad_task_input_is_one_line(task_dir, tmp_path):
 
   message = refused(eval__tasks=("tiny_mcq",), eval__task_dir=task_dir)
   assert "'tiny_mcq'" in message and "tiny_mc" in message  # the name and a near match
-  assert "hellaswag" in refused(eval__tasks=("hellaswg",))
+  # the harness's own tasks too (the same task manager: indexing ~15k YAMLs takes seconds)
+  assert "hellaswag" in refused(eval__tasks=("hellaswg",), eval__task_dir=task_dir)
   not_dir = tmp_path / "file.yaml"
   not_dir.write_text("task: x\n")
   assert "eval.task_dir" in refused(eval__tasks=("tiny_mc",), eval__task_dir=str(not_dir))
   # a hub task with the hub unreachable (the tests run with HF_HUB_OFFLINE=1): one line
-  manager = tasks_lib.task_manager("")
+  manager = tasks_lib.task_manager(task_dir)
   with pytest.raises(UserError) as e:
     tasks_lib._load(["piqa"], manager)  # pylint: disable=protected-access
   assert "'piqa'" in str(e.value) and "\n" not in str(e.value)
