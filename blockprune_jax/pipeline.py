@@ -383,7 +383,7 @@ def base_config(config):
       "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
       "train.batch_size": b.batch_size or config.train.batch_size,
       "train.warmup_steps": max(1, b.steps // 20), "eval.splits": ("validation",),
-      "export.hf": True})
+      "eval.tasks": (), "export.hf": True})  # the dense control's tasks are the reference
 
 
 def check_base(base, base_dir):

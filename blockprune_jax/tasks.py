@@ -29,6 +29,11 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax.errors import UserError
 
+try:  # optional (the `tasks` extra): without it, asking for eval.tasks is one line
+  from lm_eval.api.model import TemplateLM
+except ImportError:
+  TemplateLM = object
+
 LM_EVAL = "lm-eval==0.4.13"  # the version requirements.txt pins and the tests check against
 MIN_BUCKET = 16  # shortest padded length: shorter requests share one program
 # Bootstrap draws for the stderr of non-mean metrics (perplexities): the harness's default of
@@ -85,10 +90,6 @@ def make_next_token_step(apply_fn, mesh):
   return jax.jit(parallel.shard_map(next_token_step, mesh, (P(), spec, spec), spec))
 
 
-def _lm_base():
-  return _harness().api.model.TemplateLM
-
-
 class _Batches:
   """Rows of token lists grouped into fixed [batch, bucket] arrays, longest first."""
 
@@ -104,139 +105,136 @@ class _Batches:
 
 
 def flax_lm(params, model_cfg, tokenizer, mesh=None, batch_size=8, progress=True):
-  """A `FlaxLM` (the class is built on first use, so importing this module needs no lm_eval)."""
-  return _flax_lm_class()(params, model_cfg, tokenizer, mesh, batch_size, progress)
+  """Our model as a harness `LM` (FlaxLM), or one line saying how to install the harness."""
+  _harness()
+  return FlaxLM(params, model_cfg, tokenizer, mesh, batch_size, progress)
 
 
-@functools.lru_cache(maxsize=None)
-def _flax_lm_class():
-  class FlaxLM(_lm_base()):
-    """Our GPT-2 (params already masked) as a harness model; see the module docstring."""
+class FlaxLM(TemplateLM):
+  """Our GPT-2 (params already masked) as a harness model; see the module docstring."""
 
-    def __init__(self, params, model_cfg, tokenizer, mesh=None, batch_size=8, progress=True):
-      super().__init__()
-      self.mesh = mesh or parallel.data_mesh()
-      self.apply_fn = model_lib.logits_fn(model_cfg)
-      self.params = parallel.replicate(params, self.mesh)
-      self.tokenizer = tokenizer
-      self.max_length = model_cfg.n_positions
-      self.max_gen_toks = 256  # HFLM's default when a task names none
-      self.batch = parallel.round_up(max(1, batch_size), self.mesh.devices.size)
-      self.progress = progress
+  def __init__(self, params, model_cfg, tokenizer, mesh=None, batch_size=8, progress=True):
+    super().__init__()
+    self.mesh = mesh or parallel.data_mesh()
+    self.apply_fn = model_lib.logits_fn(model_cfg)
+    self.params = parallel.replicate(params, self.mesh)
+    self.tokenizer = tokenizer
+    self.max_length = model_cfg.n_positions
+    self.max_gen_toks = 256  # HFLM's default when a task names none
+    self.batch = parallel.round_up(max(1, batch_size), self.mesh.devices.size)
+    self.progress = progress
 
-    @property
-    def eot_token_id(self):
-      return self.tokenizer.eos_token_id
+  @property
+  def eot_token_id(self):
+    return self.tokenizer.eos_token_id
 
-    def tok_encode(self, string, add_special_tokens=None, **kwargs):
-      # GPT-2 adds no special tokens; the harness places the end-of-text prefix itself.
-      return list(self.tokenizer.encode(string, add_special_tokens=False))
+  def tok_encode(self, string, add_special_tokens=None, **kwargs):
+    # GPT-2 adds no special tokens; the harness places the end-of-text prefix itself.
+    return list(self.tokenizer.encode(string, add_special_tokens=False))
 
-    def tok_decode(self, tokens):
-      return self.tokenizer.decode(tokens, skip_special_tokens=True)
+  def tok_decode(self, tokens):
+    return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def loglikelihood(self, requests, disable_tqdm=False):
-      return super().loglikelihood(requests, disable_tqdm=True)  # our own bar below
+  def loglikelihood(self, requests, disable_tqdm=False):
+    return super().loglikelihood(requests, disable_tqdm=True)  # our own bar below
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-      """[(logprob, is_greedy)] of (key, context_ids, continuation_ids) requests; the harness's
-      left truncation to n_positions + 1 tokens, as HFLM does."""
-      rows = []
-      for _, context, continuation in requests:
-        if not context or not continuation or len(continuation) > self.max_length:
-          raise ValueError("a request needs a context and 1..n_positions continuation tokens")
-        whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-        rows.append((whole[:-1], whole[1:], len(continuation)))
-      return self._score(rows, "loglikelihood")
+  def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+    """[(logprob, is_greedy)] of (key, context_ids, continuation_ids) requests; the harness's
+    left truncation to n_positions + 1 tokens, as HFLM does."""
+    rows = []
+    for _, context, continuation in requests:
+      if not context or not continuation or len(continuation) > self.max_length:
+        raise ValueError("a request needs a context and 1..n_positions continuation tokens")
+      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+      rows.append((whole[:-1], whole[1:], len(continuation)))
+    return self._score(rows, "loglikelihood")
 
-    def _score(self, rows, desc):
-      step, mesh = make_score_step(self.apply_fn, self.mesh), self.mesh
-      batches = _Batches([len(r[0]) for r in rows], self.batch, self.max_length)
-      bar = eval_lib._progress(len(batches), desc, self.progress)  # pylint: disable=protected-access
-      pending = []
-      for idx, length in batches.chunks:
-        inputs = np.zeros((self.batch, length), np.int32)
-        targets = np.zeros((self.batch, length), np.int32)
-        weights = np.zeros((self.batch, length), np.float32)
-        for r, i in enumerate(idx):
-          x, y, n = rows[i]
-          inputs[r, :len(x)], targets[r, :len(y)] = x, y
-          weights[r, len(x) - n:len(x)] = 1.0
-        pending.append((idx, step(self.params, *parallel.shard_batch(
-            (inputs, targets, weights), mesh))))
-        bar.update(1)
-      out = [None] * len(rows)
-      for idx, result in pending:
-        logprob, greedy = jax.device_get(result)
-        for r, i in enumerate(idx):
-          out[i] = (float(logprob[r]), bool(greedy[r]))
-      bar.close()
-      return out
+  def _score(self, rows, desc):
+    step, mesh = make_score_step(self.apply_fn, self.mesh), self.mesh
+    batches = _Batches([len(r[0]) for r in rows], self.batch, self.max_length)
+    bar = eval_lib._progress(len(batches), desc, self.progress)  # pylint: disable=protected-access
+    pending = []
+    for idx, length in batches.chunks:
+      inputs = np.zeros((self.batch, length), np.int32)
+      targets = np.zeros((self.batch, length), np.int32)
+      weights = np.zeros((self.batch, length), np.float32)
+      for r, i in enumerate(idx):
+        x, y, n = rows[i]
+        inputs[r, :len(x)], targets[r, :len(y)] = x, y
+        weights[r, len(x) - n:len(x)] = 1.0
+      pending.append((idx, step(self.params, *parallel.shard_batch(
+          (inputs, targets, weights), mesh))))
+      bar.update(1)
+    out = [None] * len(rows)
+    for idx, result in pending:
+      logprob, greedy = jax.device_get(result)
+      for r, i in enumerate(idx):
+        out[i] = (float(logprob[r]), bool(greedy[r]))
+    bar.close()
+    return out
 
-    def loglikelihood_rolling(self, requests, disable_tqdm=False):
-      """Total log probability of each whole text, over the harness's rolling windows."""
-      from lm_eval import utils  # pylint: disable=import-outside-toplevel
-      windows, owner = [], []
-      for k, (text,) in enumerate(req.args for req in requests):
-        for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-            token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-            max_seq_len=self.max_length, context_len=1)):
-          windows.append((None, context, continuation))
-          owner.append(k)
-      totals = [0.0] * len(requests)
-      for k, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows)):
-        totals[k] += logprob
-      return totals
+  def loglikelihood_rolling(self, requests, disable_tqdm=False):
+    """Total log probability of each whole text, over the harness's rolling windows."""
+    from lm_eval import utils  # pylint: disable=import-outside-toplevel
+    windows, owner = [], []
+    for k, (text,) in enumerate(req.args for req in requests):
+      for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+          token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length, context_len=1)):
+        windows.append((None, context, continuation))
+        owner.append(k)
+    totals = [0.0] * len(requests)
+    for k, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows)):
+      totals[k] += logprob
+    return totals
 
-    def generate_until(self, requests, disable_tqdm=False):
-      """Greedy continuations cut at the first stop sequence (the task's `until` and the
-      end-of-text token), at most max_gen_toks tokens, each as HFLM.generate_until builds it."""
-      from lm_eval.models import utils as hf_utils  # pylint: disable=import-outside-toplevel
-      eos = self.tokenizer.decode([self.eot_token_id])
-      jobs = []
-      for context, gen_kwargs in (req.args for req in requests):
-        kwargs = hf_utils.normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-        until = hf_utils.handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-        n_new = kwargs.pop("max_gen_toks")
-        if n_new >= self.max_length:
-          raise UserError(f"a task asks for max_gen_toks={n_new}, not fewer than the model's "
-                          f"n_positions={self.max_length}")
-        jobs.append((self.tok_encode(context)[-(self.max_length - n_new):], until, n_new))
-      batches = _Batches([len(c) + n for c, _, n in jobs], self.batch, self.max_length)
-      bar = eval_lib._progress(len(batches), "generate", self.progress)  # pylint: disable=protected-access
-      out = [None] * len(jobs)
-      for idx, length in batches.chunks:
-        for i, new in zip(idx, self._generate([jobs[i] for i in idx], length)):
-          out[i] = hf_utils.postprocess_generated_text(self.tok_decode(new), jobs[i][1], None)
-        bar.update(1)
-      bar.close()
-      return out
+  def generate_until(self, requests, disable_tqdm=False):
+    """Greedy continuations cut at the first stop sequence (the task's `until` and the
+    end-of-text token), at most max_gen_toks tokens, each as HFLM.generate_until builds it."""
+    from lm_eval.models import utils as hf_utils  # pylint: disable=import-outside-toplevel
+    eos = self.tokenizer.decode([self.eot_token_id])
+    jobs = []
+    for context, gen_kwargs in (req.args for req in requests):
+      kwargs = hf_utils.normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+      until = hf_utils.handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+      n_new = kwargs.pop("max_gen_toks")
+      if n_new >= self.max_length:
+        raise UserError(f"a task asks for max_gen_toks={n_new}, not fewer than the model's "
+                        f"n_positions={self.max_length}")
+      jobs.append((self.tok_encode(context)[-(self.max_length - n_new):], until, n_new))
+    batches = _Batches([len(c) + n for c, _, n in jobs], self.batch, self.max_length)
+    bar = eval_lib._progress(len(batches), "generate", self.progress)  # pylint: disable=protected-access
+    out = [None] * len(jobs)
+    for idx, length in batches.chunks:
+      for i, new in zip(idx, self._generate([jobs[i] for i in idx], length)):
+        out[i] = hf_utils.postprocess_generated_text(self.tok_decode(new), jobs[i][1], None)
+      bar.update(1)
+    bar.close()
+    return out
 
-    def _generate(self, jobs, length):
-      """The new token ids of each (context ids, stop strings, max new tokens) job."""
-      step = make_next_token_step(self.apply_fn, self.mesh)
-      tokens = np.zeros((self.batch, length), np.int32)
-      lengths = np.ones((self.batch,), np.int32)  # padding rows: one token, never read
-      for r, (context, _, _) in enumerate(jobs):
-        tokens[r, :len(context)], lengths[r] = context, len(context)
-      new = [[] for _ in jobs]
-      active = set(range(len(jobs)))
-      while active:
-        nxt = jax.device_get(step(self.params, *parallel.shard_batch((tokens, lengths), self.mesh)))
-        for r in sorted(active):
-          _, until, n_new = jobs[r]
-          if int(nxt[r]) == self.eot_token_id:
-            active.discard(r)
-            continue
-          new[r].append(int(nxt[r]))
-          tokens[r, lengths[r]] = nxt[r]
-          lengths[r] += 1
-          text = self.tok_decode(new[r])
-          if len(new[r]) >= n_new or any(s and s in text for s in until):
-            active.discard(r)
-      return new
-
-  return FlaxLM
+  def _generate(self, jobs, length):
+    """The new token ids of each (context ids, stop strings, max new tokens) job."""
+    step = make_next_token_step(self.apply_fn, self.mesh)
+    tokens = np.zeros((self.batch, length), np.int32)
+    lengths = np.ones((self.batch,), np.int32)  # padding rows: one token, never read
+    for r, (context, _, _) in enumerate(jobs):
+      tokens[r, :len(context)], lengths[r] = context, len(context)
+    new = [[] for _ in jobs]
+    active = set(range(len(jobs)))
+    while active:
+      nxt = jax.device_get(step(self.params, *parallel.shard_batch((tokens, lengths), self.mesh)))
+      for r in sorted(active):
+        _, until, n_new = jobs[r]
+        if int(nxt[r]) == self.eot_token_id:
+          active.discard(r)
+          continue
+        new[r].append(int(nxt[r]))
+        tokens[r, lengths[r]] = nxt[r]
+        lengths[r] += 1
+        text = self.tok_decode(new[r])
+        if len(new[r]) >= n_new or any(s and s in text for s in until):
+          active.discard(r)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
