@@ -145,6 +145,7 @@ class Prepared:
 def prepare(config, workdir, log, t_start) -> Prepared:
   """The first phases of a run: base model, tokenizer, data, model, pruning plan, one-shot
   pruning."""
+  tasks_lib.load_tasks(config)  # eval.tasks' datasets: one that cannot load fails before training
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
             f"{jax.process_count()} process(es)", config=config.to_dict(),
@@ -412,6 +413,7 @@ def summary_table(results) -> str:
   for split, r in results.get("eval", {}).items():
     lines.append(f"{split:<12}{r['perplexity']:>12.3f}{r['tokens_scored']:>10d}"
                  f"{r['tokens_per_s']:>12,.0f}")
+  lines += tasks_lib.summary_lines(results)
   return "\n".join(lines)
 
 

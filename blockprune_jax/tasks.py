@@ -279,6 +279,21 @@ def check_task_names(config) -> None:
                          " (local tasks: set eval.task_dir to their YAML directory)"))
 
 
+def load_tasks(config) -> list:
+  """The Task / Group objects of eval.tasks with their datasets loaded, once per process (a
+  sweep's runs share them): the pipeline asks for them before training, so a dataset that cannot
+  be read fails then, not after hours of fine-tuning."""
+  if not task_names(config):
+    return []
+  check_task_names(config)
+  return list(_load_cached(tuple(task_names(config)), config.eval.task_dir))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(names, task_dir) -> tuple:
+  return tuple(_load(names, task_manager(task_dir)))
+
+
 def _load(names, manager) -> list:
   """The harness's Task / Group objects of `names`, with its dataset loaded; a dataset that
   cannot be read (an unreachable hub above all) is one line naming the task."""
@@ -330,15 +345,13 @@ def score_tasks(config, params, model_cfg, tokenizer, mesh, log, label="") -> di
   """{task: {metric: value, metric_stderr: value}} of eval.tasks for this model (params with
   any masks applied), logged as one 'tasks' event; `label` names the stage ('one-shot')."""
   lm_eval = _harness()
-  names = task_names(config)
-  check_task_names(config)
-  manager = task_manager(config.eval.task_dir)
+  loaded = load_tasks(config)
   lm = flax_lm(params, model_cfg, tokenizer, mesh, config.eval.batch_size)
   with compile_stats.counting() as compiled, _serial_bootstrap():
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=_load(names, manager), num_fewshot=config.eval.num_fewshot,
-        limit=config.eval.task_limit or None, task_manager=manager, log_samples=False,
-        bootstrap_iters=BOOTSTRAP_ITERS)
+        model=lm, tasks=loaded, num_fewshot=config.eval.num_fewshot,
+        limit=config.eval.task_limit or None, task_manager=task_manager(config.eval.task_dir),
+        log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
   scores = {task: metrics_of(entry) for task, entry in out["results"].items()}
   shown = "; ".join(f"{t} " + ", ".join(f"{m} {v:.4f}" for m, v in s.items()
                                         if v is not None and not m.endswith("_stderr"))
@@ -360,3 +373,14 @@ def score_run(prep, params, oneshot: bool) -> dict:
                                        prep.log, label="one-shot")
   out["tasks"] = score_tasks(prep.config, params, prep.model_cfg, prep.tok, mesh, prep.log)
   return out
+
+
+def summary_lines(results: dict) -> list[str]:
+  """A run's console table lines of its task scores: 'piqa  acc 0.6230 (one-shot 0.5810)'."""
+  lines, oneshot = [], results.get("oneshot_tasks") or {}
+  for task, metrics in (results.get("tasks") or {}).items():
+    cells = [f"{m} {v:.4f}" + (f" (one-shot {oneshot[task][m]:.4f})"
+                               if oneshot.get(task, {}).get(m) is not None else "")
+             for m, v in metrics.items() if v is not None and not m.endswith("_stderr")]
+    lines.append(f"{task:<24}" + "  ".join(cells))
+  return lines

@@ -125,6 +125,9 @@ def test_sweep_scores_tasks_one_shot_and_fine_tuned(task_dir, tmp_path, capsys):
   for text in (table, md, csv):
     assert "tiny_mc/acc" in text and "oneshot/tiny_rolling/word_perplexity" in text
   assert f"{pruned['tasks']['tiny_mc']['acc']:.4f}" in md
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  summary = pipeline.summary_table(pruned)  # what a single run prints at its end
+  assert f"acc {pruned['tasks']['tiny_mc']['acc']:.4f} (one-shot " in summary
 
 
 def test_bad_task_input_is_one_line(task_dir, tmp_path):
@@ -144,11 +147,14 @@ def test_bad_task_input_is_one_line(task_dir, tmp_path):
   not_dir = tmp_path / "file.yaml"
   not_dir.write_text("task: x\n")
   assert "eval.task_dir" in refused(eval__tasks=("tiny_mc",), eval__task_dir=str(not_dir))
-  # a hub task with the hub unreachable (the tests run with HF_HUB_OFFLINE=1): one line
-  manager = tasks_lib.task_manager(task_dir)
+  # a hub task with the hub unreachable (the tests run with HF_HUB_OFFLINE=1): one line, before
+  # the run trains (no checkpoint written)
+  workdir = tmp_path / "offline"
   with pytest.raises(UserError) as e:
-    tasks_lib._load(["piqa"], manager)  # pylint: disable=protected-access
+    pipeline.run(tiny_config(eval__tasks=("piqa",), eval__task_dir=task_dir, train__steps=50),
+                 str(workdir), echo=False)
   assert "'piqa'" in str(e.value) and "\n" not in str(e.value)
+  assert not (workdir / "checkpoints").exists() and not (workdir / "results.json").exists()
 
 
 def test_allocation_study_takes_tasks_in_one_override(task_dir):
