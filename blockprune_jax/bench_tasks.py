@@ -41,7 +41,8 @@ def write_tasks(root: str, n_mc: int = 12) -> str:
   docs = {
       # contexts of mixed lengths, 2-4 choices of 1-3 words: several bucket lengths
       "mc": [{"question": _text(rng, int(rng.randint(2, 40))),
-              "choices": [_text(rng, int(rng.randint(1, 4))) for _ in range(int(rng.randint(2, 5)))],
+              "choices": [_text(rng, int(rng.randint(1, 4)))
+                          for _ in range(int(rng.randint(2, 5)))],
               "answer": 0} for _ in range(n_mc)],
       # one text longer than n_positions=64 tokens: several rolling windows
       "rolling": [{"text": _text(rng, n)} for n in (3, 20, 90)],

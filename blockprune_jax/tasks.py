@@ -90,6 +90,11 @@ def make_next_token_step(apply_fn, mesh):
   return jax.jit(parallel.shard_map(next_token_step, mesh, (P(), spec, spec), spec))
 
 
+def _bar(total, desc, enabled):
+  """evaluate.py's progress bar: on a terminal only, never in log files."""
+  return eval_lib._progress(total, desc, enabled)  # pylint: disable=protected-access
+
+
 class _Batches:
   """Rows of token lists grouped into fixed [batch, bucket] arrays, longest first."""
 
@@ -152,7 +157,7 @@ class FlaxLM(TemplateLM):
   def _score(self, rows, desc):
     step, mesh = make_score_step(self.apply_fn, self.mesh), self.mesh
     batches = _Batches([len(r[0]) for r in rows], self.batch, self.max_length)
-    bar = eval_lib._progress(len(batches), desc, self.progress)  # pylint: disable=protected-access
+    bar = _bar(len(batches), desc, self.progress)
     pending = []
     for idx, length in batches.chunks:
       inputs = np.zeros((self.batch, length), np.int32)
@@ -203,7 +208,7 @@ class FlaxLM(TemplateLM):
                         f"n_positions={self.max_length}")
       jobs.append((self.tok_encode(context)[-(self.max_length - n_new):], until, n_new))
     batches = _Batches([len(c) + n for c, _, n in jobs], self.batch, self.max_length)
-    bar = eval_lib._progress(len(batches), "generate", self.progress)  # pylint: disable=protected-access
+    bar = _bar(len(batches), "generate", self.progress)
     out = [None] * len(jobs)
     for idx, length in batches.chunks:
       for i, new in zip(idx, self._generate([jobs[i] for i in idx], length)):
@@ -337,7 +342,8 @@ def metrics_of(entry: dict) -> dict:
       continue  # alias, sample counts
     metric, filt = key.split(",", 1)
     name = metric if filt == "none" else key
-    out[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    out[name] = float(value) if number else None
   return out
 
 
