@@ -8,6 +8,7 @@
     python -m blockprune_jax.bench sweep --preset=tiny --runs=4  # a sweep's cost beyond its steps
     python -m blockprune_jax.bench sweep --preset=tiny --runs=3 --batch_runs=3  # vs side by side
     python -m blockprune_jax.bench side_by_side --runs=3  # one step of 3 runs (vmap, map) vs 1
+    python -m blockprune_jax.bench tasks --preset=tiny --seq_len=256 --batch=8 --steps=200  # vs HFLM
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
@@ -75,7 +76,7 @@ _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side")
+WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
@@ -372,6 +373,11 @@ def main(argv):
     return
   if what == "side_by_side":
     bench_side_by_side(cfg, _RUNS.value)
+    return
+  if what == "tasks":  # --steps = documents of the multiple-choice task
+    from blockprune_jax import bench_tasks  # pylint: disable=import-outside-toplevel
+    emit(bench_tasks.run(preset_shape=model_lib.PRESETS[_PRESET.value], n_positions=_SEQ.value,
+                         batch=eval_batch(), docs=_STEPS.value))
     return
   {"eval": bench_eval, "train": bench_train, "mask": bench_mask,
    "compact": bench_compact}[what](cfg)

@@ -35,6 +35,7 @@ from typing import Any
 from blockprune_jax import allocation
 from blockprune_jax import pruning
 from blockprune_jax import wandb_log
+from blockprune_jax.errors import UserError
 from blockprune_jax.rules import (COUNT, INT_MAX, POSITIVE, RATE, RATIO, WHEN, Bool, Choice,
                                   Float, Int, Numbers, Splits, Str, TokenCount, CURRENT)
 
@@ -49,6 +50,19 @@ class Pattern:
   def check(self, key, v):
     Str().check(key, v)
     pruning.parse_pattern(v)
+
+
+class TaskNames:
+  """eval.tasks: names of lm-evaluation-harness tasks ('piqa,hellaswag' in one element too), no
+  repeats; whether the harness knows them is checked by validate._check_tasks."""
+
+  def check(self, key, v):
+    from blockprune_jax import tasks  # pylint: disable=import-outside-toplevel
+    if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
+      raise UserError(f"{key}={v!r} must be a tuple of task names (--config.{key}=piqa,hellaswag)")
+    names = tasks.split_names(v)
+    if len(set(names)) < len(names):
+      raise UserError(f"{key}={tuple(v)!r} names a task twice")
 
 
 def _schedules():
@@ -116,6 +130,9 @@ KEYS: dict[str, Key] = {
     # eval
     "eval.splits": _r(Splits()), "eval.stride": _r(COUNT), "eval.batch_size": _r(POSITIVE),
     "eval.max_tokens": _r(TokenCount()), "eval.oneshot": _rg(Bool()),
+    # zero-shot tasks are scored per run, after its program (tasks.py)
+    "eval.tasks": _rg(TaskNames()), "eval.num_fewshot": _rg(COUNT), "eval.task_limit": _rg(COUNT),
+    "eval.task_dir": _rg(Str()),
     # train
     "train.steps": Key(COUNT), "train.epochs": Key(Float(0.0, float(INT_MAX))),
     "train.batch_size": Key(POSITIVE), "train.grad_accum": Key(POSITIVE),

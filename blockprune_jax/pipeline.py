@@ -28,6 +28,7 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
+from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train
 from blockprune_jax import validate as validate_lib
@@ -246,6 +247,7 @@ class Prepared:
 def prepare(config, workdir, log, t_start) -> Prepared:
   """The first phases of a run: base model, tokenizer, data, model, pruning plan, one-shot
   pruning."""
+  tasks_lib.load_tasks(config)  # eval.tasks' datasets: one that cannot load fails before training
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
             f"{jax.process_count()} process(es)", config=config.to_dict(),
@@ -318,6 +320,9 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, *, compact_wid
   """
   config, log = prep.config, prep.log
   results_path = os.path.join(prep.workdir, "results.json")
+  # Zero-shot tasks (eval.tasks), like perplexity: final and, for one-shot pruned runs, before
+  # fine-tuning (prep.params are the pruned weights); scored here so batched runs get them too.
+  scored = tasks_lib.score_run(prep, params, oneshot=wants_oneshot(prep))
   dev = jax.devices()[0]
   results = {
       "role": config.role,
@@ -337,6 +342,7 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, *, compact_wid
                   "seconds": time.time() - prep.t_start if seconds is None else seconds,
                   **_compile_summary(compiled or compile_stats.since(prep.compiled_before))},
   }
+  results.update(scored)
   if batch is not None:
     results["runtime"]["batch"] = batch
   if oneshot is not None:
@@ -523,7 +529,7 @@ def base_config(config):
       "train.steps": b.steps, "train.epochs": 0.0, "train.learning_rate": b.learning_rate,
       "train.batch_size": b.batch_size or config.train.batch_size,
       "train.warmup_steps": max(1, b.steps // 20), "eval.splits": ("validation",),
-      "export.hf": True})
+      "eval.tasks": (), "export.hf": True})  # the dense control's tasks are the reference
 
 
 def check_base(base, base_dir):
@@ -552,6 +558,7 @@ def summary_table(results) -> str:
   for split, r in results.get("eval", {}).items():
     lines.append(f"{split:<12}{r['perplexity']:>12.3f}{r['tokens_scored']:>10d}"
                  f"{r['tokens_per_s']:>12,.0f}")
+  lines += tasks_lib.summary_lines(results)
   return "\n".join(lines)
 
 

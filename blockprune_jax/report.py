@@ -12,7 +12,9 @@ from results.json / metrics.jsonl; a missing field is a blank cell.
 
 Optional fields add columns: `oneshot.perplexity.<split>` (right after pruning, before
 fine-tuning) gives `oneshot_<split>`; a dense control run (`role: control`, fine-tuned like the
-others) gives every run `delta_<split>` = its perplexity minus the control's.
+others) gives every run `delta_<split>` = its perplexity minus the control's. Zero-shot task
+scores (`tasks.<task>.<metric>`, eval.tasks) give `<task>/<metric>` columns (`lambada_openai/acc`),
+one-shot ones (`oneshot_tasks`) `oneshot/<task>/<metric>`; stderrs stay in results.json.
 """
 import itertools
 import json
@@ -42,6 +44,7 @@ METRICS = "metrics.jsonl"
 _GENERATED = ("uniform", "linear", "exponential", "owl", "sensitivity", "search")
 _SKIP_DIRS = {"checkpoints", "checkpoint", "ckpt", "export", "tensorboard", "tb"}
 _PPL = ("ppl_", "oneshot_", "delta_")  # prefixes of the perplexity columns, in table order
+_ONESHOT_TASKS = "oneshot/"  # prefix of the one-shot task columns; every task column has a '/'
 
 # ----------------------------------------------------------------------------------------------
 # One DataFrame from the results.json files
@@ -139,11 +142,26 @@ def _record(results: dict, run: str, run_dir: str) -> dict:
       "_dir": run_dir,
       "_ppl": ppl,
       "_oneshot": _ppls(trees.get_path(results, ("oneshot", "perplexity"))),
+      "_tasks": _task_scores(results.get("tasks")),
+      "_oneshot_tasks": _task_scores(results.get("oneshot_tasks"), _ONESHOT_TASKS),
       "_val": val if val is not None and math.isfinite(val) and val > 0 else None,  # plottable
       "_ratios_block": ratios_block,
       "_ratios_layer": ratios_layer,
       "_config": cfg,
   }
+
+
+def _task_scores(tasks: Any, prefix: str = "") -> dict:
+  """{'<prefix><task>/<metric>': value} of results.json's task scores, stderrs left out."""
+  if not isinstance(tasks, dict):
+    return {}
+  return {f"{prefix}{task}/{metric}": _num(value)
+          for task, metrics in tasks.items() if isinstance(metrics, dict)
+          for metric, value in metrics.items() if not metric.endswith("_stderr")}
+
+
+def _is_task_column(col: str) -> bool:
+  return "/" in col
 
 
 def _splits(names: Iterable[str]) -> list[str]:
@@ -179,6 +197,9 @@ def frame(paths: Sequence[str]) -> pd.DataFrame:
   for source, prefix in (("_ppl", "ppl_"), ("_oneshot", "oneshot_")):
     for s in _splits(s for d in df[source] for s in d):
       df[prefix + s] = _objects((d.get(s) for d in df[source]), df.index)
+  for source in ("_tasks", "_oneshot_tasks"):
+    for col in sorted({c for d in df[source] for c in d}):
+      df[col] = _objects((d.get(col) for d in df[source]), df.index)
   return _add_deltas(df)
 
 
@@ -244,7 +265,15 @@ def _columns(df: pd.DataFrame) -> list[str]:
     head.append("ratios_per_layer")
   head += ["sparsity_overall", "sparsity_per_block"]
   head += [c for p in _PPL for c in df.columns if c.startswith(p)]
+  head += _task_columns(df)
   return head + ["seed", "train_steps", "final_train_loss"]
+
+
+def _task_columns(df: pd.DataFrame) -> list[str]:
+  """The task score columns: final ones first, then the one-shot ones."""
+  cols = [c for c in df.columns if _is_task_column(c)]
+  return ([c for c in cols if not c.startswith(_ONESHOT_TASKS)]
+          + [c for c in cols if c.startswith(_ONESHOT_TASKS)])
 
 
 def _fmt_ppl(x: float | None) -> str:
@@ -263,6 +292,8 @@ _FORMATS = {"sparsity_overall": "{:.3f}".format, "final_train_loss": "{:.4f}".fo
 def _fmt_md(col: str, value: Any) -> str:
   if value is None or value == "":
     return ""
+  if _is_task_column(col):
+    return f"{value:.4f}"
   return (_fmt_ppl if col.startswith(_PPL) else _FORMATS.get(col, str))(value)
 
 
@@ -328,7 +359,7 @@ def _keyed(configs: pd.Series, skip: Iterable[str], hide: Iterable[str] = ()) ->
 
 def _metrics(df: pd.DataFrame) -> list[str]:
   return (["sparsity_overall"] + [c for c in _columns(df) if c.startswith(_PPL)]
-          + ["final_train_loss"])
+          + _task_columns(df) + ["final_train_loss"])
 
 
 def _fmean(values: pd.Series) -> float | None:

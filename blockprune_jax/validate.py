@@ -16,6 +16,7 @@ from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import keys
 from blockprune_jax import pruning
+from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 
@@ -50,6 +51,7 @@ def validate(config) -> None:
   _check_training(config)
   if config.prune.method != "none":
     _check_pruning(config)
+  _check_tasks(config)
   if config.wandb.mode != "disabled" and not config.wandb.project:
     raise UserError(f"wandb.project='' with wandb.mode={config.wandb.mode}: name a project")
 
@@ -107,6 +109,15 @@ def _check_paths(config):
     if os.path.lexists(path) and not os.path.isdir(path):
       raise UserError(f"$BLOCKPRUNE_CACHE={cache_env!r} is a file, not a directory: point it at "
                       "a directory (or set --config.data.cache_dir)")
+
+
+def _check_tasks(config):
+  """eval.task_dir is a directory; eval.tasks names tasks the harness knows (only when some are
+  asked for: indexing the harness's tasks takes seconds), before any training."""
+  if config.eval.task_dir:
+    _check_directory_key("eval.task_dir", config.eval.task_dir, must_exist=True)
+  if tasks_lib.task_names(config):
+    tasks_lib.check_task_names(config)
 
 
 def _check_text_files(text_dir):

@@ -54,6 +54,10 @@ def get_config():
   e.batch_size = 8  # windows per evaluation step, global (padded to a multiple of devices)
   e.max_tokens = 0  # >0: evaluate only the first max_tokens tokens of each split (quick checks)
   e.oneshot = True  # pruned and fine-tuned runs: also evaluate the first split before fine-tuning
+  e.tasks = ()  # lm-evaluation-harness tasks / groups (lambada_openai, piqa, ...); () = none
+  e.num_fewshot = 0  # examples in each prompt (0 = zero-shot)
+  e.task_limit = 0  # >0: score only the first task_limit documents of each task (quick checks)
+  e.task_dir = ""  # a directory of extra task YAMLs (local tasks); "" = the harness's own only
 
   # --- fine-tuning -----------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()

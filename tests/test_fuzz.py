@@ -26,7 +26,7 @@ NAN, INF = float("nan"), float("inf")
 
 # Keys naming a directory (or a hub id): they also get a file and a missing directory.
 PATH_KEYS = ("model.name_or_path", "base.dir", "data.text_dir", "data.cache_dir",
-             "data.tokenizer", "distill.teacher", "runtime.compile_cache")
+             "data.tokenizer", "distill.teacher", "runtime.compile_cache", "eval.task_dir")
 
 # Settings under which a key is read at all (each is valid on its own: test_contexts_are_valid).
 CONTEXT = {
@@ -61,6 +61,10 @@ ACCEPTED = {
     ("data.tokenizer", "unknown"): _HUB,
     ("eval.stride", "zero"): "0 means data.seq_len (the default)",
     ("eval.max_tokens", "zero"): "0 means every token (the default)",
+    ("eval.tasks", "empty"): "() scores no zero-shot task (the default)",
+    ("eval.num_fewshot", "zero"): "zero-shot (the default)",
+    ("eval.task_limit", "zero"): "0 means every document (the default)",
+    ("eval.task_dir", "empty"): "'' means the harness's own tasks only (the default)",
     ("train.steps", "zero"): "no fine-tuning by steps (train.epochs decides; the default)",
     ("train.epochs", "zero"): "no fine-tuning by epochs (the default)",
     ("train.learning_rate", "huge"): _DIVERGES,
