@@ -1,6 +1,6 @@
 """Do the measured allocations find what hand-picking finds? Small trained models, 80 % MLP.
 
-    python -m blockprune_jax.bench_allocation                      # the README table (~15 min)
+    python -m blockprune_jax.bench_allocation                      # the README table (~8 min, 2 CPU cores)
     python -m blockprune_jax.bench_allocation --calib_batches=16   # with the quickstart's data
     python -m blockprune_jax.bench_allocation --models=2x64:0 --grid_step=0.1   # one quick model
 
