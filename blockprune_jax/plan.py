@@ -61,13 +61,13 @@ class Plan:
     """Per-block ratios measured on this model with this run's own criterion.
 
     sensitivity: the calibration-loss increase when one block alone is pruned at each of
-    prune.sensitivity_ratios, then the exact solve of solve.solve_sensitivity. search: that
+    prune.sensitivity_ratios, then the exact solve of solve.solve_sensitivity, refined by
+    trust-region rounds around it (solve.measure_sensitivity). search: that
     solution and the generated allocations are the starts of solve.search_allocation, which
     scores candidates by calibration loss (no fine-tuning) in prune.search_evals calls. The
     loss is taken on calibration sequences other than those the criteria's statistics use.
     """
     p = self.p
-    grid = sorted(float(r) for r in p.sensitivity_ratios)
     blocks, target = self.block_layers, float(p.target)
     block_sizes = [sum(self.sizes[l] for l in b) for b in blocks]
     seqs = calibration.calibration_sequences(config, streams, purpose=8, with_labels=True)
@@ -77,26 +77,13 @@ class Plan:
     def pruned_loss(block_ratios):
       pruned, _ = self.prune(params, allocation.expand_to_layers(block_ratios, blocks))
       return loss(pruned)
-    base = loss(params)
-    ratios, best, tried = [0.0] * len(blocks), None, []
-    for _ in range(int(p.sensitivity_rounds)):
-      # Round 1 probes each block alone; later rounds probe block b with the other blocks
-      # pruned as the last solve says, which sees how blocks interact. Such fixed-point rounds
-      # can oscillate, so each round's solution is scored by its real calibration loss and the
-      # best one is kept: more rounds never give a worse allocation by that score.
-      curves = []
-      for b in range(len(blocks)):
-        context = [0.0 if c == b else r for c, r in enumerate(ratios)]
-        start = pruned_loss(context) if any(context) else base
-        curves.append([pruned_loss([r if c == b else x for c, x in enumerate(context)]) - start
-                       for r in grid])
-      ratios = solve.solve_sensitivity(grid, curves, block_sizes, target)
-      tried.append({"ratios": ratios, "loss": pruned_loss(ratios), "loss_increase": curves})
-      if best is None or tried[-1]["loss"] < best["loss"]:
-        best = tried[-1]
-    ratios, curves = best["ratios"], tried[0]["loss_increase"]
-    self.measured["sensitivity"] = {"grid": grid, "base_loss": base, "loss_increase": curves,
-                                    "rounds": tried, "ratios": ratios}
+    found = solve.measure_sensitivity(pruned_loss, p.sensitivity_ratios, block_sizes, target,
+                                      int(p.sensitivity_rounds))
+    ratios, base = found["ratios"], found["base_loss"]
+    self.measured["sensitivity"] = found
+    log.event("sensitivity", f"sensitivity: loss {found['loss']:.4f} after {found['evals']} "
+              f"calibration evaluations; ratios {[round(r, 4) for r in ratios]}",
+              evals=found["evals"], loss=found["loss"])
     if p.allocation == "search":
       starts = {"sensitivity": ratios}
       outliers = self._outliers(params)
@@ -108,7 +95,7 @@ class Plan:
                                       int(p.search_evals), seed=config.seed)
       ratios = [float(r) for r in found["ratios"]]
       self.measured["search"] = {
-          "evals": int(p.search_evals), "score": found["score"], "base_loss": base,
+          "evals": len(found["history"]), "score": found["score"], "base_loss": base,
           "best_start": found["start_name"], "start_scores": found["start_scores"],
           "ratios": ratios}
       log.event("search", f"search: loss {found['score']:.4f} (best start {found['start_name']} "

@@ -160,10 +160,21 @@ def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
   target = _check_target(target, hi)
   g, curves = _check_grid(grid, losses, hi)
   w = _check_weights(weights, curves.shape[0])
+  return solve_curves([sensitivity_curve(g, losses_b, hi) for losses_b in curves], w, target)
 
+
+def solve_curves(knots: Sequence[tuple], weights: Sequence[float], target: float) -> list[float]:
+  """The fractional-knapsack solve of solve_sensitivity on each block's own piecewise-linear
+  curve: knots[b] = (x [K], y [K]) with x ascending, block b's ratio confined to [x[0], x[-1]].
+
+  Every block starts at its lowest knot and the rest of the budget is filled segment by segment
+  of the lower convex hulls, cheapest loss per budget unit first. The budget must be reachable:
+  sum_b w_b x_b[0] <= target * sum_b w_b <= sum_b w_b x_b[-1].
+  """
+  w = np.asarray(weights, np.float64)
   blocks, starts, lengths, costs = [], [], [], []
-  for b, losses_b in enumerate(curves):
-    hx, hy = _lower_hull(*sensitivity_curve(g, losses_b, hi))
+  for b, (x, y) in enumerate(knots):
+    hx, hy = _lower_hull(np.asarray(x, np.float64), np.asarray(y, np.float64))
     dx = np.diff(hx)
     blocks += [b] * dx.size
     starts += list(hx[:-1])
@@ -173,9 +184,11 @@ def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
 
   # Sort by cost, then block and position so a block's own segments stay in order on ties.
   order = np.lexsort((starts, blocks, costs))
-  ratios = np.zeros(w.size)
-  remaining = target * w.sum()  # budget units (ratio x parameters) still to place
-  tol = 1e-12 * max(1.0, float(np.abs(costs).max()))
+  ratios = np.array([float(x[0]) for x, _ in knots])
+  remaining = target * w.sum() - float(np.dot(w, ratios))  # budget units still to place
+  if remaining < -1e-9 * w.sum():
+    raise ValueError(f"the curves start above the budget: {ratios.tolist()} vs target {target}")
+  tol = 1e-12 * max(1.0, float(np.abs(costs).max())) if costs.size else 0.0
   i = 0
   while i < order.size and remaining > 0:
     j = i + 1  # the group [i, j): segments of (numerically) equal cost
@@ -188,7 +201,95 @@ def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
       ratios[blocks[k]] += frac * lengths[k]
     remaining -= frac * capacity
     i = j
-  return [float(r) for r in np.clip(ratios, 0.0, hi)]
+  return [float(r) for r in np.clip(ratios, [x[0] for x, _ in knots], [x[-1] for x, _ in knots])]
+
+
+# --- sensitivity measured on the model, refined around its solution -----------------
+
+
+def measure_sensitivity(loss_fn: Callable[[list[float]], float], grid: Sequence[float],
+                        weights: Sequence[float], target: float, rounds: int,
+                        starts: Mapping[str, Sequence[float]] | None = None,
+                        hi: float = MAX_RATIO, step: float = 0.1) -> dict:
+  """Per-block ratios from loss curves measured on the model, at the exact budget.
+
+  Round 1 probes each block alone at every grid ratio (the others dense) and solves those
+  curves (solve_sensitivity). Alone-curves miss how blocks interact: at 80 % every other block
+  is pruned too, and pruning one block alone barely moves the loss of a small model, so the
+  global solve is only a first guess. Each later round is a trust-region step around the
+  incumbent r: block b is probed at r_b - step and r_b + step with the others at r (2 calls per
+  block), those local curves are solved at the budget (solve_curves, each block within its
+  step), and the candidate replaces r if its real loss is lower; else the step halves. A step
+  that moves nothing (the local curves already balance) halves it as well.
+
+  Args:
+    loss_fn: block ratios [B] -> calibration loss of the model pruned so (lower is better).
+    grid: [R] the round-1 probe ratios (prune.sensitivity_ratios).
+    weights, target: as in solve_sensitivity.
+    rounds: 1 = the global solve alone; each further round costs 2 B + 1 calls at most.
+    starts: other allocations (name -> [B] ratios) scored once; the refinement starts from the
+      best of them and the solve, so it never ends worse than any of them by loss_fn.
+    step: the first trust-region radius, in ratio units.
+  Returns:
+    dict(ratios [B], loss, base_loss, grid, loss_increase [B, R] (round 1), start_losses
+    {name: loss}, rounds [one dict(ratios, loss, step, accepted) per later round], evals).
+  """
+  target = _check_target(target, hi)
+  g = np.asarray(sorted(float(r) for r in grid), np.float64)
+  _check_grid(g, np.zeros((1, g.size)), hi)
+  w = _check_weights(weights, len(weights))
+  calls = [0]
+
+  def loss(r):
+    calls[0] += 1
+    s = float(loss_fn([float(x) for x in r]))
+    return s if np.isfinite(s) else float("inf")
+
+  base = loss([0.0] * w.size)
+  curves = [[loss([r if c == b else 0.0 for c in range(w.size)]) - base for r in g]
+            for b in range(w.size)]
+  solved = solve_sensitivity(g, curves, w, target, hi)
+  start_losses = {"solve": loss(solved)}
+  best, best_loss = solved, start_losses["solve"]
+  for name, r in (starts or {}).items():
+    r = project_to_budget(r, w, target, hi)
+    start_losses[name] = loss(r)
+    if start_losses[name] < best_loss:
+      best, best_loss = r, start_losses[name]
+  history = []
+  for _ in range(int(rounds) - 1):
+    if step < 1e-3 or w.size < 2:
+      break
+    cand = _trust_region_step(loss, best, best_loss, w, target, step, hi)
+    cand_loss = loss(cand) if cand is not None else None  # None: the local curves balance
+    accepted = cand_loss is not None and cand_loss < best_loss
+    history.append(dict(ratios=cand, loss=cand_loss, step=step, accepted=accepted))
+    if accepted:
+      best, best_loss = cand, cand_loss
+    else:
+      step /= 2
+  return dict(ratios=[float(r) for r in best], loss=best_loss, base_loss=base, grid=g.tolist(),
+              loss_increase=curves, start_losses=start_losses, rounds=history, evals=calls[0])
+
+
+def _trust_region_step(loss, ratios, current, w, target, step, hi):
+  """The solve of the local curves around `ratios` (each block probed at +- step with the
+  others where they are), or None when it would not move."""
+  knots = []
+  for b, r in enumerate(ratios):
+    x, y = [r], [0.0]
+    for probe in (max(r - step, 0.0), min(r + step, hi)):
+      if abs(probe - r) > 1e-12:
+        moved = list(ratios)
+        moved[b] = probe
+        x.append(probe)
+        y.append(loss(moved) - current)
+    order = np.argsort(x)
+    knots.append((np.asarray(x)[order], np.asarray(y)[order]))
+  cand = solve_curves(knots, w, target)
+  if np.max(np.abs(np.subtract(cand, ratios))) < 1e-9:
+    return None
+  return project_to_budget(cand, w, target, hi)
 
 
 # --- derivative-free search at the budget ------------------------------------------

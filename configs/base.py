@@ -116,7 +116,7 @@ def get_config():
   # their defaults and meanings are declared with each method (pruning.py's registry).
   p.update(pruning.option_defaults())
   p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)  # sensitivity: ratios each block is probed at
-  p.sensitivity_rounds = 2  # sensitivity: round 2+ probes each block with the others pruned as solved
+  p.sensitivity_rounds = 8  # sensitivity: round 2+ probes each block at +-step around the solution, others as solved
   p.search_evals = 64  # search: calibration-loss evaluations of the allocation search
 
   # --- export ------------------------------------------------------------

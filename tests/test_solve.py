@@ -248,3 +248,62 @@ def test_search_projects_starts_and_handles_a_fixed_point():
 def test_search_needs_an_eval_per_start():
   with pytest.raises(UserError, match="prune.search_evals"):
     solve.search_allocation(quadratic, STARTS, W, TARGET, evals=2)
+
+
+# --- solve_curves and measure_sensitivity -------------------------------------------
+
+
+def test_solve_curves_respects_each_blocks_own_range_and_the_budget():
+  w = np.array([1.0, 2.0, 1.0])
+  knots = [(np.array([0.5, 0.6, 0.7]), np.array([0.0, 1.0, 3.0])),   # steep: stays low
+           (np.array([0.6, 0.7, 0.8]), np.array([0.0, 0.1, 0.2])),   # cheap: filled first
+           (np.array([0.4, 0.9]), np.array([0.0, 0.5]))]
+  r = solve.solve_curves(knots, w, 0.7)
+  assert_on_budget(r, w, 0.7, tol=1e-9)
+  for ri, (x, _) in zip(r, knots):
+    assert x[0] - 1e-12 <= ri <= x[-1] + 1e-12
+  # Block 1 (0.5 loss per budget unit) fills to its top before block 2 (1.0) moves; block 0
+  # (cost 10) stays at its start.
+  assert r[1] == pytest.approx(0.8) and r[0] == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="above the budget"):
+    solve.solve_curves(knots, w, 0.3)
+
+
+def interacting_loss(r):
+  """Block 0 hurts alone; blocks 0 and 2 hurt together (a first-and-last interaction that
+  curves of one block at a time never see)."""
+  r = np.asarray(r)
+  return float(np.sum([3.0, 1.0, 1.0] * r ** 4) + 4.0 * r[0] * r[2] + 1.0)
+
+
+def test_refinement_finds_the_interacting_optimum_the_alone_curves_miss():
+  w, target = np.ones(3), 0.6
+  fine = [(a, b, 3 * target - a - b) for a in np.arange(0, 1, 0.005)
+          for b in np.arange(0, 1, 0.005) if 0 <= 3 * target - a - b <= MAX_RATIO]
+  optimum = min(interacting_loss(r) for r in fine)
+  score = Counted(interacting_loss)
+  one = solve.measure_sensitivity(score, GRID, w, target, rounds=1)
+  assert score.calls == one["evals"] == 1 + 3 * len(GRID) + 1
+  score.calls = 0
+  out = solve.measure_sensitivity(score, GRID, w, target, rounds=12)
+  assert score.calls == out["evals"] <= 1 + 3 * len(GRID) + 1 + 11 * (2 * 3 + 1)
+  assert_on_budget(out["ratios"], w, target, tol=1e-9)
+  for h in out["rounds"]:
+    if h["ratios"] is not None:
+      assert_on_budget(h["ratios"], w, target, tol=1e-9)
+  assert one["loss"] - optimum > 0.05  # the alone-curves' solve is clearly off
+  assert out["loss"] - optimum < 0.05 * (one["loss"] - optimum)
+  assert out["loss"] == pytest.approx(interacting_loss(out["ratios"]))
+  assert out["loss_increase"] == one["loss_increase"]  # round 1 is recorded as measured
+
+
+def test_refinement_starts_from_the_best_start_and_never_ends_worse():
+  w, target = np.ones(3), 0.6
+  good = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=12)["ratios"]
+  out = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=1,
+                                  starts={"good": good})
+  assert out["start_losses"]["good"] < out["start_losses"]["solve"]
+  assert out["ratios"] == pytest.approx(good)
+  more = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=6,
+                                   starts={"good": good})
+  assert more["loss"] <= out["loss"]

@@ -1,0 +1,249 @@
+"""Do the measured allocations find what hand-picking finds? Small trained models, 80 % MLP.
+
+    python -m blockprune_jax.bench_allocation                      # the README table (~8 min, 2 CPU cores)
+    python -m blockprune_jax.bench_allocation --calib_batches=16   # with the quickstart's data
+    python -m blockprune_jax.bench_allocation --models=2x64:0 --grid_step=0.1   # one quick model
+
+For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, one block per layer unless BLOCKS is given;
+byte-level, 4 heads, sequences of 64 tokens, trained for --steps on the
+builtin corpus and cached under --root) it prunes 80 % of the MLP weights by magnitude, with no
+fine-tuning, and scores on held-out test text (the builtin corpus's test split):
+
+  - the generated allocations uniform, linear (growing and shrinking), exponential and OWL;
+  - sensitivity and search as plan.Plan runs them (solve.measure_sensitivity, then for search
+    solve.search_allocation), with the calibration-loss evaluations each spent (search's count
+    includes the sensitivity it starts from);
+  - a brute-force grid over per-block ratios at the same budget, chosen on validation text:
+    every vector of multiples of 2 x --grid_step in [--grid_lo, 0.99] with the exact weighted
+    mean, then every vector of multiples of --grid_step within two of those steps of the best
+    one. Its test perplexity is the reference ("oracle") a hand-picker could reach; it costs
+    validation evaluations only, never calibration ones.
+
+One JSON line per model (stdout; --json=FILE appends them) and a table (stderr): test perplexity of
+each allocation and, for sensitivity and search, the fraction of the gap between the best
+generated allocation and the oracle that they close (1 = as good as the oracle, 0 = no better
+than the best ramp, < 0 = worse).
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from blockprune_jax import allocation
+from blockprune_jax import calibration
+from blockprune_jax import config_lib
+from blockprune_jax import data as data_lib
+from blockprune_jax import hf_io
+from blockprune_jax import parallel
+from blockprune_jax import pipeline
+from blockprune_jax import pruning
+from blockprune_jax import solve
+from blockprune_jax import tokenizer as tok_lib
+
+GENERATED = {"uniform": {}, "linear": {}, "linear_dec": {"direction": "decreasing"},
+             "exponential": {}, "owl": {}}
+
+
+def model_config(n_layer: int, n_embd: int, seed: int, steps: int, root: str, blocks: int = 0,
+                 seq_len: int = 64, calib_batches: int = 16):
+  """The quickstart's byte-level setup at this shape: `blocks` blocks (0: one per layer), 80 %
+  magnitude."""
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  c = quickstart.get_config()
+  return config_lib.apply_overrides(c, {
+      "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": 4,
+      "data.seq_len": seq_len, "base.steps": steps, "base.seed": seed, "seed": seed,
+      "base.batch_size": 8, "train.steps": 0, "eval.max_tokens": 20000,
+      "prune.blocks": blocks or n_layer, "prune.allocation": "uniform",
+      "prune.calib_batches": calib_batches,
+      "base.dir": os.path.join(root, f"{n_layer}x{n_embd}_s{seed}_{steps}_t{seq_len}")})
+
+
+class Scorer:
+  """The trained model, pruned by magnitude to any per-block ratios, scored on calibration
+  sequences (what the measured allocations see) and on held-out validation text."""
+
+  def __init__(self, config):
+    base = pipeline.base_config(config)
+    pipeline.run(base, config.base.dir, echo=False)
+    ckpt = os.path.join(config.base.dir, "export")
+    self.config = config
+    self.tok = tok_lib.load_tokenizer(ckpt, config.data.tokenizer)
+    self.streams = pipeline.Streams(config, self.tok)
+    self.model_cfg = hf_io.load_config(ckpt)
+    self.params = hf_io.load_params(ckpt, self.model_cfg)
+    p = config.prune
+    self.sizes = pruning.targeted_sizes(self.params, p.targets)
+    self.blocks = allocation.block_layers(len(self.sizes), int(p.blocks))
+    self.block_sizes = [sum(self.sizes[l] for l in b) for b in self.blocks]
+    mesh = parallel.data_mesh()
+    calib = calibration.calibration_sequences(config, self.streams, purpose=8, with_labels=True)
+    self.calib_loss = calibration.loss_function(self.model_cfg, calib, mesh, 16)
+    self.held_loss = {
+        split: calibration.loss_function(self.model_cfg, data_lib.train_sequences(
+            self.streams.get(split), config.data.seq_len), mesh, 16)
+        for split in ("validation", "test")}
+    self.calib_evals = 0
+
+    stats_seqs = calibration.calibration_sequences(config, self.streams)
+    stats = calibration.collect_stats(self.model_cfg, self.params, [s[None] for s in stats_seqs])
+    scores = pruning.layer_scores("wanda", self.params, stats, p.targets)
+    self.outliers = allocation.outlier_ratios(scores, float(p.owl_threshold))
+
+  def pruned(self, block_ratios):
+    per_layer = allocation.expand_to_layers(block_ratios, self.blocks)
+    masks = pruning.compute_masks(self.params, per_layer, method="magnitude",
+                                  targets=self.config.prune.targets)
+    return pruning.apply_masks(self.params, masks)
+
+  def calib(self, block_ratios) -> float:
+    self.calib_evals += 1
+    return self.calib_loss(self.pruned(block_ratios))
+
+  def held_ppl(self, block_ratios, split: str = "test") -> float:
+    return float(np.exp(self.held_loss[split](self.pruned(block_ratios))))
+
+  def generated(self, kind: str, **extra) -> list[float]:
+    q = ml_collections.ConfigDict(self.config.prune.to_dict())
+    q.allocation = kind
+    q.update(extra)
+    return allocation.allocate(q, self.sizes, self.outliers)[1]
+
+
+def budget_grid(weights, target: float, step: float, lo: float, hi: float = allocation.MAX_RATIO,
+                centre=None) -> list[tuple]:
+  """Every ratio vector of multiples of `step` in [lo, hi] whose weighted mean is target (the
+  last block takes what the budget leaves); with `centre` [B], only those whose first B - 1
+  ratios lie within 2 steps of centre's."""
+  w = np.asarray(weights, np.float64)
+  values = np.unique(np.append(np.round(np.arange(lo, hi + 1e-9, step), 6), hi))
+  axes = [values] * (len(w) - 1)
+  if centre is not None:
+    axes = [values[np.abs(values - c) <= 2 * step + 1e-9] for c in centre[:-1]]
+  out = []
+  for combo in itertools.product(*axes):
+    last = (target * w.sum() - np.dot(combo, w[:-1])) / w[-1]
+    if 0.0 <= last <= hi + 1e-9 and (centre is not None or last >= lo - 1e-9):
+      out.append(tuple(float(x) for x in combo) + (float(min(last, hi)),))
+  return out
+
+
+def oracle(scorer, target: float, step: float, lo: float) -> dict:
+  """The best validation perplexity found by brute force (every budget vector on a grid of
+  2 * step, then every one on the grid of `step` within 2 steps of that best, per block), and
+  its test perplexity. Choosing on validation and reporting on test keeps the oracle honest:
+  the minimum of a few hundred scores on one text is biased low on that text."""
+  def best_of(points):
+    ppl = [scorer.held_ppl(r, "validation") for r in points]
+    k = int(np.argmin(ppl))
+    return list(points[k]), ppl[k], len(points)
+
+  coarse, _, n_coarse = best_of(budget_grid(scorer.block_sizes, target, 2 * step, lo))
+  ratios, val, n_fine = best_of(budget_grid(scorer.block_sizes, target, step, lo,
+                                            centre=coarse))
+  return {"ratios": ratios, "ppl": scorer.held_ppl(ratios), "validation_ppl": val,
+          "points": n_coarse + n_fine}
+
+
+def measured(scorer, kind: str, target: float, rounds: int, search_evals: int, seed: int):
+  """(ratios, calibration evaluations) of sensitivity or search, as plan.Plan runs them."""
+  p = scorer.config.prune
+  scorer.calib_evals = 0
+  found = solve.measure_sensitivity(scorer.calib, p.sensitivity_ratios, scorer.block_sizes,
+                                    target, rounds)
+  ratios = found["ratios"]
+  if kind == "search":
+    starts = {"sensitivity": ratios}
+    starts.update({k: scorer.generated(k) for k in ("uniform", "linear", "exponential", "owl")})
+    ratios = solve.search_allocation(scorer.calib, starts, scorer.block_sizes, target,
+                                     search_evals, seed=seed)["ratios"]
+  return ratios, scorer.calib_evals
+
+
+def run_model(spec: str, args) -> dict:
+  """One model of --models: every allocation's held-out perplexity and the oracle's."""
+  shape, seed = spec.split(":")[:2]
+  blocks = int(spec.split(":")[2]) if spec.count(":") > 1 else 0
+  n_layer, n_embd = (int(x) for x in shape.split("x"))
+  config = model_config(n_layer, n_embd, int(seed), args.steps, args.root, blocks, args.seq_len,
+                        args.calib_batches)
+  t0 = time.time()
+  scorer = Scorer(config)
+  rec = {"model": spec, "blocks": len(scorer.blocks), "train_steps": args.steps,
+         "calib_batches": args.calib_batches, "ppl": {},
+         "ratios": {}, "calib_evals": {}}
+  for name, extra in GENERATED.items():
+    r = scorer.generated("linear" if name == "linear_dec" else name, **extra)
+    rec["ratios"][name], rec["ppl"][name] = r, scorer.held_ppl(r)
+  for kind in ("sensitivity", "search"):
+    r, n = measured(scorer, kind, args.target, args.rounds, args.search_evals, int(seed))
+    rec["ratios"][kind], rec["ppl"][kind], rec["calib_evals"][kind] = r, scorer.held_ppl(r), n
+  if args.grid_step <= 0:  # no oracle: the regression test checks only the ramps
+    rec["seconds"] = time.time() - t0
+    return rec
+  rec["oracle"] = oracle(scorer, args.target, args.grid_step, args.grid_lo)
+  # Calibration loss of every allocation and of the oracle: were the measured allocations misled
+  # by the calibration loss (lower there than the oracle, higher on held-out text)?
+  rec["calib_loss"] = {k: scorer.calib_loss(scorer.pruned(r))
+                       for k, r in dict(rec["ratios"], oracle=rec["oracle"]["ratios"]).items()}
+  best_generated = min(rec["ppl"][k] for k in GENERATED)
+  gap = best_generated - rec["oracle"]["ppl"]
+  rec["gap_closed"] = {k: (best_generated - rec["ppl"][k]) / gap if gap > 0 else None
+                       for k in ("sensitivity", "search")}
+  rec["seconds"] = time.time() - t0
+  return rec
+
+
+def table(records) -> str:
+  """Markdown: held-out perplexity per allocation, the oracle, the gap closed, the cost."""
+  names = list(GENERATED) + ["sensitivity", "search"]
+  lines = ["| model | " + " | ".join(names) + " | grid oracle | gap closed (sens / search) "
+           "| calib evals (sens / search) |", "|---" * (len(names) + 4) + "|"]
+  for r in records:
+    closed = " / ".join("-" if r["gap_closed"][k] is None else f"{r['gap_closed'][k]:.2f}"
+                        for k in ("sensitivity", "search"))
+    lines.append(f"| {r['model']} | " + " | ".join(f"{r['ppl'][k]:.3f}" for k in names)
+                 + f" | {r['oracle']['ppl']:.3f} | {closed} | "
+                 + f"{r['calib_evals']['sensitivity']} / {r['calib_evals']['search']} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--models", default="4x128:0,4x128:1,3x96:2,2x64:3,6x128:0:3",
+                  help="LAYERSxWIDTH:SEED[:BLOCKS], comma-separated (blocks: one per layer)")
+  ap.add_argument("--steps", type=int, default=600, help="training steps of each model")
+  ap.add_argument("--seq_len", type=int, default=64)
+  ap.add_argument("--target", type=float, default=0.8)
+  ap.add_argument("--calib_batches", type=int, default=64,
+                  help="prune.calib_batches: calibration sequences of --seq_len tokens")
+  ap.add_argument("--rounds", type=int, default=8, help="prune.sensitivity_rounds")
+  ap.add_argument("--search_evals", type=int, default=64, help="prune.search_evals")
+  ap.add_argument("--grid_step", type=float, default=0.05, help="the fine grid of the oracle (0: no oracle)")
+  ap.add_argument("--grid_lo", type=float, default=0.4)
+  ap.add_argument("--root", default="/tmp/blockprune_bench_allocation",
+                  help="where the trained models are cached")
+  ap.add_argument("--json", default="", help="also append the JSON lines to this file")
+  return ap.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  records = []
+  for spec in args.models.split(","):
+    records.append(run_model(spec, args))
+    line = json.dumps(records[-1])
+    print(line, flush=True)
+    if args.json:
+      with open(args.json, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+  print(table(records), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
