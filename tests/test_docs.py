@@ -5,6 +5,9 @@ test instead of a reader's click."""
 import glob
 import os
 import re
+import shlex
+
+import pytest
 
 from conftest import REPO
 
@@ -97,3 +100,103 @@ def test_every_named_path_and_module_exists():
       if not (os.path.isfile(base + ".py") or os.path.isfile(os.path.join(base, "__main__.py"))):
         missing.append(f"{name}: python -m {module}")
   assert not missing, "named in the docs but not in the repository: " + ", ".join(missing)
+
+
+# --- every documented run command, dry-run --------------------------------------------------
+
+# A command line a reader may copy: it starts like one of these.
+COMMAND_START = re.compile(r"(MODULE=\w+ )?(python3? -m blockprune_jax\.(main|sweep) |"
+                           r"launch/(gpu_host|tpu_vm)\.sh (run|sweep) |sbatch (--\S+ )*launch/)")
+# Stand-ins the docs use for the reader's own values, and what a dry run puts in their place.
+PLACEHOLDERS = {"=F,M,B": "=0.1,0.3,0.5", "ratios=...": "ratios=0.1,0.3,0.5",
+                "<front>,<middle>,<back>": "0.1,0.3,0.5", "<W&B run id>": "run"}
+# Commands that name the reader's own earlier run, which a dry run cannot have.
+NEEDS_AN_EARLIER_RUN = ("runs/pruned_run/export",)
+
+
+def _command_lines(name, text):
+  """Command lines in a doc: fenced code (continuation lines joined), inline code, and the
+  `#   usage` comment lines of launch/'s scripts."""
+  text = re.sub(r"\\\n[#\s]*", " ", text)
+  if name.endswith(".md"):
+    blocks = re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M)
+    lines = [l for b in blocks for l in b.splitlines()]
+    lines += [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", _without_code_blocks(text))]
+  else:
+    lines = [l.lstrip("#").strip() for l in text.splitlines()]
+  out = []
+  for line in lines:
+    line = re.sub(r"\s+", " ", re.sub(r"\s+#.*", "", line)).strip()
+    for part in re.split(r" && | \| ", line):
+      if COMMAND_START.match(part) and "[CONFIG]" not in part and " ... " not in part + " ":
+        out.append(part)
+  return out
+
+
+def _as_cli(command):
+  """(module, config path, {key: text}, [--sweep specs]) of a main / sweep / launch command."""
+  for old, new in PLACEHOLDERS.items():
+    command = command.replace(old, new)
+  argv = shlex.split(command)
+  module = "sweep" if argv[0] == "MODULE=sweep" or argv[:2] == ["launch/gpu_host.sh", "sweep"] \
+      or argv[:2] == ["launch/tpu_vm.sh", "sweep"] else "main"
+  if argv[0].startswith("MODULE="):
+    argv = argv[1:]
+  if argv[0] in ("python", "python3"):
+    flags = argv[3:]
+  else:  # launch scripts: [sbatch flags] SCRIPT [run|sweep] CONFIG WORKDIR FLAGS...
+    argv = argv[next(i for i, a in enumerate(argv) if a.startswith("launch/")) + 1:]
+    argv = argv[1:] if argv[0] in ("run", "sweep") else argv
+    flags = [f"--config={argv[0]}", f"--workdir={argv[1]}"] + argv[2:]
+  config = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
+  overrides = dict(f[len("--config."):].split("=", 1) for f in flags if f.startswith("--config."))
+  return module, config, overrides, [f.split("=", 1)[1] for f in flags if f.startswith("--sweep=")]
+
+
+def dry_run(command):
+  """What `main` / `sweep` check before any work, without the work: the config file with its
+  :arg loads, the --config.* overrides name keys and parse, and every run of the sweep (with its
+  dense controls) passes validation. Returns the number of runs."""
+  from blockprune_jax import config_lib, sweep, validate  # pylint: disable=import-outside-toplevel
+  _, path, overrides, specs = _as_cli(command)
+  file, _, arg = path.partition(":")
+  module = config_lib.load_file(os.path.join(REPO, file), "_docs_dry_run")
+  config = config_lib.apply_overrides(module.get_config(arg) if arg else module.get_config(),
+                                      overrides)
+  listed = sweep.load_get_sweep(os.path.join(REPO, path))
+  runs = sweep.expand_sweep(config, specs, listed)
+  if specs or listed:
+    runs = sweep.with_controls(config, runs)
+  for run in runs:
+    validate.validate(config_lib.apply_overrides(config, run))
+  return len(runs)
+
+
+def test_the_command_finder_reads_fences_spans_and_usage_lines():
+  md = ("```bash\npython -m blockprune_jax.main --config=configs/blocks.py --workdir=w \\\n"
+        "    --config.seed=1   # a comment\nlaunch/gpu_host.sh setup && launch/gpu_host.sh run "
+        "configs/eval.py runs/e\n```\nor `sbatch launch/slurm.sbatch configs/base.py runs/x`.\n")
+  assert _command_lines("a.md", md) == [
+      "python -m blockprune_jax.main --config=configs/blocks.py --workdir=w --config.seed=1",
+      "launch/gpu_host.sh run configs/eval.py runs/e",
+      "sbatch launch/slurm.sbatch configs/base.py runs/x"]
+  assert _as_cli("MODULE=sweep sbatch --nodes=1 launch/slurm.sbatch configs/blocks.py runs/g "
+                 "--sweep=seed=0,1") == ("sweep", "configs/blocks.py", {}, ["seed=0,1"])
+  assert _command_lines("x.sh", "#   launch/tpu_vm.sh run [CONFIG] [WORKDIR]\n") == []
+
+
+def test_every_documented_run_command_passes_a_dry_run():
+  from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  commands = sorted({c for name, text in _docs().items() for c in _command_lines(name, text)
+                     if not any(p in c for p in NEEDS_AN_EARLIER_RUN)})
+  assert len(commands) >= 20  # the finder still finds the docs' commands
+  failed = []
+  for command in commands:
+    try:
+      assert dry_run(command) >= 1
+    except UserError as e:
+      failed.append(f"{command}: {e}")
+  assert not failed, "\n".join(failed)
+  with pytest.raises(UserError, match="prune.targt"):
+    dry_run("python -m blockprune_jax.main --config=configs/blocks.py --workdir=w "
+            "--config.prune.targt=0.5")
