@@ -44,6 +44,7 @@ from blockprune_jax import pipeline
 from blockprune_jax import pruning
 from blockprune_jax import solve
 from blockprune_jax import tokenizer as tok_lib
+from blockprune_jax.errors import UserError
 
 GENERATED = {"uniform": {}, "linear": {}, "linear_dec": {"direction": "decreasing"},
              "exponential": {}, "owl": {}}
@@ -205,10 +206,12 @@ def table(records) -> str:
   lines = ["| model | " + " | ".join(names) + " | grid oracle | gap closed (sens / search) "
            "| calib evals (sens / search) |", "|---" * (len(names) + 4) + "|"]
   for r in records:
-    closed = " / ".join("-" if r["gap_closed"][k] is None else f"{r['gap_closed'][k]:.2f}"
+    gaps = r.get("gap_closed", {})  # none without the oracle (--grid_step=0)
+    closed = " / ".join("-" if gaps.get(k) is None else f"{gaps[k]:.2f}"
                         for k in ("sensitivity", "search"))
+    oracle_ppl = f"{r['oracle']['ppl']:.3f}" if "oracle" in r else "-"
     lines.append(f"| {r['model']} | " + " | ".join(f"{r['ppl'][k]:.3f}" for k in names)
-                 + f" | {r['oracle']['ppl']:.3f} | {closed} | "
+                 + f" | {oracle_ppl} | {closed} | "
                  + f"{r['calib_evals']['sensitivity']} / {r['calib_evals']['search']} |")
   return "\n".join(lines)
 
@@ -236,7 +239,10 @@ def main(argv=None):
   args = parse_args(argv)
   records = []
   for spec in args.models.split(","):
-    records.append(run_model(spec, args))
+    try:
+      records.append(run_model(spec, args))
+    except UserError as e:  # a bad option value: one line, as from main
+      sys.exit(f"error: {e}")
     line = json.dumps(records[-1])
     print(line, flush=True)
     if args.json:
