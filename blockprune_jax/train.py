@@ -182,16 +182,19 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
 
   def loss_fn(params, teacher_params, seq, key):
     inputs, labels = seq[:, :-1], seq[:, 1:]
+    kl = jnp.zeros((), jnp.float32)
+    if teacher is None:  # the LM head's loss without the [B, T, V] logits
+      x = model.apply({"params": params}, inputs, train=True, hidden=True,
+                      rngs={"dropout": key})
+      ce = model_lib.lm_head_loss(x, params["wte"]["embedding"], labels,
+                                  jnp.ones(labels.shape), model_cfg.dtype) / labels.size
+      return ce, (ce, kl)
+    # Distillation compares whole distributions: it keeps the full logits.
     logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
     ce = jnp.mean(eval_lib.token_nll(logits, labels))
-    kl = jnp.zeros((), jnp.float32)
-    if teacher is not None:
-      t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
-      kl = jnp.mean(distill_kl(t_logits, logits, temperature))
-      loss = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl
-    else:
-      loss = ce
-    return loss, (ce, kl)
+    t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
+    kl = jnp.mean(distill_kl(t_logits, logits, temperature))
+    return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
 
   def train_step(state, batch, teacher_params, learning_rate):
     # The optimizer's schedule reads the step's input; its state (the step count) has the
