@@ -73,14 +73,15 @@ def make_eval_step(apply_fn, mesh, batched=""):
   params hold K runs stacked on a leading axis, all scored on the same windows (mapped by
   parallel.over_runs), and the sums are [K].
   """
+  axes = parallel.batch_axes(mesh)  # every device scores its own windows, on any mesh
+
   def eval_step(params, inputs, labels, weights):
     nll = per_token_nll(apply_fn, params, inputs, labels)
-    return (jax.lax.psum(jnp.sum(nll * weights), parallel.AXIS),
-            jax.lax.psum(jnp.sum(weights), parallel.AXIS))
+    return jax.lax.psum(jnp.sum(nll * weights), axes), jax.lax.psum(jnp.sum(weights), axes)
 
   if batched:
     eval_step = parallel.over_runs(eval_step, (0, None, None, None), batched)
-  spec = P(parallel.AXIS)
+  spec = P(axes)
   return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
 
 

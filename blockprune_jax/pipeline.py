@@ -83,7 +83,7 @@ def complete(prep: "Prepared") -> dict:
   """The phases after `prepare`: one-shot evaluation, fine-tuning, (late pruning), evaluation,
   results."""
   config, workdir, log = prep.config, prep.workdir, prep.log
-  mesh = parallel.data_mesh()
+  mesh = parallel.train_mesh(config.mesh.fsdp)  # 'data' (+ 'fsdp' for a sharded state)
   apply_fn = model_lib.logits_fn(prep.model_cfg)
   eval_step = eval_lib.make_eval_step(apply_fn, mesh)  # compiled once for all evaluations
   oneshot = None

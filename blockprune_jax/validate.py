@@ -40,6 +40,7 @@ CHOICES = {
     "prune.when": ("before_finetune", "after_finetune"),
     "prune.direction": ("increasing", "decreasing"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "train.remat": ("none", "block"),
     "wandb.mode": wandb_log.MODES,
     "sweep.side_by_side": ("auto", "vmap", "map"),
 }
@@ -203,6 +204,10 @@ RULES = {
     "train.warmup_steps": COUNT, "train.schedule": Choice(), "train.weight_decay": Float(0.0),
     "train.b1": RATIO, "train.b2": RATIO, "train.grad_clip": Float(0.0),
     "train.log_every": POSITIVE, "train.eval_every": COUNT, "train.eval_max_tokens": TokenCount(),
+    "train.remat": Choice(),
+    # mesh: -1 = every device; whether it divides the device count is checked where the
+    # devices are known (parallel.fsdp_size)
+    "mesh.fsdp": Int(-1),
     # distill
     "distill.teacher": Str(), "distill.temperature": RATE, "distill.alpha": Float(0.0, 1.0),
     # checkpoint
