@@ -167,9 +167,13 @@ class GPT2(nn.Module):
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, name="ln_f")(x)
     if hidden:
       return x
-    # Tied LM head: logits = x @ wte^T.
-    dt = jnp.dtype(cfg.dtype)
-    return jnp.dot(x.astype(dt), wte.embedding.astype(dt).T)
+    return head_logits(x, wte.embedding, cfg.dtype)
+
+
+def head_logits(x, wte, dtype):
+  """The tied LM head: logits = x @ wte^T [..., V] in the compute dtype."""
+  dt = jnp.dtype(dtype)
+  return jnp.dot(x.astype(dt), wte.astype(dt).T)
 
 
 def embed(params, input_ids):

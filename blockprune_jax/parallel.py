@@ -130,8 +130,8 @@ def train_mesh(fsdp: int = 1, devices=None) -> Mesh:
   fast links first)."""
   devices = np.asarray(devices if devices is not None else jax.devices())
   size = fsdp_size(fsdp, devices.size)
-  if size == 1 and devices.size == jax.device_count():
-    return data_mesh()
+  if size == 1:
+    return Mesh(devices, (AXIS,))
   return Mesh(devices.reshape(-1, size), (AXIS, FSDP))
 
 

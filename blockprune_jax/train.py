@@ -261,15 +261,15 @@ def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0):
   def loss_fn(params, teacher_params, seq, key):
     inputs, labels = seq[:, :-1], seq[:, 1:]
     kl = jnp.zeros((), jnp.float32)
-    if teacher is None:  # the LM head's loss without the [B, T, V] logits
-      x = model.apply({"params": params}, inputs, train=True, hidden=True,
-                      rngs={"dropout": key})
-      ce = model_lib.lm_head_loss(x, params["wte"]["embedding"], labels,
-                                  jnp.ones(labels.shape), model_cfg.dtype) / labels.size
+    x = model.apply({"params": params}, inputs, train=True, hidden=True, rngs={"dropout": key})
+    wte = params["wte"]["embedding"]
+    # The LM head's loss without the [B, T, V] logits.
+    ce = model_lib.lm_head_loss(x, wte, labels, jnp.ones(labels.shape),
+                                model_cfg.dtype) / labels.size
+    if teacher is None:
       return ce, (ce, kl)
-    # Distillation compares whole distributions: it keeps the full logits.
-    logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
-    ce = jnp.mean(eval_lib.token_nll(logits, labels))
+    # Distillation compares whole distributions: its KL needs the full logits.
+    logits = model_lib.head_logits(x, wte, model_cfg.dtype)
     t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
     kl = jnp.mean(distill_kl(t_logits, logits, temperature))
     return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
