@@ -306,6 +306,8 @@ class ModelFn:
     return GPT2(self.cfg).apply({"params": params}, ids)
 
   def nll(self, params, ids, labels):
+    if ids.shape[1] <= LOSS_CHUNK:  # one chunk: the plain program is as small, and faster
+      return _chunk_nll(self(params, ids).astype(jnp.float32), labels)[1]
     x = GPT2(self.cfg).apply({"params": params}, ids, hidden=True)
     return lm_head_nll(x, params["wte"]["embedding"], labels, self.cfg.dtype)
 

@@ -52,7 +52,10 @@ def test_padded_vocabulary_is_masked():
   ids, labels, _ = _data()
   fn = model_lib.logits_fn(CFG)
   want = eval_lib.token_nll(fn(params, ids), labels)
-  got = fn.nll(params, ids, labels)
+  x = model_lib.GPT2(CFG).apply({"params": params}, ids, hidden=True)
+  got = model_lib.lm_head_nll(x, params["wte"]["embedding"], labels, chunk=16)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  got = fn.nll(params, ids, labels)  # 41 positions: one chunk, the plain program
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
