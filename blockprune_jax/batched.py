@@ -47,6 +47,8 @@ def alone_reason(config) -> str | None:
     return "prune.when=after_finetune prunes after training"
   if p.method != "none" and pruning.criterion(p.method).compactable and p.compact:
     return "prune.compact evaluates a model of its own (smaller) shape"
+  if config.mesh.fsdp != 1:
+    return "mesh.fsdp shards one run's state over the devices"
   if config.distill.teacher:
     return "distillation (distill.teacher) is run one at a time"
   return None

@@ -9,6 +9,8 @@
     python -m blockprune_jax.bench sweep --preset=tiny --runs=3 --batch_runs=3  # vs side by side
     python -m blockprune_jax.bench side_by_side --runs=3  # one step of 3 runs (vmap, map) vs 1
     python -m blockprune_jax.bench tasks --preset=tiny --seq_len=256 --batch=8 --steps=200  # vs HFLM
+    python -m blockprune_jax.bench aot --topology=v5e:2x4 --preset=gpt2-xl --batch=32 \
+        --fsdp=8 --remat=block  # will it fit? per-chip memory on a TPU slice, from any host
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
@@ -49,6 +51,7 @@ from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import files
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax.errors import UserError
 
 _PRESET = flags.DEFINE_string("preset", "gpt2", f"model shape: {', '.join(model_lib.PRESETS)}")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "tokens per sequence")
@@ -70,13 +73,18 @@ _SWEEP_CONFIG = flags.DEFINE_string("sweep_config", "", "sweep: measure this con
                                      "sweep (get_sweep or --sweep) instead of --preset runs")
 _SWEEP_SPECS = flags.DEFINE_multi_string("sweep", [], "sweep, with --sweep_config: KEY=SPEC as "
                                          "in blockprune_jax.sweep")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "aot: the TPU slice to compile for, as "
+                                "jax.experimental.topologies names it (v4:2x2x1, v6e:2x4, ...)")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "aot: mesh.fsdp of the train step (1 = replicated state, "
+                             "-1 = sharded over every chip)")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "block"], "aot: train.remat of the train step")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks")
+WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks", "aot")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
@@ -354,6 +362,15 @@ def check_flags(what: str) -> None:
 
 def main(argv):
   what = argv[1] if len(argv) > 1 else "eval"
+  if what == "aot":  # compiles for TPU chips that are not here: the local devices play no part
+    from blockprune_jax import bench_aot  # pylint: disable=import-outside-toplevel
+    try:
+      bench_aot.main(emit, topology=_TOPOLOGY.value, preset=_PRESET.value, seq_len=_SEQ.value,
+                     batch=_BATCH.value, eval_batch=eval_batch(), dtype=_DTYPE.value,
+                     fsdp=_FSDP.value, remat=_REMAT.value)
+    except UserError as e:
+      sys.exit(f"bench aot: {e}")
+    return
   check_flags(what)
   cfg = model_config()
   if what == "all":

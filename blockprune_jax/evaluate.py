@@ -54,24 +54,34 @@ def token_nll(logits, labels):
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
+def per_token_nll(apply_fn, params, inputs, labels):
+  """[B, T] NLL of the labels: without full logits when apply_fn is a model.ModelFn (its .nll),
+  else from the logits apply_fn returns."""
+  if hasattr(apply_fn, "nll"):
+    return apply_fn.nll(params, inputs, labels)
+  return token_nll(apply_fn(params, inputs), labels)
+
+
 @functools.lru_cache(maxsize=None)
 def make_eval_step(apply_fn, mesh, batched=""):
   """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
 
-  apply_fn(params, inputs) -> logits (model.logits_fn, one per model config). Inputs are
+  apply_fn(params, inputs) -> logits (model.logits_fn, one per model config, whose NLL never
+  holds the full logits: see per_token_nll). Inputs are
   sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh, batched), so every
   evaluation of a model shape in this process shares one compiled step. batched="vmap" / "map":
   params hold K runs stacked on a leading axis, all scored on the same windows (mapped by
   parallel.over_runs), and the sums are [K].
   """
+  axes = parallel.batch_axes(mesh)  # every device scores its own windows, on any mesh
+
   def eval_step(params, inputs, labels, weights):
-    nll = token_nll(apply_fn(params, inputs), labels)
-    return (jax.lax.psum(jnp.sum(nll * weights), parallel.AXIS),
-            jax.lax.psum(jnp.sum(weights), parallel.AXIS))
+    nll = per_token_nll(apply_fn, params, inputs, labels)
+    return jax.lax.psum(jnp.sum(nll * weights), axes), jax.lax.psum(jnp.sum(weights), axes)
 
   if batched:
     eval_step = parallel.over_runs(eval_step, (0, None, None, None), batched)
-  spec = P(parallel.AXIS)
+  spec = P(axes)
   return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
 
 

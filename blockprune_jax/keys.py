@@ -37,7 +37,8 @@ from blockprune_jax import pruning
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import UserError
 from blockprune_jax.rules import (COUNT, INT_MAX, POSITIVE, RATE, RATIO, WHEN, Bool, Choice,
-                                  Float, Int, Numbers, Splits, Str, TokenCount, CURRENT)
+                                  DeviceGroup, Float, Int, Numbers, Splits, Str, TokenCount,
+                                  CURRENT)
 
 ROLES = ("experiment", "base", "control")  # base: pipeline.base_config; control: sweep controls
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -141,6 +142,8 @@ KEYS: dict[str, Key] = {
     "train.weight_decay": Key(Float(0.0)), "train.b1": Key(RATIO), "train.b2": Key(RATIO),
     "train.grad_clip": Key(Float(0.0)), "train.log_every": _r(POSITIVE),
     "train.eval_every": _r(COUNT), "train.eval_max_tokens": _r(TokenCount()),
+    # recomputing activations or sharding the state changes the program, not the numbers
+    "train.remat": _r(Choice(("none", "block"))), "mesh.fsdp": _r(DeviceGroup()),
     # distill
     **_section("distillation", **{
         "distill.teacher": Key(Str()), "distill.temperature": Key(RATE),

@@ -14,6 +14,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PRESETS = {
     # name: (n_layer, n_embd, n_head)
@@ -41,6 +42,9 @@ class GPT2Config:
   attention: str = "auto"  # auto | cudnn | xla
   # Per-layer MLP hidden widths after structured pruning is compacted; None = 4 * n_embd.
   mlp_widths: Optional[Tuple[int, ...]] = None
+  # none | block: recompute each block's activations in the backward pass (train.remat) instead
+  # of keeping them, for models whose activations would not fit otherwise.
+  remat: str = "none"
 
   def mlp_width(self, layer: int) -> int:
     return self.mlp_widths[layer] if self.mlp_widths else 4 * self.n_embd
@@ -149,11 +153,12 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-  """input_ids [batch, time] int -> logits [batch, time, vocab] in the compute dtype."""
+  """input_ids [batch, time] int -> logits [batch, time, vocab] in the compute dtype, or with
+  hidden=True the final LayerNorm's output [batch, time, n_embd] float32 (for lm_head_nll)."""
   cfg: GPT2Config
 
   @nn.compact
-  def __call__(self, input_ids, train: bool = False):
+  def __call__(self, input_ids, train: bool = False, hidden: bool = False):
     cfg = self.cfg
     t = input_ids.shape[1]
     if t > cfg.n_positions:
@@ -163,12 +168,20 @@ class GPT2(nn.Module):
     wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")
     x = wte(input_ids) + wpe(jnp.arange(t)[None])
     x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+    # remat=block keeps only each block's input for the backward pass (train is static).
+    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat == "block" else Block
     for i in range(cfg.n_layer):
-      x = Block(cfg, i, name=f"h_{i}")(x, train)
+      x = block(cfg, i, name=f"h_{i}")(x, train)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, name="ln_f")(x)
-    # Tied LM head: logits = x @ wte^T.
-    dt = jnp.dtype(cfg.dtype)
-    return jnp.dot(x.astype(dt), wte.embedding.astype(dt).T)
+    if hidden:
+      return x
+    return head_logits(x, wte.embedding, cfg.dtype)
+
+
+def head_logits(x, wte, dtype):
+  """The tied LM head: logits = x @ wte^T [..., V] in the compute dtype."""
+  dt = jnp.dtype(dtype)
+  return jnp.dot(x.astype(dt), wte.astype(dt).T)
 
 
 def embed(params, input_ids):
@@ -178,13 +191,140 @@ def embed(params, input_ids):
           + params["wpe"]["embedding"][None, :t])
 
 
-@functools.lru_cache(maxsize=None)
-def logits_fn(cfg: GPT2Config):
-  """(params, input_ids [B, T]) -> logits [B, T, V], without dropout: what evaluation applies.
+# --- the LM head's loss, without the [B, T, V] logits -------------------------------------
+#
+# Full float32 logits of GPT-2 XL at 4 x 1024 tokens are 0.8 GB per chip, and their gradient
+# as much again. lm_head_nll computes the loss over chunks of LOSS_CHUNK positions instead
+# (MaxText's vocabulary tiling, Levanter's blockwise cross-entropy), with its own backward pass:
+# the forward pass already holds each chunk's softmax, so it computes the gradients there and
+# then (no second LM-head matmul, unlike a checkpointed scan) and the backward pass only scales
+# them by the incoming cotangent. Inside the head the vocabulary is padded to a multiple of
+# VOCAB_MULTIPLE (50,257 -> 50,304: whole 128-lane tiles) with zero rows whose logits are -inf,
+# so the loss is that of the real vocabulary; the parameters keep cfg.vocab_size rows, so
+# checkpoints, exports and pruning never see the padding.
+LOSS_CHUNK = 256
+VOCAB_MULTIPLE = 128
 
-  One function object per config, so the compiled steps built on it can be reused."""
-  model = GPT2(cfg)
-  return lambda params, ids: model.apply({"params": params}, ids)
+
+def padded_vocab(vocab_size: int) -> int:
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _chunks(a, chunk: int):
+  """[B, T, ...] -> [T / chunk, B, chunk, ...] (T padded with zeros to a multiple of chunk)."""
+  pad = -a.shape[1] % chunk
+  a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+  a = a.reshape(a.shape[0], -1, chunk, *a.shape[2:])
+  return jnp.moveaxis(a, 1, 0)
+
+
+def _unchunk(a, t: int):
+  """The inverse of _chunks: [n, B, chunk, ...] -> [B, t, ...]."""
+  a = jnp.moveaxis(a, 0, 1)
+  return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :t]
+
+
+def _chunk_logits(x, w, vocab_size: int, dtype):
+  """float32 logits [B, c, Vp] of one chunk, as GPT2 computes them; padded columns are -inf."""
+  logits = jnp.dot(x.astype(dtype), w.astype(dtype).T).astype(jnp.float32)
+  return jnp.where(jnp.arange(w.shape[0]) < vocab_size, logits, -jnp.inf)
+
+
+def _chunk_nll(logits, labels):
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse, lse - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _head_setup(x, wte, labels, weights, chunk):
+  vocab_size, t = wte.shape[0], x.shape[1]
+  w = jnp.pad(wte, [(0, padded_vocab(vocab_size) - vocab_size), (0, 0)])
+  xs = tuple(_chunks(a, min(chunk, t)) for a in (x, labels, weights))
+  return vocab_size, t, w, xs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_nll_sum(x, wte, labels, weights, dtype, chunk):
+  return jnp.sum(lm_head_nll(x, wte, labels, dtype, chunk) * weights)
+
+
+def _weighted_nll_sum_fwd(x, wte, labels, weights, dtype, chunk):
+  vocab_size, t, w, xs = _head_setup(x, wte, labels, weights, chunk)
+  dt = jnp.dtype(dtype)
+
+  def one(dw, chunk_xs):
+    xc, lc, wc = chunk_xs
+    logits = _chunk_logits(xc, w, vocab_size, dt)
+    lse, nll = _chunk_nll(logits, lc)
+    # d sum(weights * nll) / d logits = weights * (softmax - onehot), taken in the compute
+    # dtype into the two matmuls as autodiff of the full-logits model would.
+    g = (jnp.exp(logits - lse[..., None])
+         - jax.nn.one_hot(lc, w.shape[0], dtype=jnp.float32)) * wc[..., None]
+    g = g.astype(dt)
+    dx = jnp.dot(g, w.astype(dt), preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("bcv,bcd->vd", g, xc.astype(dt), preferred_element_type=jnp.float32)
+    return dw, (nll, dx)
+
+  dw, (nll, dx) = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), xs)
+  nll = _unchunk(nll, t)
+  residuals = (_unchunk(dx, t).astype(x.dtype), dw[:vocab_size].astype(wte.dtype), nll, labels)
+  return jnp.sum(nll * weights), residuals
+
+
+def _weighted_nll_sum_bwd(dtype, chunk, residuals, g):
+  del dtype, chunk
+  dx, dw, nll, labels = residuals
+  zero_labels = np.zeros(labels.shape, jax.dtypes.float0)
+  return g * dx, g * dw, zero_labels, g * nll
+
+
+_weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
+
+
+def lm_head_nll(x, wte, labels, dtype="float32", chunk: int = LOSS_CHUNK):
+  """Per-position NLL [B, T] float32 of the tied LM head, chunk positions at a time.
+
+  x: [B, T, D] the final LayerNorm's output; wte: [V, D]; labels: [B, T] int. Equal to
+  evaluate.token_nll(x @ wte^T, labels) without holding [B, T, V]. Forward only: to train, use
+  lm_head_loss, whose backward pass holds no full logits either.
+  """
+  vocab_size, t, w, (xc, lc, _) = _head_setup(x, wte, labels, labels, chunk)
+
+  def one(_, chunk_xs):
+    return None, _chunk_nll(_chunk_logits(chunk_xs[0], w, vocab_size, jnp.dtype(dtype)),
+                            chunk_xs[1])[1]
+  return _unchunk(jax.lax.scan(one, None, (xc, lc))[1], t)
+
+
+def lm_head_loss(x, wte, labels, weights, dtype="float32", chunk: int = LOSS_CHUNK):
+  """sum(weights * lm_head_nll(x, wte, labels)), a scalar, differentiable in x, wte, weights."""
+  return _weighted_nll_sum(x, wte, labels, weights.astype(jnp.float32), str(jnp.dtype(dtype)),
+                           chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFn:
+  """GPT-2 of one config without dropout, as evaluation applies it.
+
+  fn(params, input_ids [B, T]) -> logits [B, T, V]; fn.nll(params, input_ids, labels) ->
+  per-position NLL [B, T] without full logits (what evaluation steps use). Equal configs give
+  equal (hashing alike) objects, so the compiled steps built on them are reused."""
+  cfg: GPT2Config
+
+  def __call__(self, params, ids):
+    return GPT2(self.cfg).apply({"params": params}, ids)
+
+  def nll(self, params, ids, labels):
+    if ids.shape[1] <= LOSS_CHUNK:  # one chunk: the plain program is as small, and faster
+      return _chunk_nll(self(params, ids).astype(jnp.float32), labels)[1]
+    x = GPT2(self.cfg).apply({"params": params}, ids, hidden=True)
+    return lm_head_nll(x, params["wte"]["embedding"], labels, self.cfg.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def logits_fn(cfg: GPT2Config) -> ModelFn:
+  """(params, input_ids [B, T]) -> logits [B, T, V], without dropout: what evaluation applies
+  (a ModelFn: .nll gives the per-position loss without the logits)."""
+  return ModelFn(cfg)
 
 
 def init_params(cfg: GPT2Config, seed: int):

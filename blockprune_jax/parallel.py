@@ -121,6 +121,83 @@ def data_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), (AXIS,))
 
 
+# --- sharded state (mesh.fsdp) ------------------------------------------------------------
+#
+# FSDP / ZeRO-3 as big_vision's `fsdp` rule does it: every tensor of at least FSDP_MIN_SIZE
+# elements is split along its largest dimension that the 'fsdp' axis divides; smaller ones
+# (biases, LayerNorms, step counters) stay replicated. The batch is split over every device
+# (both axes), so the 'data' axis holds the devices left over by the 'fsdp' one.
+FSDP = "fsdp"
+FSDP_MIN_SIZE = 2**14
+
+
+def fsdp_size(setting: int, n_devices: int = 0) -> int:
+  """mesh.fsdp resolved: 1 = replicated, -1 = every device, N = groups of N devices."""
+  n = n_devices or jax.device_count()
+  size = n if setting == -1 else setting
+  if size < 1 or n % size:
+    raise UserError(f"mesh.fsdp={setting} must divide the {n} devices: use 1 (replicated), "
+                    f"-1 (all {n}) or a divisor of {n}")
+  return size
+
+
+def train_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """The mesh of a training run: data_mesh() for fsdp=1; else ('data', 'fsdp') axes of
+  (devices / fsdp, fsdp), the 'fsdp' axis over neighbouring devices (a host's or a chip's
+  fast links first)."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  size = fsdp_size(fsdp, devices.size)
+  if size == 1:
+    return Mesh(devices, (AXIS,))
+  return Mesh(devices.reshape(-1, size), (AXIS, FSDP))
+
+
+def batch_axes(mesh: Mesh):
+  """The mesh axes a batch is split over: all of them (every device takes its own rows)."""
+  names = tuple(mesh.axis_names)
+  return names[0] if len(names) == 1 else names
+
+
+def fsdp_spec(shape, size: int) -> P:
+  """PartitionSpec of one state tensor: its largest dimension that `size` divides on 'fsdp'."""
+  if size == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % size == 0:
+      return P(*([None] * dim), FSDP)
+  return P()
+
+
+def state_shardings(mesh: Mesh, tree):
+  """NamedSharding per leaf of `tree` (arrays or jax.ShapeDtypeStruct): fsdp_spec over the
+  mesh's 'fsdp' axis, replicated on a mesh without one."""
+  size = dict(mesh.shape).get(FSDP, 1)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), tree)
+
+
+def place_state(tree, mesh: Mesh, donatable=False):
+  """`tree` on the mesh as state_shardings lays it out: replicate() on a data mesh.
+
+  Host leaves (numpy, a restored checkpoint) are cut where they are; device arrays of another
+  layout (a sharded run resumed replicated, or the reverse) are resharded."""
+  if FSDP not in mesh.axis_names:
+    return replicate(tree, mesh, donatable)
+
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    x = np.array(x, copy=True) if donatable else np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree, state_shardings(mesh, tree))
+
+
+def gather(tree, mesh: Mesh):
+  """`tree` replicated on every device of `mesh` (what jax.device_get can read on any process)."""
+  if FSDP not in mesh.axis_names:
+    return tree
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
 def shard_map(fn, mesh, in_specs, out_specs):
   """jax.shard_map across JAX versions (new top-level API, or the experimental one).
 
@@ -147,13 +224,13 @@ def replicate(tree, mesh, donatable=False):
 
 
 def shard_batch(batch, mesh, axis=0):
-  """Splits host arrays along their batch `axis` over the 'data' mesh axis.
+  """Splits host arrays along their batch `axis` over every device of the mesh (batch_axes).
 
   Every process holds the whole global batch in this codebase (data is cheap to recompute), so
   each device simply takes the rows its mesh position owns, whatever the device order; this
   works unchanged on one host and on many.
   """
-  sharding = NamedSharding(mesh, P(*([None] * axis), AXIS))
+  sharding = NamedSharding(mesh, P(*([None] * axis), batch_axes(mesh)))
 
   def put(x):
     x = np.asarray(x)

@@ -187,7 +187,8 @@ def complete(preps: list) -> list:
   one program: one-shot evaluation, fine-tuning, (late pruning), evaluation. Per run (params,
   train summary, evals, one-shot evals or None, compacted MLP widths or None), or the error
   that ended its training."""
-  mesh = parallel.data_mesh()
+  # 'data', plus 'fsdp' where the state is sharded (mesh.fsdp != 1)
+  mesh = parallel.train_mesh(preps[0].config.mesh.fsdp)
   apply_fn = model_lib.logits_fn(preps[0].model_cfg)
   splits = eval_splits(preps[0].config)
   oneshot = [None] * len(preps)

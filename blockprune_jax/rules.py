@@ -142,6 +142,16 @@ POSITIVE = Int(1)
 COUNT = Int(0)
 RATIO = Float(0.0, 1.0, hi_open=True)
 RATE = Float(0.0, lo_open=True)  # learning rates, temperatures: > 0
+class DeviceGroup(Int):
+  """mesh.fsdp: -1 (every device) or a positive group size; whether it divides the device count
+  is checked where the devices are known (parallel.fsdp_size)."""
+
+  def check(self, key, v):
+    if not is_int(v) or not (v == -1 or 1 <= v <= INT_MAX):
+      raise UserError(f"{key}={v!r} must be -1 (every device) or a positive integer that "
+                      "divides the device count (1 = replicated)")
+
+
 # prune.start / end / every: a fraction of the run (<= 1) or a step count (> 1).
 WHEN = Float(0.0, float(INT_MAX))
 

@@ -5,6 +5,7 @@ program: checkpoints, gradual pruning, periodic evaluation, preemption). The upd
 donated; gradients are `pmean`ed over the 'data' axis; pruned weights stay exactly 0.0 because
 gradients, updates and parameters are all multiplied by the masks.
 """
+import dataclasses
 import functools
 import math
 import os
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blockprune_jax import batched
 from blockprune_jax import checkpoint as ckpt_lib
@@ -161,55 +162,27 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
   the state, the batch ([K, accum, B, T + 1]) and the learning rate ([K]) gain a leading run
   axis, and the metrics are [K]; the update of each run is the one above, mapped over the runs
   by parallel.over_runs, and the teacher is shared.
-  """
-  model = model_lib.GPT2(model_cfg)
-  teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
 
-  def loss_fn(params, teacher_params, seq, key):
-    inputs, labels = seq[:, :-1], seq[:, 1:]
-    logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
-    ce = jnp.mean(eval_lib.token_nll(logits, labels))
-    kl = jnp.zeros((), jnp.float32)
-    if teacher is not None:
-      t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
-      kl = jnp.mean(distill_kl(t_logits, logits, temperature))
-      loss = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl
-    else:
-      loss = ce
-    return loss, (ce, kl)
+  On a mesh with an 'fsdp' axis (parallel.train_mesh, mesh.fsdp > 1) the state is sharded
+  instead (parallel.place_state) and the step is make_fsdp_train_step's, which computes the
+  same update.
+  """
+  if parallel.FSDP in mesh.axis_names:
+    if batched:
+      raise UserError("sweep.batch_runs > 1 trains replicated runs: set mesh.fsdp=1")
+    return make_fsdp_train_step(model_cfg, settings, mesh, teacher_cfg=teacher_cfg, alpha=alpha,
+                                temperature=temperature)
+  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
 
   def train_step(state, batch, teacher_params, learning_rate):
-    # The optimizer's schedule reads the step's input; its state (the step count) has the
-    # same structure as with a schedule function, so older checkpoints still restore.
-    optimizer = build_optimizer(settings, lambda count: learning_rate)
-    params, masks = state["params"], state["masks"]
     # Different dropout on every device and micro-batch, derived from the step: a resumed run
     # replays the same dropout.
-    key = jax.random.fold_in(jax.random.fold_in(
-        jax.random.wrap_key_data(state["rng"]), state["step"]), jax.lax.axis_index(parallel.AXIS))
-
-    def micro(carry, xs):
-      grads_acc, sums = carry
-      seq, i = xs
-      (loss, (ce, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, teacher_params, seq, jax.random.fold_in(key, i))
-      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      return (grads_acc, sums + jnp.stack([loss, ce, kl])), None
-
-    accum = batch.shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(3)), (batch, jnp.arange(accum)))
-    grads = jax.lax.pmean(jax.tree.map(lambda g: g / accum, grads), parallel.AXIS)
-    sums = jax.lax.pmean(sums / accum, parallel.AXIS)
-    grads = pruning.apply_masks(grads, masks)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    updates = pruning.apply_masks(updates, masks)
-    params = pruning.apply_masks(optax.apply_updates(params, updates), masks)
-    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
-                     data_position=state["data_position"] + accum)
-    metrics = {"loss": sums[0], "ce": sums[1], "kl": sums[2],
-               "grad_norm": _global_norm(grads)}
-    return new_state, metrics
+    key = jax.random.fold_in(step_key(state), jax.lax.axis_index(parallel.AXIS))
+    grads, sums = accumulate_grads(
+        lambda p, seq, k: loss_fn(p, teacher_params, seq, k), state["params"], batch, key)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    return apply_update(state, grads, jax.lax.pmean(sums, parallel.AXIS), settings,
+                        learning_rate, batch.shape[0])
 
   rep = P()
   batch_spec = P(None, parallel.AXIS)
@@ -218,6 +191,126 @@ def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg
     batch_spec = P(None, None, parallel.AXIS)
   step = parallel.shard_map(train_step, mesh, (rep, batch_spec, rep, rep), (rep, rep))
   return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None,
+                         alpha=0.0, temperature=1.0):
+  """make_train_step's update for a state sharded by parallel.state_shardings (FSDP / ZeRO-3).
+
+  One jit over global arrays: XLA gathers each weight where a layer uses it and reduce-scatters
+  its gradient, and the optimizer updates only the shard a device holds. The batch is cut into
+  one group per device, each with the dropout key the replicated step gives that device, and
+  the groups' losses are averaged as the replicated step's pmean does: both layouts compute the
+  same update (tests/test_fsdp.py), only the order of the sums differs.
+  """
+  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
+  n, axes = mesh.devices.size, parallel.batch_axes(mesh)
+  groups = NamedSharding(mesh, P(None, axes))
+  replicated = NamedSharding(mesh, P())
+
+  def train_step(state, batch, teacher_params, learning_rate):
+    accum, b = batch.shape[:2]
+    batch = jax.lax.with_sharding_constraint(batch.reshape(accum, n, b // n, -1), groups)
+    keys = jax.vmap(lambda i: jax.random.fold_in(step_key(state), i))(jnp.arange(n))
+    param_shardings = parallel.state_shardings(mesh, state["params"])
+
+    def loss_of_groups(params, seqs, group_keys):
+      # Each weight is gathered once per micro-batch, in the dtype its matmul reads (bf16
+      # kernels: half the bytes); left to itself, XLA's sharding propagation would split the
+      # activations along the weights' sharded dimension instead of the batch.
+      full = jax.lax.with_sharding_constraint(compute_copy(params, model_cfg.dtype), replicated)
+      losses, (ce, kl) = jax.vmap(lambda s, k: loss_fn(full, teacher_params, s, k),
+                                  spmd_axis_name=axes)(seqs, group_keys)
+      return jnp.mean(losses), (jnp.mean(ce), jnp.mean(kl))
+
+    def fold(group_keys, i):
+      return jax.vmap(lambda k: jax.random.fold_in(k, i))(group_keys)
+    # Reduce-scattered to the parameters' own layout: no device keeps a whole gradient.
+    grads, sums = accumulate_grads(
+        loss_of_groups, state["params"], batch, keys, fold=fold,
+        constrain=lambda g: jax.lax.with_sharding_constraint(g, param_shardings))
+    new_state, metrics = apply_update(state, grads, sums, settings, learning_rate, accum)
+    new_state = jax.lax.with_sharding_constraint(
+        new_state, parallel.state_shardings(mesh, new_state))
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0):
+  """(params, teacher_params, seq [B, T + 1], dropout key) -> (loss, (ce, kl)), token means."""
+  model = model_lib.GPT2(model_cfg)
+  teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
+
+  def loss_fn(params, teacher_params, seq, key):
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+    kl = jnp.zeros((), jnp.float32)
+    x = model.apply({"params": params}, inputs, train=True, hidden=True, rngs={"dropout": key})
+    wte = params["wte"]["embedding"]
+    # The LM head's loss without the [B, T, V] logits.
+    ce = model_lib.lm_head_loss(x, wte, labels, jnp.ones(labels.shape),
+                                model_cfg.dtype) / labels.size
+    if teacher is None:
+      return ce, (ce, kl)
+    # Distillation compares whole distributions: its KL needs the full logits.
+    logits = model_lib.head_logits(x, wte, model_cfg.dtype)
+    t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
+    kl = jnp.mean(distill_kl(t_logits, logits, temperature))
+    return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
+  return loss_fn
+
+
+def compute_copy(params, dtype):
+  """params with every Dense kernel cast to the compute dtype, as the Dense layers cast them
+  anyway (the same numbers; a gathered bf16 kernel takes half the memory and traffic)."""
+  dt = jnp.dtype(dtype)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dt) if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
+def step_key(state):
+  """The dropout key of the state's step: a resumed run replays the same dropout."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
+def accumulate_grads(loss_fn, params, batch, key, fold=jax.random.fold_in, constrain=None):
+  """(mean gradient, mean [loss, ce, kl]) over the micro-batches batch[0], batch[1], ...
+
+  loss_fn(params, micro_batch, key) -> (loss, (ce, kl)); micro-batch i gets fold(key, i);
+  constrain (optional) lays out each micro-batch's gradient before it is added."""
+  def micro(carry, xs):
+    grads_acc, sums = carry
+    seq, i = xs
+    (loss, (ce, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, seq,
+                                                                         fold(key, i))
+    if constrain is not None:
+      grads = constrain(grads)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (grads_acc, sums + jnp.stack([loss, ce, kl])), None
+
+  accum = batch.shape[0]
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(3)), (batch, jnp.arange(accum)))
+  return jax.tree.map(lambda g: g / accum, grads), sums / accum
+
+
+def apply_update(state, grads, sums, settings, learning_rate, accum):
+  """The masked AdamW step from mean gradients: (new state, metrics).
+
+  Pruned weights stay exactly 0.0: gradients, updates and parameters are all masked."""
+  # The optimizer's schedule reads the step's input; its state (the step count) has the
+  # same structure as with a schedule function, so older checkpoints still restore.
+  optimizer = build_optimizer(settings, lambda count: learning_rate)
+  params, masks = state["params"], state["masks"]
+  grads = pruning.apply_masks(grads, masks)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+  updates = pruning.apply_masks(updates, masks)
+  params = pruning.apply_masks(optax.apply_updates(params, updates), masks)
+  new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
+                   data_position=state["data_position"] + accum)
+  metrics = {"loss": sums[0], "ce": sums[1], "kl": sums[2], "grad_norm": _global_norm(grads)}
+  return new_state, metrics
 
 
 def _global_norm(tree):
@@ -286,7 +379,8 @@ class _Loop:
     assert self.n == 1 or not any(r.plan.gradual or r.config.distill.teacher for r in runs)
     mode = batched.mode(config) if self.n > 1 else ""  # "": the one-run program, no run axis
     teacher_params, teacher_cfg = hf_io.load_teacher(config, model_cfg)
-    self.step_fn = make_train_step(model_cfg, optimizer_settings(self.t_cfg), mesh,
+    self.step_fn = make_train_step(dataclasses.replace(model_cfg, remat=self.t_cfg.remat),
+                                   optimizer_settings(self.t_cfg), mesh,
                                    teacher_cfg=teacher_cfg, alpha=float(config.distill.alpha),
                                    temperature=float(config.distill.temperature), batched=mode)
     self.teacher = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
@@ -321,7 +415,8 @@ class _Loop:
     if self.n > 1:  # one structure: a path that a run does not prune is all-True in its masks
       masks = batched.union_masks([s["masks"] for s in states], self.runs[0].params)
       states = [batched.stack([dict(s, masks=m) for s, m in zip(states, masks)])]
-    return parallel.replicate(states[0], self.mesh, donatable=True), step
+    # Sharded where mesh.fsdp > 1 (parallel.state_shardings), else replicated.
+    return parallel.place_state(states[0], self.mesh, donatable=True), step
 
   def run(self) -> list:
     """The loop; per run (params, masks, summary) or its Diverged error."""
@@ -437,7 +532,9 @@ class _Loop:
 
   def summaries(self, state, step, clock) -> list:
     tok_s = clock.overall(step)  # the program's throughput: every run's tokens
-    host = jax.device_get({"params": state["params"], "masks": state["masks"]})
+    # Gathered first: a sharded state (mesh.fsdp > 1) has no process holding all of it.
+    host = jax.device_get(parallel.gather({"params": state["params"], "masks": state["masks"]},
+                                          self.mesh))
     out = []
     for i, meta in enumerate(self.metas):
       if self.failed[i] is not None:
@@ -451,6 +548,7 @@ class _Loop:
           "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
           "tokens_per_s": tok_s, "seconds": (time.time() - clock.t0) / self.n}))
     return out
+
 
 def periodic_validation(config, apply_fn, params, streams, mesh, eval_step, runs=None):
   """Validation perplexity during training (every train.eval_every steps): the first

@@ -75,6 +75,13 @@ def get_config():
   t.log_every = 10  # steps between log lines
   t.eval_every = 0  # steps between validation evaluations; 0 = only at the end
   t.eval_max_tokens = 0  # >0: periodic evaluations use only this many tokens of validation
+  t.remat = "none"  # none | block: recompute each block's activations in the backward pass
+  # (less memory, ~1/3 more compute; what GPT-2 XL needs on 16 GiB chips: bench aot)
+
+  # --- device mesh -------------------------------------------------------------
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.fsdp = 1  # 1 = state replicated on every device; N > 1 = parameters, masks and AdamW
+  # moments sharded over groups of N devices (FSDP / ZeRO-3), the batch over all; -1 = all
 
   # --- distillation ----------------------------------------------------------
   c.distill = ds = ml_collections.ConfigDict()

@@ -7,6 +7,8 @@
 #   launch/tpu_vm.sh create
 #   launch/tpu_vm.sh setup                     # copy this checkout, venv, pip install -e . 'jax[tpu]'
 #   launch/tpu_vm.sh run   [CONFIG] [WORKDIR] [--config.train.epochs=1 ...]
+#     (models whose state outgrows a chip shard it: configs/finetune_xl.py sets mesh.fsdp=-1 and
+#     train.remat=block; `python -m blockprune_jax.bench aot` checks the fit from any host)
 #   launch/tpu_vm.sh sweep [CONFIG] [WORKDIR] [--sweep=prune.target=0.3,0.5 ...]
 #   launch/tpu_vm.sh fetch [WORKDIR]           # scp worker 0's WORKDIR to ./WORKDIR
 #   launch/tpu_vm.sh delete

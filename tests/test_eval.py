@@ -40,8 +40,8 @@ def torch_reference(model_dir, stream, seq_len, stride):
 def tiny(hf_tiny_dir):
   cfg = hf_io.load_config(hf_tiny_dir)
   params = hf_io.load_params(hf_tiny_dir, cfg)
-  model = model_lib.GPT2(cfg)
-  return hf_tiny_dir, params, lambda p, ids: model.apply({"params": p}, ids)
+  # What the pipeline evaluates with: its NLL comes from model.lm_head_nll, never full logits.
+  return hf_tiny_dir, params, model_lib.logits_fn(cfg)
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(300, 32, 32), (300, 32, 12), (64, 32, 32), (65, 32, 7)])

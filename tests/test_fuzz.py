@@ -97,6 +97,7 @@ ACCEPTED = {
     ("prune.end", "zero"): "all of the gradual sparsity at the first step",
     ("prune.initial", "zero"): "gradual pruning from a dense model (the default)",
     ("prune.sparsegpt_damp", "huge"): "a strong dampening: SparseGPT tends to magnitude pruning",
+    ("mesh.fsdp", "negative"): "-1 shards the state over every device",
     ("runtime.compile_cache", "empty"): "'' means <cache root>/jax_compile (the default)",
     ("runtime.compile_cache", "unknown"): "a new directory, created on first use",
     ("runtime.compile_cache", "missing dir"): "a new directory, created on first use",

@@ -1,0 +1,204 @@
+"""Will it fit? The real train and eval steps compiled for a TPU slice, on any host.
+
+    python -m blockprune_jax.bench aot --topology=v5e:2x4 --preset=gpt2-xl --seq_len=1024 \
+        --batch=32 --dtype=bfloat16 --fsdp=8 --remat=block
+
+As MaxText's train_compile.py: `jax.experimental.topologies` describes the slice's chips without
+any of them present, the steps are lowered for a mesh over those devices from shapes alone
+(jax.ShapeDtypeStruct with shardings, nothing allocated) and compiled by libtpu, and XLA's
+memory_analysis() says what one chip needs. The train step is the one a run uses
+(train.make_train_step: masked AdamW fine-tuning with the masks of a 50 % MLP pruning run,
+dropout on, the state donated, sharded as mesh.fsdp=--fsdp lays it out); the eval step is
+evaluate.make_eval_step's. `--batch` is the global batch (sequences per chip = batch / chips).
+
+One JSON line per step on stdout (bytes per chip); one line a person reads per step on stderr.
+A program that does not fit in HBM is a result (fits: false, with what XLA says it needs),
+not a traceback. Needs libtpu, the TPU compiler: `pip install -r requirements-aot.txt`.
+"""
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import model as model_lib
+from blockprune_jax import parallel
+from blockprune_jax import train
+from blockprune_jax.errors import UserError
+
+GIB = 2**30
+MLP_SPARSITY = 0.5  # only the masks' shapes matter: a 50 % MLP pruning run's masks
+
+
+def tpu_devices(topology: str):
+  """The compile-only devices of a TPU slice ("v5e:2x4", "v4:2x2x1", "v6e:2x2", ...)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise UserError(f"bench aot compiles with libtpu, which is not installed: pip install "
+                    f"\"jax[tpu]=={jax.__version__}\" (requirements-aot.txt pins it)")
+  # libtpu takes a lock file for a real TPU; compiling only, other JAX processes may hold it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(topology, "tpu").devices
+  except Exception as e:  # pylint: disable=broad-except  # JaxRuntimeError: INVALID_ARGUMENT
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"--topology={topology!r} is no TPU slice JAX knows ({first}): use names "
+                    "like v4:2x2x1, v5e:2x4, v6e:2x4") from None
+
+
+def available_hbm(mesh) -> int:
+  """Bytes of HBM a program may use on one chip, as the TPU compiler reports it: read from the
+  out-of-memory error of a program far too big for any chip."""
+  too_big = jax.ShapeDtypeStruct((mesh.devices.size, 2**40 // 4), jnp.float32,
+                                 sharding=NamedSharding(mesh, P(mesh.axis_names)))
+  try:
+    jax.jit(lambda x: x + 1).lower(too_big).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    found = re.search(r"available HBM \(([\d.]+)([KMGT])\)", str(e))
+    if found:
+      return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+  raise RuntimeError("the TPU compiler did not report its HBM size")
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def train_args(cfg, mesh, batch: int, seq_len: int):
+  """Abstract (state, batch, teacher, learning rate) of one fine-tuning step, laid out as a
+  run with this mesh lays them out (parallel.place_state, parallel.shard_batch)."""
+  settings = train.OptimizerSettings(b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
+  optimizer = train.build_optimizer(settings, lambda count: 1e-4)  # a schedule, as in runs
+  params = model_lib.init_shapes(cfg)
+  masks = {f"h_{i}": {"mlp": {name: {"kernel": jax.ShapeDtypeStruct(
+      params[f"h_{i}"]["mlp"][name]["kernel"].shape, jnp.bool_)} for name in ("c_fc", "c_proj")}}
+           for i in range(cfg.n_layer)}
+  # The state of train.init_state; its big leaves as shapes only.
+  state = dict(train.init_state({}, optimizer, {}, 0), params=params, masks=masks,
+               opt_state=jax.eval_shape(optimizer.init, params))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+  if parallel.FSDP in mesh.axis_names:
+    state = _abstract(state, parallel.state_shardings(mesh, state))
+  else:
+    state = _abstract(state, jax.tree.map(lambda _: NamedSharding(mesh, P()), state))
+  tokens = jax.ShapeDtypeStruct((1, batch, seq_len + 1), jnp.int32,
+                                sharding=NamedSharding(mesh, P(None, parallel.batch_axes(mesh))))
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+  return train.make_train_step(cfg, settings, mesh), (state, tokens, {}, lr)
+
+
+def eval_args(cfg, mesh, batch: int, seq_len: int):
+  """Abstract (params, inputs, labels, weights) of one evaluation step: parameters replicated
+  (evaluate.evaluate places them so), windows split over every chip."""
+  params = model_lib.init_shapes(cfg)
+  params = _abstract(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params))
+  rows = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
+  ids, labels = (jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows)
+                 for _ in range(2))
+  weights = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=rows)
+  return eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh), (params, ids, labels, weights)
+
+
+def _argument_bytes(args) -> int:
+  """Bytes of the arguments on one chip (the first device's shard of every leaf)."""
+  total = 0
+  for x in jax.tree.leaves(args):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _needed_bytes(message: str):
+  """What an out-of-memory compile says the program needs (bytes), or None."""
+  found = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  if not found:
+    found = re.search(r"Used ([\d.]+)([KMGT]) of", message)
+  if not found:
+    return None
+  return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+
+
+def compile_memory(step, args, hbm: int) -> dict:
+  """Compiles step(*args); the per-chip memory record (fits: False on RESOURCE_EXHAUSTED)."""
+  t0 = time.perf_counter()
+  try:
+    m = step.lower(*args).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    temp = _needed_bytes(message)
+    arg = _argument_bytes(args)
+    return {"argument_bytes": arg, "output_bytes": None, "alias_bytes": None,
+            "temp_bytes": temp, "total_bytes": arg + temp if temp is not None else None,
+            "hbm_bytes": hbm, "fits": False, "compile_s": round(time.perf_counter() - t0, 1),
+            "error": message.strip().splitlines()[0][:400]}
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+          "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+          "total_bytes": total, "hbm_bytes": hbm, "fits": total <= hbm,
+          "compile_s": round(time.perf_counter() - t0, 1)}
+
+
+def human_line(record: dict) -> str:
+  """'gpt2-xl train on v5e:2x4: needs 11.2 GiB of 15.75 GiB per chip: fits'."""
+  need = record["total_bytes"]
+  needs = f"needs {need / GIB:.1f} GiB" if need is not None else "needs more"
+  verdict = "fits" if record["fits"] else "does not fit"
+  return (f"{record['preset']} {record['step']} on {record['topology']}: {needs} of "
+          f"{record['hbm_bytes'] / GIB:.2f} GiB per chip ({record['per_chip_batch']} sequences "
+          f"per chip, fsdp={record['fsdp']}, remat={record['remat']}): {verdict}")
+
+
+def run(*, topology: str, preset: str, seq_len: int, batch: int, eval_batch: int, dtype: str,
+        fsdp: int, remat: str, steps=("train", "eval")):
+  """Yields one record per step (dicts, sizes in bytes per chip)."""
+  if preset not in model_lib.PRESETS:
+    raise UserError(f"--preset={preset}: expected one of {', '.join(model_lib.PRESETS)}")
+  devices = tpu_devices(topology)
+  n = len(devices)
+  for name, b in (("batch", batch), ("eval_batch", eval_batch)):
+    if b < 1 or b % n:
+      raise UserError(f"--{name}={b} must be a positive multiple of the {n} chips of {topology}")
+  mesh = parallel.train_mesh(fsdp, devices=devices)
+  hbm = available_hbm(mesh)
+  cfg = model_lib.preset(preset, dtype=dtype, n_positions=max(1024, seq_len), remat=remat)
+  builders = {"train": (train_args, batch), "eval": (eval_args, eval_batch)}
+  for what in steps:
+    build, b = builders[what]
+    step, args = build(cfg if what == "train" else dataclasses.replace(cfg, remat="none"),
+                       mesh, b, seq_len)
+    yield {"bench": "aot", "step": what, "topology": topology, "preset": preset,
+           "chips": n, "tpu_kind": devices[0].device_kind, "seq_len": seq_len, "batch": b,
+           "per_chip_batch": b // n, "dtype": dtype,
+           "fsdp": parallel.fsdp_size(fsdp, n) if what == "train" else 1,
+           "remat": remat if what == "train" else "none",
+           **compile_memory(step, args, hbm), "libtpu": _libtpu_version()}
+
+
+def _libtpu_version():
+  try:
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    return metadata.version("libtpu")
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def main(emit, **flags) -> None:
+  """bench.py's `aot`: records through `emit`, a human line per step on stderr.
+
+  flags: run()'s keywords. The host's own backend is the CPU: only libtpu's compiler is used,
+  so a TPU VM's chips (or their absence elsewhere) play no part."""
+  jax.config.update("jax_platforms", "cpu")
+  for record in run(**flags):
+    emit(record)
+    print(human_line(record), file=sys.stderr, flush=True)
