@@ -169,6 +169,21 @@ class Checkpointer:
     raise UserError(f'no checkpoint in {self.directory} restores (each was moved to '
                     f'{self.directory}.unreadable): run the same command again to start over')
 
+  def latest_meta(self) -> dict | None:
+    """The JSON metadata of the newest step, read without its arrays; None when there is no
+    step or it does not read (restore() then deals with a damaged step)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      with _orbax_muted():
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored['meta'] or {})
+    except Exception:  # pylint: disable=broad-except
+      return None
+    finally:
+      gc.collect()  # as in _try_restore: abandoned reads are collected while muted
+
   def _try_restore(self, target_state, step):
     """(state, meta, None) if `step` restores and matches its checksum, else (.., reason)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)

@@ -17,7 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from blockprune_jax import allocation
 from blockprune_jax import batched
+from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import compile_stats
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
@@ -286,7 +288,8 @@ def prepare(config, workdir, log, t_start) -> Prepared:
           and config.prune.when == "after_finetune")
   t_prune = time.time()
   plan = (plan_lib.none(config, model_cfg) if late
-          else plan_lib.compute(config, model_cfg, params, streams, log))
+          else plan_lib.compute(config, model_cfg, params, streams, log,
+                                stored=stored_allocation(config, workdir)))
   masks = {}
   steps = train_steps(config, streams)
   if plan.gradual and steps == 0:
@@ -303,6 +306,18 @@ def prepare(config, workdir, log, t_start) -> Prepared:
                   streams=streams, model_cfg=model_cfg, params=params, masks=masks, plan=plan,
                   steps=steps, late=late, prune_s=prune_s, n_params=n_params,
                   compiled_before=compiled_before)
+
+
+def stored_allocation(config, workdir):
+  """The measured allocation saved with the run's newest checkpoint, if it has one (a resumed
+  run prunes with it instead of measuring again; its masks come back with the state)."""
+  if config.prune.allocation not in allocation.MEASURED:
+    return None
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  with ckpt_lib.Checkpointer(directory) as ckpt:
+    return (ckpt.latest_meta() or {}).get("allocation")
 
 
 def wants_oneshot(prep: Prepared) -> bool:

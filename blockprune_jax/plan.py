@@ -6,12 +6,14 @@ measured allocation, log line), and with `prune.method=none` returns the no-op p
 prunes nothing, reports zeros), so callers never branch on the method.
 """
 import dataclasses
+import json
 
 import jax
 import ml_collections
 import numpy as np
 
 from blockprune_jax import allocation
+from blockprune_jax import files
 from blockprune_jax import calibration
 from blockprune_jax import gmp
 from blockprune_jax import parallel
@@ -174,10 +176,13 @@ def none(config, model_cfg) -> Plan:
               ratios_per_block=[0.0] * blocks, ratios_per_layer=[0.0] * n, active=False)
 
 
-def compute(config, model_cfg, params, streams, log) -> Plan:
+def compute(config, model_cfg, params, streams, log, stored=None) -> Plan:
   """The run's plan: calibration data and statistics where the criterion or the allocation needs
   them, then the ratios (measured on the model for sensitivity / search); logged. The no-op
-  plan when prune.method is none."""
+  plan when prune.method is none.
+
+  stored: the measured allocation a checkpoint of this run holds (`stored_allocation`), reused
+  instead of measuring again when the run resumes."""
   p = config.prune
   if p.method == "none":
     return none(config, model_cfg)
@@ -195,7 +200,13 @@ def compute(config, model_cfg, params, streams, log) -> Plan:
               ratios_per_block=[], ratios_per_layer=[], sizes=sizes, criterion=criterion,
               pattern=pruning.parse_pattern(p.pattern), sequential=sequential,
               calib_seqs=calib_seqs, stats=stats, key=jax.random.PRNGKey(config.seed + 2))
-  if p.allocation in allocation.MEASURED:  # pruned and scored with this plan's own criterion
+  if p.allocation in allocation.MEASURED and stored:
+    per_block = stored["ratios_per_block"]
+    plan = dataclasses.replace(plan, measured=dict(stored["measured"]))
+    log.event("allocation", "reusing the measured allocation stored with the checkpoint",
+              reused=True)
+    per_layer = allocation.expand_to_layers(per_block, plan.block_layers)
+  elif p.allocation in allocation.MEASURED:  # pruned and scored with this plan's own criterion
     per_block = plan._measure_allocation(config, params, streams, log)  # pylint: disable=protected-access
     per_layer = allocation.expand_to_layers(per_block, plan.block_layers)
   else:
@@ -208,6 +219,15 @@ def compute(config, model_cfg, params, streams, log) -> Plan:
             f"{', ' + p.pattern if plan.pattern else ''}): ratios per block "
             f"{[round(r, 4) for r in plan.ratios_per_block]}", **plan.describe())
   return plan
+
+
+def stored_allocation(plan: Plan) -> dict | None:
+  """What a checkpoint keeps of a measured allocation, so that a resumed run need not measure
+  again (compute's `stored`); None for the other allocations, which cost nothing to redo."""
+  if not plan.active or plan.p.allocation not in allocation.MEASURED:
+    return None
+  stored = {"ratios_per_block": list(plan.ratios_per_block), "measured": plan.measured}
+  return json.loads(json.dumps(stored, default=files.to_jsonable))  # Orbax's JSON: no numpy
 
 
 def measure(params, model_cfg, plan) -> dict:

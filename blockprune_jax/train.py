@@ -27,6 +27,7 @@ from blockprune_jax import hf_io
 from blockprune_jax import keys as keys_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax import plan as plan_lib
 from blockprune_jax import pruning
 from blockprune_jax.errors import UserError
 
@@ -402,7 +403,8 @@ class _Loop:
         masks = r.plan.full_masks(r.params)  # all ones: the checkpoint tree has its final shape
       state = init_state(r.params, optimizer, masks, r.config.seed + 1)
       ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
-      meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(r.config)}
+      meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(r.config),
+              "allocation": plan_lib.stored_allocation(r.plan)}
       if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         check_resumable(meta.get("config"), resume_keys(r.config), r.workdir)

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_config  # noqa: E402  pylint: disable=wrong-import-position
 
-from blockprune_jax import parallel, pipeline, train  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax import data as data_lib, parallel, pipeline  # noqa: E402  pylint: disable=wrong-import-position
 
 STEPS, STOP = 8, 6
 parallel.FSDP_MIN_SIZE = 256  # tiny.py's matrices are small: shard them all the same
@@ -31,19 +31,19 @@ def config(fsdp):
 
 
 def run(workdir, fsdp, stop_at=None):
-  batch_at = train.step_batch
+  batch_at = data_lib.step_batch
 
   def stopping(sequences, step, *args):
     if step == stop_at:
       raise Stop()
     return batch_at(sequences, step, *args)
-  train.step_batch = stopping
+  data_lib.step_batch = stopping
   try:
     return pipeline.run(config(fsdp), workdir)
   except Stop:
     return None
   finally:
-    train.step_batch = batch_at
+    data_lib.step_batch = batch_at
 
 
 def params(workdir):

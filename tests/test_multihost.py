@@ -62,12 +62,13 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def _two_processes(tmp_path, workdir, flags, tag):
-  """Starts process 0 and 1 of one job; yields them; kills any still running at the end."""
+def _two_processes(tmp_path, workdir, flags, tag, devices=2):
+  """Starts process 0 and 1 of one job (`devices` each); yields them; kills any still running at
+  the end."""
   port = _free_port()
   procs = []
   for i in range(2):
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                          JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                          JAX_PROCESS_ID=str(i))
     cmd = [sys.executable, "-c", _LAUNCH, str(workdir), str(tmp_path / f"{tag}{i}.written"),
@@ -136,6 +137,33 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path):
   for name in ("results.json", "log.jsonl", "metrics.jsonl", ".lock"):
     assert name in written, written
   assert any(w.startswith("export") for w in written)
+
+
+def test_two_processes_with_a_sharded_state_match_one_replicated(tmp_path):
+  """mesh.fsdp=-1 over 2 processes x 4 devices: parameters, masks and AdamW moments split over
+  all 8 devices, the checkpoints written by both processes; the same numbers as one process
+  holding everything on its 4 devices (dropout is off in tests/tiny.py)."""
+  workdir = tmp_path / "sharded"
+  # 64 wide: the MLP kernels and the embedding reach parallel.FSDP_MIN_SIZE and are split.
+  flags = FINETUNE + ["--config.mesh.fsdp=-1", "--config.model.n_embd=64"]
+  with _two_processes(tmp_path, workdir, flags, "fsdp", devices=4) as procs:
+    codes = _wait(procs, tmp_path, "fsdp")
+  assert codes == [0, 0], (_stderr(tmp_path, "fsdp", 0)[-2000:]
+                           + _stderr(tmp_path, "fsdp", 1)[-2000:])
+  two = json.load(open(workdir / "results.json"))
+  assert two["runtime"]["processes"] == 2 and two["runtime"]["devices"] == 8
+  one = pipeline.run(tiny_config(prune__method="magnitude", train__steps=4,
+                                 checkpoint__every_steps=2, export__hf=True, model__n_embd=64),
+                     str(tmp_path / "replicated"))
+  assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+  assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-5)
+  assert two["sparsity"] == one["sparsity"]
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  a, b = (load_file(os.path.join(d, "export", "model.safetensors"))
+          for d in (workdir, tmp_path / "replicated"))
+  for k in a:
+    np.testing.assert_array_equal(a[k] == 0, b[k] == 0, err_msg=k)
+    np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
 
 
 def _stop_one(tmp_path, workdir, flags, tag, who, sig):

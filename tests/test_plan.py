@@ -1,5 +1,7 @@
 """The pruning plan: computed by plan.compute on its own, or built from values; the no-op plan."""
 import dataclasses
+import json
+import os
 
 import jax
 import numpy as np
@@ -64,3 +66,22 @@ def test_the_no_op_plan_prunes_nothing_and_reports_zeros():
   assert d["method"] == "none" and d["ratios_per_block"] == [0.0, 0.0]
   assert plan_lib.measure(params, model_cfg, plan)["overall"] == 0.0
 
+
+
+def test_a_resumed_run_reuses_the_measured_allocation_of_its_checkpoint(tmp_path, monkeypatch):
+  from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(prune__method="magnitude", prune__target=0.5, prune__blocks=2,
+                       prune__allocation="sensitivity", prune__sensitivity_rounds=2,
+                       prune__calib_batches=2, train__steps=4, checkpoint__every_steps=2)
+  first = pipeline.run(config, str(tmp_path), echo=False)
+  os.remove(tmp_path / "results.json")  # as if killed after its last checkpoint
+
+  def measure_again(*args, **kwargs):
+    raise AssertionError("the resumed run measured its allocation again")
+  monkeypatch.setattr(plan_lib.Plan, "_measure_allocation", measure_again)
+  again = pipeline.run(config, str(tmp_path), echo=False)
+  assert again["pruning"]["ratios_per_block"] == first["pruning"]["ratios_per_block"]
+  assert again["pruning"]["sensitivity"] == first["pruning"]["sensitivity"]
+  assert again["perplexity"] == first["perplexity"]
+  events = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+  assert [e for e in events if e["event"] == "allocation" and e.get("reused")]
