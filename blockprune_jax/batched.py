@@ -25,7 +25,7 @@ import numpy as np
 from blockprune_jax import config_lib
 from blockprune_jax import keys
 from blockprune_jax import parallel
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import trees
 
 # Keys whose values a batched program takes as inputs: runs may differ in them. Every other key

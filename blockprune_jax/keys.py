@@ -32,8 +32,8 @@ import os
 import tokenize
 from typing import Any
 
-from blockprune_jax import allocation
-from blockprune_jax import pruning
+from blockprune_jax.prune import allocation
+from blockprune_jax.prune import pruning
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import UserError
 from blockprune_jax.rules import (COUNT, INT_MAX, POSITIVE, RATE, RATIO, WHEN, Bool, Choice,
@@ -67,7 +67,7 @@ class TaskNames:
 
 
 def _schedules():
-  from blockprune_jax import plan  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.prune import plan  # pylint: disable=import-outside-toplevel
   return plan.SCHEDULES
 
 

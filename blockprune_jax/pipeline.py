@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax import batched
 from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import compile_stats
@@ -28,8 +28,8 @@ from blockprune_jax import files
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
-from blockprune_jax import plan as plan_lib
-from blockprune_jax import pruning
+from blockprune_jax.prune import plan as plan_lib
+from blockprune_jax.prune import pruning
 from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import train

@@ -27,8 +27,8 @@ from blockprune_jax import hf_io
 from blockprune_jax import keys as keys_lib
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
-from blockprune_jax import plan as plan_lib
-from blockprune_jax import pruning
+from blockprune_jax.prune import plan as plan_lib
+from blockprune_jax.prune import pruning
 from blockprune_jax.errors import UserError
 
 

@@ -11,11 +11,11 @@ every key wrong values and checks each is refused); a key without a rule gets a 
 """
 import os
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import keys
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError

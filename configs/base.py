@@ -8,7 +8,7 @@ Any key can be overridden on the command line, e.g.
 """
 import ml_collections
 
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 
 
 def get_config():
@@ -120,7 +120,7 @@ def get_config():
   p.pattern = "unstructured"  # unstructured | N:M (e.g. 2:4): N zeros in every M consecutive inputs
   p.sequential = False  # calibrate each layer on the outputs of the pruned layers below
   # The methods' own options, prune.<method>_<option> (e.g. sparsegpt_damp, sparsegpt_blocksize):
-  # their defaults and meanings are declared with each method (pruning.py's registry).
+  # their defaults and meanings are declared with each method (prune/pruning.py's registry).
   p.update(pruning.option_defaults())
   p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)  # sensitivity: ratios each block is probed at
   p.sensitivity_rounds = 8  # sensitivity: round 2+ probes each block at +-step around the solution, others as solved

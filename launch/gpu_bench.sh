@@ -9,7 +9,7 @@
 # mask_overhead from `blockprune_jax.bench all`, side_by_side (per-run step cost of 3 runs as
 # one program) and sweep (with batch_runs=3: the side-by-side ratio of a real sweep) from
 # `blockprune_jax.bench`, torch_eval / torch_train from
-# `blockprune_jax.bench_torch` without and with torch.compile, a step_time per step, and
+# `blockprune_jax.bench.torch_ref` without and with torch.compile, a step_time per step, and
 # {"bench": ..., "error": ...} for whatever failed), OUTDIR/logs/STEP.log and OUTDIR/summary.txt
 # (the table printed at the end). Exit status 1 when a step failed or a check did not pass.
 #
@@ -140,7 +140,7 @@ meta
 # Correctness on the accelerator before any speed figure.
 # Both frameworks share the device in this step: JAX must not take 75 % of its memory up front.
 step check "$T_CHECK" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
-  "$PY" -m blockprune_jax.bench_torch check --json="$FIG"
+  "$PY" -m blockprune_jax.bench.torch_ref check --json="$FIG"
 # Ours: one process, JAX and the dense figures shared by mask and compact.
 step jax_all "$T_JAX" "$PY" -m blockprune_jax.bench all "${SHAPE[@]}" "${STEPS[@]}" --json="$FIG"
 # One train / eval step of 3 runs side by side (vmap and lax.map) against one run alone.
@@ -150,9 +150,9 @@ step side_by_side "$T_SIDE" "$PY" -m blockprune_jax.bench side_by_side "${SHAPE[
 step sweep "$T_SWEEP" "$PY" -m blockprune_jax.bench sweep "${SWEEP[@]}" --batch_runs=3 --json="$FIG"
 # transformers' PyTorch GPT-2, same shapes: SDPA, then SDPA + torch.compile, one process (each
 # figure is written when measured: a compilation that runs out of time loses only its own).
-step torch "$T_TORCH" "$PY" -m blockprune_jax.bench_torch all --impl=both "${SHAPE[@]}" \
+step torch "$T_TORCH" "$PY" -m blockprune_jax.bench.torch_ref all --impl=both "${SHAPE[@]}" \
   "${STEPS[@]}" "${COMPILE[@]}" --json="$FIG"
 
-"$PY" -m blockprune_jax.bench_torch summary "$FIG" | tee "$OUT/summary.txt"
+"$PY" -m blockprune_jax.bench.torch_ref summary "$FIG" | tee "$OUT/summary.txt"
 echo "[gpu_bench] $(( $(elapsed_ms) / 1000 )) s in all; figures in $FIG"
 exit "$FAILED"

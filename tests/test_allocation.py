@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax.errors import UserError
 from configs import base
 

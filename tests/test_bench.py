@@ -83,7 +83,7 @@ def test_gpu_bench_script_records_skipped_steps(tmp_path):
 
 
 def test_bench_sweep_reports_a_sweeps_cost_beyond_its_steps(tmp_path):
-  from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.bench import sweep as bench_sweep  # pylint: disable=import-outside-toplevel
   r = bench_sweep.run(preset_shape=(2, 32, 2), seq_len=32, batch=8, dtype="float32",
                       vocab_size=257, steps=6, runs=3, workdir=str(tmp_path / "sweep"))
   assert r["runs"] == 3 and r["runs_per_hour"] > 0

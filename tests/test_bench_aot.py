@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from blockprune_jax import bench_aot
+from blockprune_jax.bench import aot as bench_aot
 from blockprune_jax.errors import UserError
 from conftest import REPO, subprocess_env
 

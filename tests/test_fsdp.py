@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import train
 from blockprune_jax.errors import UserError
 from conftest import REPO, subprocess_env, tiny_config

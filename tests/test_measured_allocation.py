@@ -63,7 +63,7 @@ def test_the_allocation_check_in_miniature(tmp_path):
   """bench_allocation (without its oracle) on one 2-layer model trained for 300 steps: the
   measured allocations beat uniform and match the best generated allocation on held-out test
   text to 0.1 % (README, "Measured allocations")."""
-  from blockprune_jax import bench_allocation  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.bench import allocation as bench_allocation  # pylint: disable=import-outside-toplevel
   args = bench_allocation.parse_args(["--steps=300", "--grid_step=0", f"--root={tmp_path}"])
   rec = bench_allocation.run_model("2x64:3", args)
   best_generated = min(rec["ppl"][k] for k in bench_allocation.GENERATED)

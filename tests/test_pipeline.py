@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from blockprune_jax import pipeline
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import model as model_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError

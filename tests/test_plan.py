@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from blockprune_jax import model as model_lib
-from blockprune_jax import plan as plan_lib
+from blockprune_jax.prune import plan as plan_lib
 from conftest import tiny_config
 
 

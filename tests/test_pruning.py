@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockprune_jax import allocation
-from blockprune_jax import calibration
-from blockprune_jax import gmp
+from blockprune_jax.prune import allocation
+from blockprune_jax.prune import calibration
+from blockprune_jax.prune import gmp
 from blockprune_jax import hf_io
 from blockprune_jax import model as model_lib
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 from configs import base

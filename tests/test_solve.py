@@ -1,9 +1,9 @@
-"""Per-block ratios from sensitivity curves and from a budgeted search (blockprune_jax.solve)."""
+"""Per-block ratios from sensitivity curves and from a budgeted search (blockprune_jax.prune.solve)."""
 import numpy as np
 import pytest
 
-from blockprune_jax import solve
-from blockprune_jax.allocation import MAX_RATIO, weighted_mean
+from blockprune_jax.prune import solve
+from blockprune_jax.prune.allocation import MAX_RATIO, weighted_mean
 from blockprune_jax.errors import UserError
 
 GRID = (0.2, 0.4, 0.6, 0.8, 0.9)  # configs/base.py prune.sensitivity_ratios

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockprune_jax import sparsegpt
+from blockprune_jax.prune import sparsegpt
 
 N_IN, N_OUT, N_TOKENS = 64, 48, 256
 
@@ -194,9 +194,9 @@ def test_block_prune_counts_round_half_to_even():
 
 # --- in the model: N:M masks, sequential calibration, whole runs -----------------------------
 
-from blockprune_jax import calibration  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax.prune import calibration  # noqa: E402  pylint: disable=wrong-import-position
 from blockprune_jax import model as model_lib  # noqa: E402  pylint: disable=wrong-import-position
-from blockprune_jax import pruning  # noqa: E402  pylint: disable=wrong-import-position
+from blockprune_jax.prune import pruning  # noqa: E402  pylint: disable=wrong-import-position
 from blockprune_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
 
 TINY = model_lib.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=4, n_head=2,

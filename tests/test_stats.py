@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from blockprune_jax import stats
+from blockprune_jax.report import stats
 
 # Printed tables of t_{0.975}(df) (3 decimals), e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2.
 TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

@@ -11,10 +11,10 @@ from jax.sharding import Mesh
 from blockprune_jax import compile_stats
 from blockprune_jax import hf_io
 from blockprune_jax import parallel
-from blockprune_jax import pruning
+from blockprune_jax.prune import pruning
 from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
-from blockprune_jax.bench_tasks import write_tasks
+from blockprune_jax.bench.tasks import write_tasks
 from blockprune_jax.errors import UserError
 
 pytest.importorskip("lm_eval")

@@ -1,8 +1,8 @@
 """Do the measured allocations find what hand-picking finds? Small trained models, 80 % MLP.
 
-    python -m blockprune_jax.bench_allocation                      # the README table (~8 min, 2 CPU cores)
-    python -m blockprune_jax.bench_allocation --calib_batches=16   # with the quickstart's data
-    python -m blockprune_jax.bench_allocation --models=2x64:0 --grid_step=0.1   # one quick model
+    python -m blockprune_jax.bench.allocation                      # the README table (~8 min, 2 CPU cores)
+    python -m blockprune_jax.bench.allocation --calib_batches=16   # with the quickstart's data
+    python -m blockprune_jax.bench.allocation --models=2x64:0 --grid_step=0.1   # one quick model
 
 For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, one block per layer unless BLOCKS is given;
 byte-level, 4 heads, sequences of 64 tokens, trained for --steps on the
@@ -34,15 +34,15 @@ import time
 import ml_collections
 import numpy as np
 
-from blockprune_jax import allocation
-from blockprune_jax import calibration
+from blockprune_jax.prune import allocation
+from blockprune_jax.prune import calibration
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import hf_io
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
-from blockprune_jax import pruning
-from blockprune_jax import solve
+from blockprune_jax.prune import pruning
+from blockprune_jax.prune import solve
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 

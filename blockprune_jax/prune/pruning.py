@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax import model as model_lib
-from blockprune_jax import sparsegpt
+from blockprune_jax.prune import sparsegpt
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 from blockprune_jax.rules import Option

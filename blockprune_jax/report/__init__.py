@@ -32,7 +32,7 @@ import pandas as pd
 from blockprune_jax import config_lib
 from blockprune_jax import files
 from blockprune_jax import keys
-from blockprune_jax import stats
+from blockprune_jax.report import stats
 from blockprune_jax import trees
 from blockprune_jax.errors import NoSpace, UserError
 
@@ -869,6 +869,3 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("\nwrote: " + ", ".join(sorted(written.values())), file=sys.stderr)
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from blockprune_jax.allocation import MAX_RATIO, redistribute_clipped, weighted_mean
+from blockprune_jax.prune.allocation import MAX_RATIO, redistribute_clipped, weighted_mean
 from blockprune_jax.errors import UserError
 
 

@@ -1,12 +1,12 @@
 """transformers' PyTorch GPT-2 beside ours: the same shapes timed, our outputs checked against it.
 
-    python -m blockprune_jax.bench_torch train --preset=gpt2 --seq_len=1024 --batch=16 \
+    python -m blockprune_jax.bench.torch_ref train --preset=gpt2 --seq_len=1024 --batch=16 \
         --dtype=bfloat16 [--compile] --json=F
-    python -m blockprune_jax.bench_torch eval  --preset=gpt2 --seq_len=1024 --batch=32 \
+    python -m blockprune_jax.bench.torch_ref eval  --preset=gpt2 --seq_len=1024 --batch=32 \
         --dtype=bfloat16 [--compile] --json=F
-    python -m blockprune_jax.bench_torch all   --batch=16 --eval_batch=32 --impl=both ...
-    python -m blockprune_jax.bench_torch check --json=F   # our logits / perplexity vs references
-    python -m blockprune_jax.bench_torch summary F        # table: ours vs torch, checks, errors
+    python -m blockprune_jax.bench.torch_ref all   --batch=16 --eval_batch=32 --impl=both ...
+    python -m blockprune_jax.bench.torch_ref check --json=F   # our logits / perplexity vs references
+    python -m blockprune_jax.bench.torch_ref summary F        # table: ours vs torch, checks, errors
 
 Speed (`eval`, `train`, `all`): random weights, SDPA attention, bf16 autocast over float32
 parameters (our models keep float32 parameters and compute in bf16 too), the loss taken from
@@ -48,7 +48,7 @@ WHATS = ("eval", "train", "all", "check", "summary")
 
 def parse_args(argv):
   from blockprune_jax import model as model_lib  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog="python -m blockprune_jax.bench_torch", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m blockprune_jax.bench.torch_ref", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("what", choices=WHATS)
   p.add_argument("path", nargs="?", help="summary: the figures.jsonl to read")

@@ -8,7 +8,7 @@ the `prune.start / end / every` keys into steps (`schedule_steps`) and asks `is_
 """
 from typing import Sequence
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax.errors import UserError
 
 

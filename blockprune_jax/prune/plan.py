@@ -12,13 +12,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from blockprune_jax import allocation
+from blockprune_jax.prune import allocation
 from blockprune_jax import files
-from blockprune_jax import calibration
-from blockprune_jax import gmp
+from blockprune_jax.prune import calibration
+from blockprune_jax.prune import gmp
 from blockprune_jax import parallel
-from blockprune_jax import pruning
-from blockprune_jax import solve
+from blockprune_jax.prune import pruning
+from blockprune_jax.prune import solve
 
 SCHEDULES = ("oneshot", "gradual")
 

@@ -257,7 +257,7 @@ def bench_mask(cfg, dense=None):
   """Masked vs dense training step: the masks multiply gradients, updates and parameters.
 
   `dense`: an already measured dense train record (from `all`) to compare against."""
-  from blockprune_jax import pruning  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.prune import pruning  # pylint: disable=import-outside-toplevel
   dense = dense or bench_train(cfg, label="train_dense")
   params = random_params(cfg)
   ratios = [_SPARSITY.value] * cfg.n_layer
@@ -275,7 +275,7 @@ def bench_compact(cfg, dense=None):
   """Eval speed of a model whose MLPs lost `sparsity` of their hidden units, compacted.
 
   `dense`: an already measured dense eval record (from `all`) to compare against."""
-  from blockprune_jax import pruning  # pylint: disable=import-outside-toplevel
+  from blockprune_jax.prune import pruning  # pylint: disable=import-outside-toplevel
   dense = dense or bench_eval(cfg)
   params = random_params(cfg)
   masks = pruning.compute_masks(params, [_SPARSITY.value] * cfg.n_layer, method="neurons",
@@ -363,7 +363,7 @@ def check_flags(what: str) -> None:
 def main(argv):
   what = argv[1] if len(argv) > 1 else "eval"
   if what == "aot":  # compiles for TPU chips that are not here: the local devices play no part
-    from blockprune_jax import bench_aot  # pylint: disable=import-outside-toplevel
+    from blockprune_jax.bench import aot as bench_aot  # pylint: disable=import-outside-toplevel
     try:
       bench_aot.main(emit, topology=_TOPOLOGY.value, preset=_PRESET.value, seq_len=_SEQ.value,
                      batch=_BATCH.value, eval_batch=eval_batch(), dtype=_DTYPE.value,
@@ -376,7 +376,7 @@ def main(argv):
   if what == "all":
     sys.exit(1 if bench_all(cfg) else 0)
   if what == "sweep":
-    from blockprune_jax import bench_sweep  # pylint: disable=import-outside-toplevel
+    from blockprune_jax.bench import sweep as bench_sweep  # pylint: disable=import-outside-toplevel
     if _SWEEP_CONFIG.value:
       emit(bench_sweep.run_config(_SWEEP_CONFIG.value, _SWEEP_SPECS.value,
                                   batch_runs=_BATCH_RUNS.value))
@@ -392,7 +392,7 @@ def main(argv):
     bench_side_by_side(cfg, _RUNS.value)
     return
   if what == "tasks":  # --steps = documents of the multiple-choice task
-    from blockprune_jax import bench_tasks  # pylint: disable=import-outside-toplevel
+    from blockprune_jax.bench import tasks as bench_tasks  # pylint: disable=import-outside-toplevel
     emit(bench_tasks.run(preset_shape=model_lib.PRESETS[_PRESET.value], n_positions=_SEQ.value,
                          batch=eval_batch(), docs=_STEPS.value))
     return
