@@ -282,6 +282,8 @@ class Checkpointer:
     if self._failed:  # Orbax would raise the reported failure again
       with contextlib.suppress(Exception):
         self._manager.close()
+      if jax.process_index() == 0:
+        remove_partial_steps(self.directory)  # what a late writer left after the failure
       return
     with self._writes():
       self._manager.close()
@@ -294,6 +296,10 @@ class Checkpointer:
 
   def _after_failed_write(self):
     self._failed = True
+    # A failed save can leave Orbax's other writers of the step running (its metadata, the
+    # next item): once they stop, nothing recreates the directory removed below.
+    with contextlib.suppress(Exception):
+      self._manager.wait_until_finished()
     gc.collect()  # Orbax's abandoned write coroutines close now, not noisily at exit
     if jax.process_index() == 0:
       remove_partial_steps(self.directory)

@@ -51,6 +51,7 @@ from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import files
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax.bench import matmul_flops_per_token, peak_flops_for
 from blockprune_jax.errors import UserError
 
 _PRESET = flags.DEFINE_string("preset", "gpt2", f"model shape: {', '.join(model_lib.PRESETS)}")
@@ -80,29 +81,10 @@ _FSDP = flags.DEFINE_integer("fsdp", 1, "aot: mesh.fsdp of the train step (1 = r
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "block"], "aot: train.remat of the train step")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
-# Dense bf16 peak FLOP/s per chip, from vendor data sheets.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks", "aot")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
-
-def peak_flops_for(kind: str, count: int = 1):
-  """Peak FLOP/s of `count` chips whose name contains a PEAK_FLOPS key; None if unknown."""
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak * count
-  return None
-
-
-def matmul_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int,
-                           train: bool) -> float:
-  """PaLM's count from N (parameters in matrix multiplies): shared with bench_torch."""
-  f = 6 * n_params + 12 * n_layer * n_embd * seq_len
-  return f if train else f / 3
-
 
 def flops_per_token(cfg: model_lib.GPT2Config, seq_len: int, train: bool) -> float:
   shapes = model_lib.init_shapes(cfg)
