@@ -37,7 +37,6 @@ counts). For GPT-2 124M at T = 1024 that is ~0.86 GFLOP per trained token (READM
 import dataclasses
 import datetime
 import functools
-import json
 import sys
 import time
 import types
