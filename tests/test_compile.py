@@ -2,11 +2,10 @@
 persistent compilation cache); results.json counts what each run compiled."""
 import json
 import os
-import subprocess
-import sys
 
 from blockprune_jax import pipeline
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 
 def _steps(compiled: dict) -> dict:
@@ -31,10 +30,8 @@ def test_the_persistent_cache_is_written_by_one_process_and_hit_by_the_next(tmp_
   cache = tmp_path / "jax_cache"
 
   def run(name):
-    subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                    f"--workdir={tmp_path / name}", "--config.train.steps=2",
-                    f"--config.runtime.compile_cache={cache}"],
-                   env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+    cli.run(cli.command(tmp_path / name, "--config.train.steps=2",
+                        f"--config.runtime.compile_cache={cache}"), check=True)
     return json.load(open(tmp_path / name / "results.json"))["runtime"]
   first = run("one")
   assert _steps(first["compiled"]) and os.listdir(cache)

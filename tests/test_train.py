@@ -3,9 +3,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -16,7 +13,8 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
 from blockprune_jax import train
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 
 
@@ -147,50 +145,33 @@ STEPS = 36
 def _cmd(workdir, *extra):
   """A run with dropout, gradual pruning (masks in the checkpoint, GMP updates every 3 steps),
   periodic validation and a checkpoint every 10 steps: all of it a resumed run must replay."""
-  return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-          f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.export.hf=true",
-          "--config.model.dropout=0.1", "--config.prune.method=magnitude",
-          "--config.prune.targets=all", "--config.prune.schedule=gradual",
-          "--config.prune.target=0.5", "--config.prune.start=0.1", "--config.prune.end=0.8",
-          "--config.prune.every=3", "--config.train.eval_every=10",
-          "--config.train.eval_max_tokens=600", "--config.checkpoint.every_steps=10", *extra]
-
-
-def _last_step_logged(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  steps = [json.loads(line)["step"] for line in open(path) if '"train"' in line]
-  return max(steps, default=0)
+  return cli.command(workdir, f"--config.train.steps={STEPS}", "--config.export.hf=true",
+                     "--config.model.dropout=0.1", "--config.prune.method=magnitude",
+                     "--config.prune.targets=all", "--config.prune.schedule=gradual",
+                     "--config.prune.target=0.5", "--config.prune.start=0.1",
+                     "--config.prune.end=0.8", "--config.prune.every=3",
+                     "--config.train.eval_every=10", "--config.train.eval_max_tokens=600",
+                     "--config.checkpoint.every_steps=10", *extra)
 
 
 def _interrupt(workdir, sig, after_step, after_checkpoint=None):
   """Starts (or resumes) a run, sends `sig` once it logged `after_step` (and committed the
   checkpoint of step `after_checkpoint`, saved asynchronously); returns its exit code."""
   committed = os.path.join(workdir, "checkpoints", str(after_checkpoint))
-  proc = subprocess.Popen(_cmd(workdir), env=subprocess_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 240
-  while (_last_step_logged(workdir) < after_step
-         or (after_checkpoint is not None and not os.path.isdir(committed))):
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(sig)
-  proc.wait(timeout=120)
+  err = f"{workdir}.{sig.name}.err"
+  proc = cli.start(_cmd(workdir), err)
+  cli.wait_for(proc, lambda: (cli.last_step_logged(workdir) >= after_step
+                              and (after_checkpoint is None or os.path.isdir(committed))),
+               err, timeout=240)
+  code = cli.stop(proc, sig)
   assert not os.path.exists(os.path.join(workdir, "results.json")), "interrupted too late"
-  return proc.returncode
+  return code
 
 
-def _final_params(workdir):
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(workdir, "export", "model.safetensors"))
-
-
-def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
+def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path, uninterrupted):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  straight, d = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-  subprocess.run(_cmd(straight), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+  straight, _ = uninterrupted(_cmd)
+  d = str(tmp_path / "interrupted")
 
   _interrupt(d, signal.SIGKILL, 13, after_checkpoint=10)  # no warning: step 10 survives
   assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() == 10
@@ -198,12 +179,9 @@ def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
   assert code == 143
   saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
   assert 23 <= saved < STEPS and saved != 20
-  subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+  cli.run(_cmd(d), check=True)
 
-  a, b = _final_params(straight), _final_params(d)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  cli.assert_same_params(cli.exported_params(straight), cli.exported_params(d))
   results = json.load(open(os.path.join(d, "results.json")))
   assert abs(results["sparsity"]["overall"] - 0.5) < 1e-3
   assert results["train"]["best_validation_perplexity"] is not None
