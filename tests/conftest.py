@@ -1,4 +1,7 @@
-"""Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures."""
+"""Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures.
+
+`python -m pytest -m "not slow"` skips the tests marked slow (training runs, sweeps, subprocesses):
+the quick loop; CI (`.ci/run`) runs them all. The command-line harness is tests/cli.py."""
 import os
 import tempfile
 

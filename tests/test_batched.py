@@ -40,6 +40,7 @@ def both(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["vmap", "map"])
 def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
   for one, side in zip(both[1], both[mode]):
@@ -66,6 +67,7 @@ def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
     assert steps == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_side_by_side_runs_share_one_compilation_and_their_time(both):
   results = [_results(r["workdir"]) for r in both["vmap"]]
   batch = results[0]["runtime"]["batch"]
@@ -99,6 +101,7 @@ def test_groups_share_shape_and_steps_and_say_why_a_run_goes_alone():
   assert batched.plan_groups(configs[:2], 3) == ([[0, 1]], {})
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_fails_alone_and_a_longer_run_goes_alone(tmp_path, capsys):
   config = tiny_config(train__steps=4, prune__method="magnitude", sweep__controls=False,
                        sweep__batch_runs=2, train__grad_clip=0.0)
@@ -128,6 +131,7 @@ def _cmd(workdir):
                      "--config.sweep.batch_runs=3", module="blockprune_jax.sweep")
 
 
+@pytest.mark.slow
 def test_a_killed_batched_sweep_resumes_and_ends_as_uninterrupted(tmp_path, uninterrupted):
   straight, r = uninterrupted(_cmd)
   assert "3 runs side by side" in r.stderr

@@ -3,6 +3,8 @@ persistent compilation cache); results.json counts what each run compiled."""
 import json
 import os
 
+import pytest
+
 from blockprune_jax import pipeline
 import cli
 from conftest import tiny_config
@@ -12,6 +14,7 @@ def _steps(compiled: dict) -> dict:
   return {k: v for k, v in compiled.items() if "train_step" in k or "eval_step" in k}
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_process_compiles_no_train_or_eval_step(tmp_path):
   # A shape no other test compiles (seq_len 24), so the first run here really compiles.
   common = dict(train__steps=3, prune__method="magnitude", runtime__compile_cache="off",
@@ -26,6 +29,7 @@ def test_a_second_run_in_the_process_compiles_no_train_or_eval_step(tmp_path):
   assert second["runtime"]["compilations"] < first["runtime"]["compilations"]
 
 
+@pytest.mark.slow
 def test_the_persistent_cache_is_written_by_one_process_and_hit_by_the_next(tmp_path):
   cache = tmp_path / "jax_cache"
 

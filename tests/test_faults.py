@@ -48,6 +48,7 @@ def straight(uninterrupted):
 
 # --- checkpoints damaged after a kill --------------------------------------------------------
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_uninterrupted(
     tmp_path, straight):
   d, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -161,6 +162,7 @@ def test_checksum_catches_a_changed_array(tmp_path):
 
 # --- a full disk --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_keeps_the_checkpoints_and_resumes_as_uninterrupted(
     small_disk, straight):
   # 1200 KiB hold the logs and two of the tiny model's checkpoints (about 550 KiB each), not a
@@ -189,6 +191,7 @@ def test_a_full_disk_ends_in_one_line_keeps_the_checkpoints_and_resumes_as_unint
 
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_path, straight):
   d, err = tmp_path / "run", tmp_path / "sigint.err"
   proc = cli.start(_cmd(d), err)
@@ -209,6 +212,7 @@ def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_
 
 # --- two processes, one workdir ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_goes_on(tmp_path):
   d, err = tmp_path / "run", tmp_path / "first.err"
   first = cli.start(_cmd(d, steps=100000), err)
@@ -251,6 +255,7 @@ def _truncate(path):
   return data[:len(data) // 2]
 
 
+@pytest.mark.slow
 def test_unreadable_results_json_is_set_aside_and_the_run_goes_again(tmp_path):
   d = tmp_path / "run"
   config = tiny_config(train__steps=3, export__hf=True)
@@ -265,6 +270,7 @@ def test_unreadable_results_json_is_set_aside_and_the_run_goes_again(tmp_path):
   assert not [p for p in os.listdir(d) if p.startswith("export.replaced")]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_unreadable_sweep_json_and_results_json_goes_on(tmp_path):
   d = tmp_path / "sweep"
   runs = [{"seed": 0}, {"seed": 1}]
@@ -280,6 +286,7 @@ def test_a_sweep_with_unreadable_sweep_json_and_results_json_goes_on(tmp_path):
   assert json.load(open(d / "seed=1" / "results.json"))["config"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
   tests_dir = os.path.dirname(TINY_CONFIG)
   config = tmp_path / "two_runs.py"
@@ -300,6 +307,7 @@ def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
 
 # --- exports ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_is_atomic_and_never_overwrites_a_different_export(tmp_path, monkeypatch):
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
@@ -371,6 +379,7 @@ def test_a_damaged_model_directory_is_one_line_naming_the_file(model_dir, tmp_pa
   assert names in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_a_truncated_model_file_from_the_command_line(model_dir, tmp_path):
   _damage(model_dir, "truncated model.safetensors")
   r = cli.run(cli.command(tmp_path / "w", "--config.model.init=pretrained",

@@ -255,6 +255,7 @@ def _cli(tmp_path, *flags):
     ("--config.train.stps=3", "error: unknown config key 'train.stps' ('stps' is not in train; "
                               "did you mean 'train.steps'?)"),
 ])
+@pytest.mark.slow
 def test_cli_bad_value_is_one_line_and_exit_2(tmp_path, flag, line):
   r = _cli(tmp_path, flag)
   assert r.returncode == 2, r.stderr

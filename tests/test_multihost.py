@@ -23,6 +23,8 @@ from blockprune_jax import pipeline
 import cli
 from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
 
+pytestmark = pytest.mark.slow  # two JAX processes per run
+
 # Runs blockprune_jax.main with an audit hook that records, at exit, the paths it wrote (opened
 # for writing, created, renamed, removed) inside the workdir, except under checkpoints/.
 _LAUNCH = r"""

@@ -36,6 +36,7 @@ def _eval_flags(hf_dir, text, workdir, cache):
                      "--config.eval.batch_size=3", config="configs/eval.py")
 
 
+@pytest.mark.slow
 def test_cli_perplexity_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   workdir = tmp_path / "zero_shot"
   cli.run(_eval_flags(hf_tiny_dir, text_dir, workdir, tmp_path / "cache"), check=True)
@@ -51,6 +52,7 @@ def test_cli_perplexity_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   assert results["runtime"]["devices"] == 1 and results["runtime"]["backend"] == "cpu"
 
 
+@pytest.mark.slow
 def test_smaller_stride_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   config = tiny_config(model__init="pretrained", model__name_or_path=hf_tiny_dir,
                        data__source="text", data__text_dir=text_dir, data__tokenizer="",
@@ -64,6 +66,7 @@ def test_smaller_stride_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   assert results["runtime"]["devices"] == 4  # four fake CPU devices in-process
 
 
+@pytest.mark.slow
 def test_masked_finetuning_keeps_zero_pattern_and_measures_sparsity(tmp_path):
   config = tiny_config(prune__method="magnitude", prune__allocation="explicit",
                        prune__ratios=(0.3, 0.6), train__steps=8, export__hf=True)
@@ -91,6 +94,7 @@ def test_masked_finetuning_keeps_zero_pattern_and_measures_sparsity(tmp_path):
   del torch
 
 
+@pytest.mark.slow
 def test_gradual_pruning_reaches_its_target(tmp_path):
   config = tiny_config(prune__method="magnitude", prune__targets="all", prune__schedule="gradual",
                        prune__target=0.5, prune__start=0.2, prune__end=0.6, prune__every=2.0,
@@ -100,6 +104,7 @@ def test_gradual_pruning_reaches_its_target(tmp_path):
   assert results["train"]["steps"] == 20
 
 
+@pytest.mark.slow
 def test_neurons_compacted_evaluation_equals_masked(tmp_path):
   runs = [pipeline.run(tiny_config(prune__method="neurons", prune__target=0.5,
                                    prune__compact=compact), str(tmp_path / str(compact)))
@@ -110,6 +115,7 @@ def test_neurons_compacted_evaluation_equals_masked(tmp_path):
                                                               rel=1e-5)
 
 
+@pytest.mark.slow
 def test_wanda_with_owl_allocation_runs(tmp_path):
   results = pipeline.run(tiny_config(prune__method="wanda", prune__allocation="owl",
                                      prune__target=0.4, prune__owl_lambda=0.1),
@@ -119,6 +125,7 @@ def test_wanda_with_owl_allocation_runs(tmp_path):
   assert results["sparsity"]["overall"] == pytest.approx(0.4, abs=0.02)
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_clear_line_from_the_cli(tmp_path):
   r = cli.run(cli.command(tmp_path / "w", "--config.data.source=wiki"))
   assert r.returncode == 2

@@ -4,8 +4,12 @@ finished runs."""
 import json
 import os
 
+import pytest
+
 import cli
 from conftest import subprocess_env
+
+pytestmark = pytest.mark.slow  # a whole study, twice
 
 SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.n_positions=64", "--config.data.seq_len=32", "--config.base.steps=20",

@@ -18,6 +18,7 @@ from conftest import tiny_config
 
 
 
+@pytest.mark.slow
 def test_training_from_scratch_halves_validation_perplexity(tmp_path):
   config = tiny_config(train__steps=60, train__batch_size=16, eval__max_tokens=4000)
   before = pipeline.run(tiny_config(eval__max_tokens=4000), str(tmp_path / "untrained"))
@@ -50,6 +51,7 @@ def _no_implicit_host_reads():
       setattr(cls, n, f)
 
 
+@pytest.mark.slow
 def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
   with pytest.raises(AssertionError, match="implicit"):  # the check itself can fail
     with _no_implicit_host_reads():
@@ -101,6 +103,7 @@ def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_
   return jax.device_get(state["params"]), losses, kls
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_the_same_curve():
   one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   four = parallel.data_mesh()
@@ -113,6 +116,7 @@ def test_one_and_four_devices_give_the_same_curve():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), p1, p4)
 
 
+@pytest.mark.slow
 def test_distillation_alpha_zero_is_plain_finetuning_and_self_kl_is_zero():
   mesh = parallel.data_mesh()
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
@@ -168,6 +172,7 @@ def _interrupt(workdir, sig, after_step, after_checkpoint=None):
   return code
 
 
+@pytest.mark.slow
 def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path, uninterrupted):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   straight, _ = uninterrupted(_cmd)
@@ -189,6 +194,7 @@ def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path, uninterr
   assert pipeline.run(tiny_config(), d) == results
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -210,6 +216,7 @@ def test_warmup_starts_above_zero_and_reaches_peak():
   assert float(lr(19)) < 1e-4
 
 
+@pytest.mark.slow
 def test_resuming_under_other_settings_is_refused(tmp_path):
   from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "run")
