@@ -1,4 +1,7 @@
-"""Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures."""
+"""Test setup: four fake CPU devices (set before JAX starts) and small shared fixtures.
+
+`python -m pytest -m "not slow"` skips the tests marked slow (training runs, sweeps, subprocesses):
+the quick loop; CI (`.ci/run`) runs them all. The command-line harness is tests/cli.py."""
 import os
 import tempfile
 
@@ -92,3 +95,20 @@ def small_disk(tmp_path):
   yield make
   for path in mounted:
     subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+  """`get(command)`: the workdir and process of `command(workdir)` run once to its end without a
+  fault. Each distinct command runs once a session; every test that compares an interrupted run
+  with it shares that one reference."""
+  import cli  # pylint: disable=import-outside-toplevel  (cli imports this module)
+  done = {}
+
+  def get(command):
+    key = tuple(command("{workdir}"))
+    if key not in done:
+      workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+      done[key] = workdir, cli.run(command(workdir), check=True)
+    return done[key]
+  return get

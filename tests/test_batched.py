@@ -3,16 +3,14 @@ workdirs, a killed batched sweep resumes, runs that cannot share a program go al
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from blockprune_jax import batched
 from blockprune_jax import sweep
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 # Three runs that differ in what the program takes as input: masks (one dense), allocation,
 # target and seed (data order, dropout).
@@ -20,11 +18,6 @@ RUNS = [{"prune.method": "magnitude", "prune.target": 0.3},
         {"prune.method": "magnitude", "prune.target": 0.6, "prune.allocation": "linear",
          "seed": 1},
         {"prune.method": "none"}]
-
-
-def _params(workdir):
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(workdir, "export", "model.safetensors"))
 
 
 def _results(workdir):
@@ -47,6 +40,7 @@ def both(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["vmap", "map"])
 def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
   for one, side in zip(both[1], both[mode]):
@@ -62,7 +56,7 @@ def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
     assert a["train"]["best_validation_perplexity"] is not None  # the periodic validation ran
     assert b["train"]["best_validation_perplexity"] == pytest.approx(
         a["train"]["best_validation_perplexity"], rel=1e-5)
-    pa, pb = _params(one["workdir"]), _params(side["workdir"])
+    pa, pb = cli.exported_params(one["workdir"]), cli.exported_params(side["workdir"])
     assert pa.keys() == pb.keys()
     for name in pa:
       np.testing.assert_allclose(pb[name], pa[name], atol=2e-5, err_msg=name)
@@ -73,6 +67,7 @@ def test_side_by_side_gives_the_results_of_one_after_another(both, mode):
     assert steps == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_side_by_side_runs_share_one_compilation_and_their_time(both):
   results = [_results(r["workdir"]) for r in both["vmap"]]
   batch = results[0]["runtime"]["batch"]
@@ -106,6 +101,7 @@ def test_groups_share_shape_and_steps_and_say_why_a_run_goes_alone():
   assert batched.plan_groups(configs[:2], 3) == ([[0, 1]], {})
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_fails_alone_and_a_longer_run_goes_alone(tmp_path, capsys):
   config = tiny_config(train__steps=4, prune__method="magnitude", sweep__controls=False,
                        sweep__batch_runs=2, train__grad_clip=0.0)
@@ -128,64 +124,44 @@ STEPS, EVERY = 40, 4
 
 
 def _cmd(workdir):
-  return [sys.executable, "-m", "blockprune_jax.sweep", f"--config={TINY_CONFIG}",
-          f"--workdir={workdir}", "--sweep=prune.target=0.3,0.5,0.7",
-          "--config.prune.method=magnitude", f"--config.train.steps={STEPS}",
-          f"--config.checkpoint.every_steps={EVERY}", "--config.export.hf=true",
-          "--config.model.dropout=0.1", "--config.sweep.controls=false",
-          "--config.sweep.batch_runs=3"]
+  return cli.command(workdir, "--sweep=prune.target=0.3,0.5,0.7",
+                     "--config.prune.method=magnitude", f"--config.train.steps={STEPS}",
+                     f"--config.checkpoint.every_steps={EVERY}", "--config.export.hf=true",
+                     "--config.model.dropout=0.1", "--config.sweep.controls=false",
+                     "--config.sweep.batch_runs=3", module="blockprune_jax.sweep")
 
 
-def _run(workdir):
-  r = subprocess.run(_cmd(workdir), env=subprocess_env(), cwd=REPO, capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-  return r
-
-
-def _steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
-
-
-def test_a_killed_batched_sweep_resumes_and_ends_as_uninterrupted(tmp_path):
-  straight = tmp_path / "straight"
-  r = _run(straight)
+@pytest.mark.slow
+def test_a_killed_batched_sweep_resumes_and_ends_as_uninterrupted(tmp_path, uninterrupted):
+  straight, r = uninterrupted(_cmd)
   assert "3 runs side by side" in r.stderr
   names = sorted(p for p in os.listdir(straight) if p.startswith("prune."))
   assert len(names) == 3
 
   killed = tmp_path / "killed"
   err = tmp_path / "killed.err"
-  proc = subprocess.Popen(_cmd(killed), env=subprocess_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=open(err, "w"))
-  deadline = time.time() + 240
-  while not all(len(_steps(killed / n)) >= 2 for n in names):
-    assert proc.poll() is None, "exited too early:\n" + err.read_text()[-3000:]
-    assert time.time() < deadline, "timed out"
-    time.sleep(0.05)
-  proc.kill()  # SIGKILL: nothing more is saved
-  proc.wait(timeout=60)
+  proc = cli.start(_cmd(killed), err)
+  cli.wait_for(proc, lambda: all(len(cli.checkpoint_steps(killed / n / "checkpoints")) >= 2
+                                 for n in names), err, timeout=240)
+  cli.stop(proc, timeout=60)  # SIGKILL: nothing more is saved
   assert not any((killed / n / "results.json").exists() for n in names), "killed too late"
 
   # Every run resumes from its own checkpoint, side by side, and ends bitwise as uninterrupted.
-  _run(killed)
+  cli.run(_cmd(killed), timeout=300, check=True)
   for n in names:
-    resumed = [json.loads(l) for l in open(killed / n / "log.jsonl")]
-    assert any(e["event"] == "resume" for e in resumed), n
-    a, b = _params(straight / n), _params(killed / n)
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{n}: {k}")
+    assert cli.events(killed / n, "resume"), n
+    cli.assert_same_params(cli.exported_params(straight / n), cli.exported_params(killed / n),
+                           f"{n}: ")
 
   # Checkpoints at different steps (a kill between two runs' saves): one at a time, same end.
   for n in names:
     os.remove(killed / n / "results.json")
-  newest = _steps(killed / names[0])[-1]
+  newest = cli.checkpoint_steps(killed / names[0] / "checkpoints")[-1]
   shutil.rmtree(killed / names[0] / "checkpoints" / str(newest))
-  r = _run(killed)
+  cli.run(_cmd(killed), timeout=300, check=True)
   events = [json.loads(l) for l in open(killed / names[1] / "log.jsonl")]
   assert any("one at a time" in e.get("alone", "") for e in events)
   for n in names:
-    a, b = _params(straight / n), _params(killed / n)
+    a, b = cli.exported_params(straight / n), cli.exported_params(killed / n)
     for k in a:
       np.testing.assert_allclose(b[k], a[k], atol=2e-5, err_msg=f"{n}: {k}")

@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
+import cli
 from conftest import REPO, subprocess_env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,last,n", [("train", "train", 1), ("compact", "compact_speedup", 2)])
 def test_bench_prints_json_lines(what, last, n):
-  out = subprocess.run([sys.executable, "-m", "blockprune_jax.bench", what, "--preset=tiny",
-                        "--seq_len=32", "--batch=2", "--steps=1", "--dtype=float32"],
-                       env=subprocess_env(), cwd=REPO, check=True, capture_output=True, text=True).stdout
+  out = cli.run([sys.executable, "-m", "blockprune_jax.bench", what, "--preset=tiny",
+                 "--seq_len=32", "--batch=2", "--steps=1", "--dtype=float32"], check=True).stdout
   lines = [json.loads(l) for l in out.splitlines()]  # JSON lines only, nothing else
   assert lines[-1]["bench"] == last
   measured = [l for l in lines if "tokens_per_s" in l]
@@ -21,13 +22,14 @@ def test_bench_prints_json_lines(what, last, n):
   assert measured[0]["gflop_per_token"] > 0 and measured[0]["backend"] == "cpu"
 
 
+@pytest.mark.slow
 def test_bench_refuses_meaningless_settings():
-  out = subprocess.run([sys.executable, "-m", "blockprune_jax.bench", "train", "--preset=tiny",
-                        "--steps=0"], env=subprocess_env(), cwd=REPO, capture_output=True,
-                       text=True)
+  out = cli.run([sys.executable, "-m", "blockprune_jax.bench", "train", "--preset=tiny",
+                 "--steps=0"])
   assert out.returncode != 0 and "--steps=0" in out.stderr and not out.stdout.strip()
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_tiny(tmp_path):
   """launch/gpu_bench.sh --tiny on the CPU: every step runs and writes its records."""
   out_dir = tmp_path / "bench"
@@ -69,6 +71,7 @@ def test_gpu_bench_script_tiny(tmp_path):
   assert "side by side (ratio" in table
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_records_skipped_steps(tmp_path):
   """With no time left every step is skipped, recorded as an error, and the script fails."""
   env = subprocess_env(JAX_PLATFORMS="cpu", PYTHON=sys.executable, BENCH_BUDGET_S="0")
@@ -82,6 +85,7 @@ def test_gpu_bench_script_records_skipped_steps(tmp_path):
   assert "ERROR jax_all: skipped" in run.stdout
 
 
+@pytest.mark.slow
 def test_bench_sweep_reports_a_sweeps_cost_beyond_its_steps(tmp_path):
   from blockprune_jax.bench import sweep as bench_sweep  # pylint: disable=import-outside-toplevel
   r = bench_sweep.run(preset_shape=(2, 32, 2), seq_len=32, batch=8, dtype="float32",

@@ -2,17 +2,19 @@
 persistent compilation cache); results.json counts what each run compiled."""
 import json
 import os
-import subprocess
-import sys
+
+import pytest
 
 from blockprune_jax import pipeline
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 
 def _steps(compiled: dict) -> dict:
   return {k: v for k, v in compiled.items() if "train_step" in k or "eval_step" in k}
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_process_compiles_no_train_or_eval_step(tmp_path):
   # A shape no other test compiles (seq_len 24), so the first run here really compiles.
   common = dict(train__steps=3, prune__method="magnitude", runtime__compile_cache="off",
@@ -27,14 +29,13 @@ def test_a_second_run_in_the_process_compiles_no_train_or_eval_step(tmp_path):
   assert second["runtime"]["compilations"] < first["runtime"]["compilations"]
 
 
+@pytest.mark.slow
 def test_the_persistent_cache_is_written_by_one_process_and_hit_by_the_next(tmp_path):
   cache = tmp_path / "jax_cache"
 
   def run(name):
-    subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                    f"--workdir={tmp_path / name}", "--config.train.steps=2",
-                    f"--config.runtime.compile_cache={cache}"],
-                   env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+    cli.run(cli.command(tmp_path / name, "--config.train.steps=2",
+                        f"--config.runtime.compile_cache={cache}"), check=True)
     return json.load(open(tmp_path / name / "results.json"))["runtime"]
   first = run("one")
   assert _steps(first["compiled"]) and os.listdir(cache)

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import pipeline
 from blockprune_jax import sweep
 from blockprune_jax.errors import UserError
+import cli
 from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
 
 STEPS, EVERY = 40, 4  # checkpoints at 4, 8, ...; the last two are kept (checkpoint.keep=2)
@@ -30,77 +30,33 @@ STEPS, EVERY = 40, 4  # checkpoints at 4, 8, ...; the last two are kept (checkpo
 
 def _cmd(workdir, steps=STEPS):
   """The faulted command: dropout on (so the resumed RNG matters), a checkpoint every 4 steps."""
-  return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-          f"--workdir={workdir}", f"--config.train.steps={steps}",
-          f"--config.checkpoint.every_steps={EVERY}", "--config.export.hf=true",
-          "--config.model.dropout=0.1"]
+  return cli.command(workdir, f"--config.train.steps={steps}",
+                     f"--config.checkpoint.every_steps={EVERY}", "--config.export.hf=true",
+                     "--config.model.dropout=0.1")
 
 
 def _run(workdir, **kwargs):
-  return subprocess.run(_cmd(workdir, **kwargs), env=subprocess_env(), cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return cli.run(_cmd(workdir, **kwargs), timeout=300)
 
 
-def _start(workdir, err_path, **kwargs):
-  return subprocess.Popen(_cmd(workdir, **kwargs), env=subprocess_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
-
-
-def _wait_for(proc, condition, err_path, timeout=180):
-  deadline = time.time() + timeout
-  while not condition():
-    assert proc.poll() is None, "exited too early:\n" + open(err_path).read()[-3000:]
-    assert time.time() < deadline, "timed out"
-    time.sleep(0.05)
-
-
-def _last_step_logged(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  return max((json.loads(l)["step"] for l in open(path) if '"train"' in l), default=0)
-
-
-def _steps(ckpt_dir):
-  return sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit())
-
-
-def _final_params(workdir):
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(workdir, "export", "model.safetensors"))
-
-
-def _assert_same_params(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def _events(workdir, kind):
-  return [e for e in map(json.loads, open(os.path.join(workdir, "log.jsonl")))
-          if e["event"] == kind]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The exported weights of the faulted command run once, uninterrupted."""
-  d = tmp_path_factory.mktemp("straight") / "run"
-  r = _run(d)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return _final_params(d)
+@pytest.fixture
+def straight(uninterrupted):
+  """The exported weights of the faulted command run once, uninterrupted (shared by the tests)."""
+  workdir, _ = uninterrupted(_cmd)
+  return cli.exported_params(workdir)
 
 
 # --- checkpoints damaged after a kill --------------------------------------------------------
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_uninterrupted(
     tmp_path, straight):
   d, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-  proc = _start(d, tmp_path / "killed.err")
-  _wait_for(proc, lambda: (ckpts / str(2 * EVERY)).is_dir(), tmp_path / "killed.err")
-  proc.kill()  # SIGKILL: no chance to save anything more
-  proc.wait(timeout=60)
+  proc = cli.start(_cmd(d), tmp_path / "killed.err")
+  cli.wait_for(proc, lambda: (ckpts / str(2 * EVERY)).is_dir(), tmp_path / "killed.err")
+  cli.stop(proc, timeout=60)  # SIGKILL: no chance to save anything more
   assert not (d / "results.json").exists(), "killed too late"
-  steps = _steps(ckpts)
+  steps = cli.checkpoint_steps(ckpts)
   assert len(steps) >= 2
 
   # Half-written: every file of the newest step cut in half.
@@ -111,12 +67,12 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_uninterrupte
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
   warned = [l for l in r.stderr.splitlines() if "does not restore" in l]
   assert len(warned) == 1 and f"Checkpoint step {steps[-1]} " in warned[0], warned
-  assert _events(d, "resume")[-1]["step"] == steps[-2]  # the newest step that restores
-  _assert_same_params(_final_params(d), straight)
+  assert cli.events(d, "resume")[-1]["step"] == steps[-2]  # the newest step that restores
+  cli.assert_same_params(cli.exported_params(d), straight)
 
   # Damaged: one flipped byte in each data file of the (new) newest step (OCDBT's CRC catches
   # some; a flip Orbax restores silently is caught by our checksum, see the test below).
-  newest = _steps(ckpts)[-1]
+  newest = cli.checkpoint_steps(ckpts)[-1]
   assert newest == STEPS
   for f in (ckpts / str(newest) / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
@@ -128,8 +84,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_uninterrupte
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
   warned = [l for l in r.stderr.splitlines() if "does not restore" in l]
   assert len(warned) == 1 and f"Checkpoint step {STEPS} " in warned[0], warned
-  assert _events(d, "resume")[-1]["step"] == STEPS - EVERY
-  _assert_same_params(_final_params(d), straight)
+  assert cli.events(d, "resume")[-1]["step"] == STEPS - EVERY
+  cli.assert_same_params(cli.exported_params(d), straight)
   # Nothing was deleted: both damaged steps are kept aside; the export was rewritten
   # identically, so no earlier export was moved away.
   assert len(os.listdir(tmp_path / "run" / "checkpoints.unreadable")) == 2
@@ -206,6 +162,7 @@ def test_checksum_catches_a_changed_array(tmp_path):
 
 # --- a full disk --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_keeps_the_checkpoints_and_resumes_as_uninterrupted(
     small_disk, straight):
   # 1200 KiB hold the logs and two of the tiny model's checkpoints (about 550 KiB each), not a
@@ -221,25 +178,25 @@ def test_a_full_disk_ends_in_one_line_keeps_the_checkpoints_and_resumes_as_unint
   error = said[1]
   assert error.startswith("error: No space left on device writing checkpoint step "), error
   assert f" to {ckpts} (" in error and " free); free space and run the same command again" in error
-  kept = _steps(ckpts)
+  kept = cli.checkpoint_steps(ckpts)
   assert len(kept) == 2 and sorted(os.listdir(ckpts)) == sorted(map(str, kept))  # no tmp dir
   assert not (d / "results.json").exists()
 
   small_disk.resize(disk, 16 * 1024)  # space freed: the same command resumes from the newest
   r = _run(d)
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-  assert _events(d, "resume")[-1]["step"] == kept[-1]
-  _assert_same_params(_final_params(d), straight)
+  assert cli.events(d, "resume")[-1]["step"] == kept[-1]
+  cli.assert_same_params(cli.exported_params(d), straight)
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_path, straight):
   d, err = tmp_path / "run", tmp_path / "sigint.err"
-  proc = _start(d, err)
-  _wait_for(proc, lambda: _last_step_logged(d) >= 6, err)
-  proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=120) == 130
+  proc = cli.start(_cmd(d), err)
+  cli.wait_for(proc, lambda: cli.last_step_logged(d) >= 6, err)
+  assert cli.stop(proc, signal.SIGINT) == 130
   text = open(err).read()
   assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
   last = text.strip().splitlines()[-1]
@@ -249,27 +206,27 @@ def test_ctrl_c_saves_exits_130_in_one_line_and_resumes_to_the_same_weights(tmp_
   assert not (d / "results.json").exists()
   r = _run(d)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _events(d, "resume")[-1]["step"] == saved
-  _assert_same_params(_final_params(d), straight)
+  assert cli.events(d, "resume")[-1]["step"] == saved
+  cli.assert_same_params(cli.exported_params(d), straight)
 
 
 # --- two processes, one workdir ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_goes_on(tmp_path):
   d, err = tmp_path / "run", tmp_path / "first.err"
-  first = _start(d, err, steps=100000)
-  _wait_for(first, lambda: _last_step_logged(d) >= 1, err)
+  first = cli.start(_cmd(d, steps=100000), err)
+  cli.wait_for(first, lambda: cli.last_step_logged(d) >= 1, err)
   second = _run(d, steps=100000)
   assert second.returncode == 2
   lines = second.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
       f"error: {d} is in use by another run (pid {first.pid} on "), lines
   # The first is unharmed: still training, alone in its log, and it stops cleanly.
-  step = _last_step_logged(d)
-  _wait_for(first, lambda: _last_step_logged(d) > step, err)
-  first.send_signal(signal.SIGTERM)
-  assert first.wait(timeout=120) == 143
-  assert len(_events(d, "start")) == 1
+  step = cli.last_step_logged(d)
+  cli.wait_for(first, lambda: cli.last_step_logged(d) > step, err)
+  assert cli.stop(first, signal.SIGTERM) == 143
+  assert len(cli.events(d, "start")) == 1
   assert checkpoint.Checkpointer(d / "checkpoints").latest_step() > step
 
 
@@ -298,6 +255,7 @@ def _truncate(path):
   return data[:len(data) // 2]
 
 
+@pytest.mark.slow
 def test_unreadable_results_json_is_set_aside_and_the_run_goes_again(tmp_path):
   d = tmp_path / "run"
   config = tiny_config(train__steps=3, export__hf=True)
@@ -312,6 +270,7 @@ def test_unreadable_results_json_is_set_aside_and_the_run_goes_again(tmp_path):
   assert not [p for p in os.listdir(d) if p.startswith("export.replaced")]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_unreadable_sweep_json_and_results_json_goes_on(tmp_path):
   d = tmp_path / "sweep"
   runs = [{"seed": 0}, {"seed": 1}]
@@ -327,6 +286,7 @@ def test_a_sweep_with_unreadable_sweep_json_and_results_json_goes_on(tmp_path):
   assert json.load(open(d / "seed=1" / "results.json"))["config"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
   tests_dir = os.path.dirname(TINY_CONFIG)
   config = tmp_path / "two_runs.py"
@@ -335,9 +295,7 @@ def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
   config.write_text(
       f"import sys\nsys.path.insert(0, {tests_dir!r})\nfrom tiny import get_config\n\n"
       f"def get_sweep(arg=None):\n  return [{{'train.steps': 4}}, {bad!r}]\n")
-  r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={config}",
-                      f"--workdir={tmp_path / 'sweep'}"], env=subprocess_env(), cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
+  r = cli.run(cli.command(tmp_path / "sweep", config=config), timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]
   good_name, bad_name = sweep.run_name({"train.steps": 4}), sweep.run_name(bad)
   lines = r.stderr.strip().splitlines()
@@ -349,6 +307,7 @@ def test_a_sweep_names_its_failed_run_and_why_and_finishes_the_others(tmp_path):
 
 # --- exports ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_is_atomic_and_never_overwrites_a_different_export(tmp_path, monkeypatch):
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
@@ -420,12 +379,11 @@ def test_a_damaged_model_directory_is_one_line_naming_the_file(model_dir, tmp_pa
   assert names in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_a_truncated_model_file_from_the_command_line(model_dir, tmp_path):
   _damage(model_dir, "truncated model.safetensors")
-  r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                      f"--workdir={tmp_path / 'w'}", "--config.model.init=pretrained",
-                      f"--config.model.name_or_path={model_dir}"], env=subprocess_env(),
-                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  r = cli.run(cli.command(tmp_path / "w", "--config.model.init=pretrained",
+                         f"--config.model.name_or_path={model_dir}"), timeout=120)
   assert r.returncode == 2
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {model_dir}/model.safetensors is unreadable ("), last

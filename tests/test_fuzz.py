@@ -8,8 +8,6 @@ reason in ACCEPTED. Inconsistent combinations of keys are in COMBINATIONS. Two c
 the command line (exit 2, one line).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,7 +16,8 @@ from blockprune_jax import pipeline
 from blockprune_jax import validate
 from blockprune_jax.errors import UserError
 from configs import base
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import REPO, tiny_config
 
 A_FILE = os.path.abspath(__file__)  # an existing file, given where a directory is meant
 NO_DIR = "/no/such/dir"
@@ -248,9 +247,7 @@ def test_fuzz_count():
 # --- the same through the command line ---------------------------------------------------
 
 def _cli(tmp_path, *flags):
-  return subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                         f"--workdir={tmp_path / 'w'}", *flags], env=subprocess_env(), cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return cli.run(cli.command(tmp_path / "w", *flags), timeout=120)
 
 
 @pytest.mark.parametrize("flag,line", [
@@ -259,6 +256,7 @@ def _cli(tmp_path, *flags):
     ("--config.train.stps=3", "error: unknown config key 'train.stps' ('stps' is not in train; "
                               "did you mean 'train.steps'?)"),
 ])
+@pytest.mark.slow
 def test_cli_bad_value_is_one_line_and_exit_2(tmp_path, flag, line):
   r = _cli(tmp_path, flag)
   assert r.returncode == 2, r.stderr

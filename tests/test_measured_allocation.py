@@ -11,6 +11,8 @@ import pytest
 from blockprune_jax import pipeline
 from conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # a study of four allocations
+
 COMMON = dict(model__n_layer=4, model__n_embd=128, model__n_head=4, model__n_positions=128,
               data__seq_len=64, base__steps=600, base__learning_rate=2e-3, base__batch_size=8,
               eval__max_tokens=20000, prune__method="magnitude", prune__blocks=4,

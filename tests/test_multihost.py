@@ -20,7 +20,10 @@ import pytest
 
 from blockprune_jax import checkpoint
 from blockprune_jax import pipeline
+import cli
 from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+
+pytestmark = pytest.mark.slow  # two JAX processes per run
 
 # Runs blockprune_jax.main with an audit hook that records, at exit, the paths it wrote (opened
 # for writing, created, renamed, removed) inside the workdir, except under checkpoints/.
@@ -171,7 +174,7 @@ def _stop_one(tmp_path, workdir, flags, tag, who, sig):
   each process's last stderr line."""
   with _two_processes(tmp_path, workdir, flags, tag) as procs:
     deadline = time.time() + 180
-    while not _steps_logged(workdir) >= 2:
+    while not cli.last_step_logged(workdir) >= 2:  # tiny.py logs every step
       assert all(p.poll() is None for p in procs), _stderr(tmp_path, tag, 0)[-3000:]
       assert time.time() < deadline
       time.sleep(0.05)
@@ -217,9 +220,3 @@ def test_ctrl_c_on_one_process_stops_both_at_one_step(tmp_path):
   assert _saved_step(lines[0]) == _saved_step(lines[1])
   assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == _saved_step(lines[0])
 
-
-def _steps_logged(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  return sum('"train"' in line for line in open(path))

@@ -1,8 +1,6 @@
 """The whole pipeline through its entry points: exact CLI perplexity, pruning end to end,
 errors a user can cause."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,8 @@ from blockprune_jax.prune import pruning
 from blockprune_jax import model as model_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 from test_eval import torch_reference
 
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building.\n"
@@ -31,17 +30,16 @@ def text_dir(tmp_path):
 
 
 def _eval_flags(hf_dir, text, workdir, cache):
-  return [sys.executable, "-m", "blockprune_jax.main", "--config=configs/eval.py",
-          f"--workdir={workdir}", f"--config.model.name_or_path={hf_dir}",
-          "--config.data.source=text", f"--config.data.text_dir={text}",
-          f"--config.data.cache_dir={cache}", "--config.data.seq_len=32",
-          "--config.eval.batch_size=3"]
+  return cli.command(workdir, f"--config.model.name_or_path={hf_dir}",
+                     "--config.data.source=text", f"--config.data.text_dir={text}",
+                     f"--config.data.cache_dir={cache}", "--config.data.seq_len=32",
+                     "--config.eval.batch_size=3", config="configs/eval.py")
 
 
+@pytest.mark.slow
 def test_cli_perplexity_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   workdir = tmp_path / "zero_shot"
-  subprocess.run(_eval_flags(hf_tiny_dir, text_dir, workdir, tmp_path / "cache"),
-                 env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+  cli.run(_eval_flags(hf_tiny_dir, text_dir, workdir, tmp_path / "cache"), check=True)
   results = json.load(open(workdir / "results.json"))
   tok = tok_lib.offline_gpt2_tokenizer()  # the tiny checkpoint has no tokenizer of its own
   for split, text in (("validation", TEXT), ("test", TEXT[::-1])):
@@ -54,6 +52,7 @@ def test_cli_perplexity_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   assert results["runtime"]["devices"] == 1 and results["runtime"]["backend"] == "cpu"
 
 
+@pytest.mark.slow
 def test_smaller_stride_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   config = tiny_config(model__init="pretrained", model__name_or_path=hf_tiny_dir,
                        data__source="text", data__text_dir=text_dir, data__tokenizer="",
@@ -67,6 +66,7 @@ def test_smaller_stride_equals_a_pytorch_loop(hf_tiny_dir, text_dir, tmp_path):
   assert results["runtime"]["devices"] == 4  # four fake CPU devices in-process
 
 
+@pytest.mark.slow
 def test_masked_finetuning_keeps_zero_pattern_and_measures_sparsity(tmp_path):
   config = tiny_config(prune__method="magnitude", prune__allocation="explicit",
                        prune__ratios=(0.3, 0.6), train__steps=8, export__hf=True)
@@ -94,6 +94,7 @@ def test_masked_finetuning_keeps_zero_pattern_and_measures_sparsity(tmp_path):
   del torch
 
 
+@pytest.mark.slow
 def test_gradual_pruning_reaches_its_target(tmp_path):
   config = tiny_config(prune__method="magnitude", prune__targets="all", prune__schedule="gradual",
                        prune__target=0.5, prune__start=0.2, prune__end=0.6, prune__every=2.0,
@@ -103,6 +104,7 @@ def test_gradual_pruning_reaches_its_target(tmp_path):
   assert results["train"]["steps"] == 20
 
 
+@pytest.mark.slow
 def test_neurons_compacted_evaluation_equals_masked(tmp_path):
   runs = [pipeline.run(tiny_config(prune__method="neurons", prune__target=0.5,
                                    prune__compact=compact), str(tmp_path / str(compact)))
@@ -113,6 +115,7 @@ def test_neurons_compacted_evaluation_equals_masked(tmp_path):
                                                               rel=1e-5)
 
 
+@pytest.mark.slow
 def test_wanda_with_owl_allocation_runs(tmp_path):
   results = pipeline.run(tiny_config(prune__method="wanda", prune__allocation="owl",
                                      prune__target=0.4, prune__owl_lambda=0.1),
@@ -122,10 +125,9 @@ def test_wanda_with_owl_allocation_runs(tmp_path):
   assert results["sparsity"]["overall"] == pytest.approx(0.4, abs=0.02)
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_clear_line_from_the_cli(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-                      f"--workdir={tmp_path / 'w'}", "--config.data.source=wiki"],
-                     env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
+  r = cli.run(cli.command(tmp_path / "w", "--config.data.source=wiki"))
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1] == (
       "error: data.source='wiki' is not one of hf, text, builtin")

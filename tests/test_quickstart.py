@@ -3,12 +3,13 @@ controls, table, paired comparison and plot; a sweep killed part-way and restart
 finished runs."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
-from conftest import REPO, subprocess_env
+import pytest
+
+import cli
+from conftest import subprocess_env
+
+pytestmark = pytest.mark.slow  # a whole study, twice
 
 SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.n_positions=64", "--config.data.seq_len=32", "--config.base.steps=20",
@@ -18,29 +19,22 @@ SHRINK = ["--config.model.n_layer=3", "--config.model.n_embd=32", "--config.mode
 
 
 def _cmd(workdir):
-  return [sys.executable, "-m", "blockprune_jax.main", "--config=configs/quickstart.py",
-          f"--workdir={workdir}", *SHRINK]
-
+  return cli.command(workdir, *SHRINK, config="configs/quickstart.py")
 
 
 def test_quickstart_killed_and_restarted(tmp_path):
   workdir = tmp_path / "quickstart"
   first = workdir / "prune.allocation=uniform__seed=0" / "results.json"
   env = subprocess_env(BLOCKPRUNE_CACHE=str(tmp_path / "cache"))
-  proc = subprocess.Popen(_cmd(workdir), env=env, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  while not first.exists():
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  err = tmp_path / "killed.err"
+  proc = cli.start(_cmd(workdir), err, env=env)
+  cli.wait_for(proc, first.exists, err, timeout=300)
+  cli.stop(proc)  # SIGKILL
   assert not (workdir / "report.md").exists()
   stamp = first.stat().st_mtime_ns
   base_stamp = (workdir / "base" / "results.json").stat().st_mtime_ns
 
-  r = subprocess.run(_cmd(workdir), env=env, cwd=REPO, capture_output=True, text=True)
+  r = cli.run(_cmd(workdir), env=env, timeout=None)
   assert r.returncode == 0, r.stderr[-3000:]
   # Finished runs and the shared base model were not redone.
   assert first.stat().st_mtime_ns == stamp

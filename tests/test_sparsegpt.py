@@ -227,6 +227,7 @@ def test_nm_masks_of_score_methods(method):
     pruning.parse_pattern("4:2")
 
 
+@pytest.mark.slow
 def test_sequential_calibration_sees_the_pruned_layers_below():
   """Layer l's Hessians come from the model whose layers < l are already pruned."""
   params = model_lib.init_params(TINY, 0)
@@ -254,6 +255,7 @@ def test_sequential_calibration_sees_the_pruned_layers_below():
         assert np.abs(got - want).max() > 1e-3 * np.abs(want).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern,ratios", [("2:4", (0.0, 0.5)), ("unstructured", (0.3, 0.6))])
 def test_sparsegpt_run_exports_exact_zeros(tmp_path, pattern, ratios):
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel

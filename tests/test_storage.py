@@ -10,7 +10,6 @@ allowed), or given the error a full disk raises where its write happens out of r
 import errno
 import json
 import os
-import subprocess
 import sys
 import threading
 import types
@@ -28,7 +27,8 @@ from blockprune_jax import sweep
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import NoSpace, UserError
-from conftest import REPO, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 NO_SPACE = "No space left on device writing "
 
@@ -229,12 +229,13 @@ print("computed")
 """
 
 
+@pytest.mark.slow
 def test_a_compilation_cache_that_cannot_be_written_is_one_warning(small_disk):
   disk = small_disk(64)
   os.makedirs(disk / "jax_compile")
   _fill(disk)
-  r = subprocess.run([sys.executable, "-c", _COMPILE_ON_A_FULL_DISK, str(disk / "jax_compile")],
-                     env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+  r = cli.run([sys.executable, "-c", _COMPILE_ON_A_FULL_DISK, str(disk / "jax_compile")],
+              timeout=120)
   assert r.returncode == 0 and r.stdout.strip() == "computed", r.stderr[-3000:]
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1, lines
@@ -277,11 +278,11 @@ print("restored")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process", range(3))  # what asyncio prints at exit differs by run
 def test_a_damaged_checkpoint_is_one_warning_line_try_after_try(tmp_path, process):
   kinds = ["truncate all", "truncate data", "flip data"]
-  r = subprocess.run([sys.executable, "-c", _DAMAGED_TRIES, str(tmp_path), *kinds],
-                     env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+  r = cli.run([sys.executable, "-c", _DAMAGED_TRIES, str(tmp_path), *kinds], timeout=120)
   assert r.returncode == 0 and r.stdout.strip() == "restored", r.stderr[-3000:]
   assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr, r.stderr[-3000:]
   lines = r.stderr.strip().splitlines()

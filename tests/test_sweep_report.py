@@ -288,6 +288,7 @@ def test_report_layer_scan_seeds_base_and_partial_results(tmp_path):
   assert "| partial |" in md and "| 99.50 |" in md
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
   """`python -m blockprune_jax.sweep` with get_sweep and --config overrides, then the report CLI."""
   cfg_path = tmp_path / "cfg.py"

@@ -72,6 +72,7 @@ def _close(ours, theirs):
   return abs(float(ours) - float(theirs)) <= 1e-4 + 2e-7 * abs(float(theirs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_dev,pruned", [(1, False), (4, True), (4, False), (1, True)])
 def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
   cfg, dense, masked, _, tok = models
@@ -96,6 +97,7 @@ def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
     assert not _close(ours["tiny_rolling"], reference[False][0]["tiny_rolling"])
 
 
+@pytest.mark.slow
 def test_sweep_scores_tasks_one_shot_and_fine_tuned(task_dir, tmp_path, capsys):
   """A pruned run and its dense control side by side (batched.py), each scored by the pipeline:
   results.json's `tasks` / `oneshot_tasks`, and the report's and console table's columns."""
@@ -130,6 +132,7 @@ def test_sweep_scores_tasks_one_shot_and_fine_tuned(task_dir, tmp_path, capsys):
   assert f"acc {pruned['tasks']['tiny_mc']['acc']:.4f} (one-shot " in summary
 
 
+@pytest.mark.slow
 def test_bad_task_input_is_one_line(task_dir, tmp_path):
   from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel

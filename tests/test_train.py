@@ -3,9 +3,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -16,10 +13,12 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
 from blockprune_jax import train
-from conftest import REPO, TINY_CONFIG, subprocess_env, tiny_config
+import cli
+from conftest import tiny_config
 
 
 
+@pytest.mark.slow
 def test_training_from_scratch_halves_validation_perplexity(tmp_path):
   config = tiny_config(train__steps=60, train__batch_size=16, eval__max_tokens=4000)
   before = pipeline.run(tiny_config(eval__max_tokens=4000), str(tmp_path / "untrained"))
@@ -52,6 +51,7 @@ def _no_implicit_host_reads():
       setattr(cls, n, f)
 
 
+@pytest.mark.slow
 def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
   with pytest.raises(AssertionError, match="implicit"):  # the check itself can fail
     with _no_implicit_host_reads():
@@ -103,6 +103,7 @@ def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_
   return jax.device_get(state["params"]), losses, kls
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_the_same_curve():
   one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   four = parallel.data_mesh()
@@ -115,6 +116,7 @@ def test_one_and_four_devices_give_the_same_curve():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), p1, p4)
 
 
+@pytest.mark.slow
 def test_distillation_alpha_zero_is_plain_finetuning_and_self_kl_is_zero():
   mesh = parallel.data_mesh()
   cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
@@ -147,50 +149,34 @@ STEPS = 36
 def _cmd(workdir, *extra):
   """A run with dropout, gradual pruning (masks in the checkpoint, GMP updates every 3 steps),
   periodic validation and a checkpoint every 10 steps: all of it a resumed run must replay."""
-  return [sys.executable, "-m", "blockprune_jax.main", f"--config={TINY_CONFIG}",
-          f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.export.hf=true",
-          "--config.model.dropout=0.1", "--config.prune.method=magnitude",
-          "--config.prune.targets=all", "--config.prune.schedule=gradual",
-          "--config.prune.target=0.5", "--config.prune.start=0.1", "--config.prune.end=0.8",
-          "--config.prune.every=3", "--config.train.eval_every=10",
-          "--config.train.eval_max_tokens=600", "--config.checkpoint.every_steps=10", *extra]
-
-
-def _last_step_logged(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  steps = [json.loads(line)["step"] for line in open(path) if '"train"' in line]
-  return max(steps, default=0)
+  return cli.command(workdir, f"--config.train.steps={STEPS}", "--config.export.hf=true",
+                     "--config.model.dropout=0.1", "--config.prune.method=magnitude",
+                     "--config.prune.targets=all", "--config.prune.schedule=gradual",
+                     "--config.prune.target=0.5", "--config.prune.start=0.1",
+                     "--config.prune.end=0.8", "--config.prune.every=3",
+                     "--config.train.eval_every=10", "--config.train.eval_max_tokens=600",
+                     "--config.checkpoint.every_steps=10", *extra)
 
 
 def _interrupt(workdir, sig, after_step, after_checkpoint=None):
   """Starts (or resumes) a run, sends `sig` once it logged `after_step` (and committed the
   checkpoint of step `after_checkpoint`, saved asynchronously); returns its exit code."""
   committed = os.path.join(workdir, "checkpoints", str(after_checkpoint))
-  proc = subprocess.Popen(_cmd(workdir), env=subprocess_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 240
-  while (_last_step_logged(workdir) < after_step
-         or (after_checkpoint is not None and not os.path.isdir(committed))):
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(sig)
-  proc.wait(timeout=120)
+  err = f"{workdir}.{sig.name}.err"
+  proc = cli.start(_cmd(workdir), err)
+  cli.wait_for(proc, lambda: (cli.last_step_logged(workdir) >= after_step
+                              and (after_checkpoint is None or os.path.isdir(committed))),
+               err, timeout=240)
+  code = cli.stop(proc, sig)
   assert not os.path.exists(os.path.join(workdir, "results.json")), "interrupted too late"
-  return proc.returncode
+  return code
 
 
-def _final_params(workdir):
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(workdir, "export", "model.safetensors"))
-
-
-def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
+@pytest.mark.slow
+def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path, uninterrupted):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  straight, d = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-  subprocess.run(_cmd(straight), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+  straight, _ = uninterrupted(_cmd)
+  d = str(tmp_path / "interrupted")
 
   _interrupt(d, signal.SIGKILL, 13, after_checkpoint=10)  # no warning: step 10 survives
   assert Checkpointer(os.path.join(d, "checkpoints")).latest_step() == 10
@@ -198,12 +184,9 @@ def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
   assert code == 143
   saved = Checkpointer(os.path.join(d, "checkpoints")).latest_step()
   assert 23 <= saved < STEPS and saved != 20
-  subprocess.run(_cmd(d), env=subprocess_env(), cwd=REPO, check=True, capture_output=True)
+  cli.run(_cmd(d), check=True)
 
-  a, b = _final_params(straight), _final_params(d)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  cli.assert_same_params(cli.exported_params(straight), cli.exported_params(d))
   results = json.load(open(os.path.join(d, "results.json")))
   assert abs(results["sparsity"]["overall"] - 0.5) < 1e-3
   assert results["train"]["best_validation_perplexity"] is not None
@@ -211,6 +194,7 @@ def test_killed_then_terminated_run_resumes_bitwise_identical(tmp_path):
   assert pipeline.run(tiny_config(), d) == results
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from blockprune_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -232,6 +216,7 @@ def test_warmup_starts_above_zero_and_reaches_peak():
   assert float(lr(19)) < 1e-4
 
 
+@pytest.mark.slow
 def test_resuming_under_other_settings_is_refused(tmp_path):
   from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "run")

@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import struct
-import subprocess
 import sys
 import textwrap
 import time
@@ -22,6 +21,7 @@ from blockprune_jax import pipeline
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import Preempted, UserError
 from blockprune_jax.logs import RunLog
+import cli
 from conftest import REPO, subprocess_env, tiny_config
 
 wandb = pytest.importorskip("wandb")
@@ -155,6 +155,7 @@ def resumed_run(tmp_path_factory, offline_env):  # pylint: disable=unused-argume
 
 # --- tests -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_offline_run_has_config_metrics_and_results(resumed_run):  # pylint: disable=redefined-outer-name
   last = resumed_run["runs"][-1]
   config, results = resumed_run["config"], resumed_run["results"]
@@ -177,6 +178,7 @@ def test_offline_run_has_config_metrics_and_results(resumed_run):  # pylint: dis
   assert last["exit"] == 0
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(resumed_run):  # pylint: disable=redefined-outer-name
   first, second = resumed_run["runs"]  # one offline directory per process part, same id
   with open(os.path.join(resumed_run["workdir"], wandb_log.ID_FILE)) as f:
@@ -190,11 +192,13 @@ def test_resumed_run_continues_the_same_wandb_run(resumed_run):  # pylint: disab
   assert not glob.glob(os.path.join(resumed_run["workdir"], wandb_log.ID_FILE + ".tmp"))
 
 
+@pytest.mark.slow
 def test_finished_workdir_does_not_start_wandb(resumed_run):  # pylint: disable=redefined-outer-name
   pipeline.run(resumed_run["config"], resumed_run["workdir"])  # results.json: only reported
   assert len(offline_runs(resumed_run["workdir"])) == 2
 
 
+@pytest.mark.slow
 def test_log_report_adds_a_report_run(resumed_run, tmp_path):  # pylint: disable=redefined-outer-name
   from blockprune_jax import report  # pylint: disable=import-outside-toplevel
   sweep_dir = tmp_path / "grid"
@@ -226,6 +230,7 @@ def test_group_is_the_sweeps_name_inside_a_sweep(tmp_path):
   assert wandb_log.group_for(tiny_config(wandb__group="g"), str(tmp_path / "alone")) == "g"
 
 
+@pytest.mark.slow
 def test_disabled_never_imports_wandb(tmp_path):
   """A fresh process (this one has wandb loaded): a whole run with wandb.mode=disabled, then the
   metric path (an evaluation-only run keeps this cheap; training adds only metric calls)."""
@@ -242,8 +247,7 @@ def test_disabled_never_imports_wandb(tmp_path):
         log.finish({{"perplexity": {{"validation": 2.0}}}}, images=["missing.png"])
       print("WANDB_IMPORTED", "wandb" in sys.modules)
   """)
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=120, check=False)
+  out = cli.run([sys.executable, "-c", code], timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "WANDB_IMPORTED False" in out.stdout
   assert not os.path.exists(tmp_path / "run" / "wandb")
@@ -295,6 +299,7 @@ def agent_command(sweep, params):
   return argv
 
 
+@pytest.mark.slow
 def test_sweep_yaml_command_parses_to_the_ratios(tmp_path):
   import yaml  # pylint: disable=import-outside-toplevel
   with open(SWEEP_YAML) as f:
@@ -317,8 +322,7 @@ def test_sweep_yaml_command_parses_to_the_ratios(tmp_path):
   for params, ratios in (({"front": 0.0, "middle": 0.5, "back": 0.9}, [0.0, 0.5, 0.9]),
                          ({"back": 0.1, "front": 0, "middle": 0.7}, [0, 0.7, 0.1])):
     argv = agent_command(sweep, params)
-    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = cli.run(argv, env=env, timeout=60)
     assert out.returncode == 0, (argv, out.stderr[-3000:])
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"workdir": "runs/wandb/abc123xy", "ratios": ratios, "allocation": "explicit",
