@@ -23,6 +23,7 @@ def _bench(*flags):
                         timeout=600)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_preset_compiles_for_a_v5e_slice():
   out = _bench("--topology=v5e:2x2", "--preset=tiny", "--seq_len=64", "--batch=8",

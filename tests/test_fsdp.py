@@ -67,6 +67,7 @@ def _masked_run(mesh, steps=4):
   return jax.device_get(parallel.gather(state, mesh)), losses, kernel.sharding.spec
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_replicated(monkeypatch):
   monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 256)  # shard the tiny matrices too
   want, l_want, spec = _masked_run(parallel.train_mesh(1))
@@ -84,6 +85,7 @@ def test_sharded_step_equals_replicated(monkeypatch):
     assert np.all(w[~kept] == 0) and np.mean(kept) == 0.5
 
 
+@pytest.mark.slow
 def test_eight_devices_fsdp_equals_replicated_and_resumes_across_layouts(tmp_path):
   """tests/fsdp_runs.py on 8 fake devices: whole masked fine-tuning runs through the pipeline."""
   env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")

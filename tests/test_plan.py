@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from blockprune_jax import model as model_lib
 from blockprune_jax.prune import plan as plan_lib
@@ -67,7 +68,7 @@ def test_the_no_op_plan_prunes_nothing_and_reports_zeros():
   assert plan_lib.measure(params, model_cfg, plan)["overall"] == 0.0
 
 
-
+@pytest.mark.slow
 def test_a_resumed_run_reuses_the_measured_allocation_of_its_checkpoint(tmp_path, monkeypatch):
   from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
   config = tiny_config(prune__method="magnitude", prune__target=0.5, prune__blocks=2,
