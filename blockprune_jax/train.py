@@ -249,13 +249,19 @@ def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0):
     kl = jnp.zeros((), jnp.float32)
     x = model.apply({"params": params}, inputs, train=True, hidden=True, rngs={"dropout": key})
     wte = params["wte"]["embedding"]
-    # The LM head's loss without the [B, T, V] logits.
-    ce = model_lib.lm_head_loss(x, wte, labels, jnp.ones(labels.shape),
-                                model_cfg.dtype) / labels.size
+    logits = None
+    if labels.shape[1] <= model_lib.LOSS_CHUNK:
+      # One chunk: the plain program holds no more and is faster (on a CPU, 1.45x: bench train).
+      logits = model_lib.head_logits(x, wte, model_cfg.dtype)
+      ce = jnp.mean(eval_lib.token_nll(logits, labels))
+    else:  # the LM head's loss without the [B, T, V] logits
+      ce = model_lib.lm_head_loss(x, wte, labels, jnp.ones(labels.shape),
+                                  model_cfg.dtype) / labels.size
     if teacher is None:
       return ce, (ce, kl)
     # Distillation compares whole distributions: its KL needs the full logits.
-    logits = model_lib.head_logits(x, wte, model_cfg.dtype)
+    if logits is None:
+      logits = model_lib.head_logits(x, wte, model_cfg.dtype)
     t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
     kl = jnp.mean(distill_kl(t_logits, logits, temperature))
     return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
