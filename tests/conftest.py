@@ -112,3 +112,18 @@ def uninterrupted(tmp_path_factory):
       done[key] = workdir, cli.run(command(workdir), check=True)
     return done[key]
   return get
+
+
+def tiny_training(dropout=0.0, learning_rate=1e-2):
+  """A 2-layer, 32-wide GPT-2 config and the AdamW settings of the step-level training tests:
+  (model config, train config, optimizer, learning rates of a 10-step cosine schedule)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
+                             dropout=dropout)
+  t_cfg = ml_collections.ConfigDict(dict(warmup_steps=1, learning_rate=learning_rate,
+                                         schedule="cosine", grad_clip=1.0, b1=0.9, b2=0.99,
+                                         weight_decay=0.1))
+  opt, schedule = train.make_optimizer(t_cfg, 10)
+  return cfg, t_cfg, opt, train.learning_rates(schedule, 10)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -15,7 +14,7 @@ from blockprune_jax import pipeline
 from blockprune_jax.prune import pruning
 from blockprune_jax import train
 from blockprune_jax.errors import UserError
-from conftest import REPO, subprocess_env, tiny_config
+from conftest import REPO, subprocess_env, tiny_config, tiny_training
 
 
 def test_fsdp_size_resolves_and_refuses_what_does_not_divide():
@@ -46,12 +45,7 @@ def test_a_bad_mesh_fsdp_is_one_line(tmp_path):
 
 def _masked_run(mesh, steps=4):
   """Masked fine-tuning steps with dropout on: (params on the host, losses)."""
-  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
-                             dropout=0.1)
-  t_cfg = ml_collections.ConfigDict(dict(warmup_steps=1, learning_rate=1e-3, schedule="cosine",
-                                         grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.1))
-  opt, schedule = train.make_optimizer(t_cfg, 10)
-  lrs = train.learning_rates(schedule, 10)
+  cfg, t_cfg, opt, lrs = tiny_training(dropout=0.1, learning_rate=1e-3)
   params = model_lib.init_params(cfg, 1)
   masks = pruning.compute_masks(params, [0.5, 0.5], method="magnitude", targets="mlp",
                                 scope="matrix", blocks=2)

@@ -14,7 +14,7 @@ from blockprune_jax import parallel
 from blockprune_jax import pipeline
 from blockprune_jax import train
 import cli
-from conftest import tiny_config
+from conftest import tiny_config, tiny_training
 
 
 
@@ -81,12 +81,7 @@ INIT_SEED = 1
 
 
 def _run_steps(mesh, steps=4, teacher=None, alpha=0.0, temperature=2.0, student_params=None):
-  cfg = model_lib.GPT2Config(vocab_size=257, n_layer=2, n_embd=32, n_head=2, n_positions=32,
-                             dropout=0.0)
-  t_cfg = ml_collections.ConfigDict(dict(warmup_steps=1, learning_rate=1e-2, schedule="cosine",
-                                         grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.1))
-  opt, schedule = train.make_optimizer(t_cfg, 10)
-  lrs = train.learning_rates(schedule, 10)
+  cfg, t_cfg, opt, lrs = tiny_training(dropout=0.0, learning_rate=1e-2)
   params = student_params or model_lib.init_params(cfg, INIT_SEED)
   state = parallel.replicate(train.init_state(params, opt, {}, seed=0), mesh, donatable=True)
   step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh,
