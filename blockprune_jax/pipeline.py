@@ -289,7 +289,7 @@ def prepare(config, workdir, log, t_start) -> Prepared:
   t_prune = time.time()
   plan = (plan_lib.none(config, model_cfg) if late
           else plan_lib.compute(config, model_cfg, params, streams, log,
-                                stored=stored_allocation(config, workdir)))
+                                stored=allocation_in_checkpoint(config, workdir)))
   masks = {}
   steps = train_steps(config, streams)
   if plan.gradual and steps == 0:
@@ -308,7 +308,7 @@ def prepare(config, workdir, log, t_start) -> Prepared:
                   compiled_before=compiled_before)
 
 
-def stored_allocation(config, workdir):
+def allocation_in_checkpoint(config, workdir):
   """The measured allocation saved with the run's newest checkpoint, if it has one (a resumed
   run prunes with it instead of measuring again; its masks come back with the state)."""
   if config.prune.allocation not in allocation.MEASURED:

@@ -181,8 +181,9 @@ def compute(config, model_cfg, params, streams, log, stored=None) -> Plan:
   them, then the ratios (measured on the model for sensitivity / search); logged. The no-op
   plan when prune.method is none.
 
-  stored: the measured allocation a checkpoint of this run holds (`stored_allocation`), reused
-  instead of measuring again when the run resumes."""
+  stored: the measured allocation a checkpoint of this run holds (written by `stored_allocation`,
+  read back by pipeline.allocation_in_checkpoint), reused instead of measuring again when the
+  run resumes."""
   p = config.prune
   if p.method == "none":
     return none(config, model_cfg)
