@@ -121,6 +121,8 @@ KEYS: dict[str, Key] = {
     "model.n_positions": Key(Int(2)), "model.dropout": Key(RATIO),
     "model.dtype": Key(Choice(("float32", "bfloat16"))),
     "model.attention": _r(Choice(("auto", "cudnn", "xla"))),
+    # the same model as one scan: its dropout draws differ, so a resume keeps it
+    "model.scan_layers": Key(Bool(), legacy=False),
     # base: a group's runs share one base (pipeline.ensure_base), so they may name it each
     "base.steps": _g(COUNT), "base.dir": _rg(Str()), "base.learning_rate": _g(RATE),
     "base.batch_size": _g(COUNT), "base.seed": _g(Int(0)),

@@ -45,9 +45,20 @@ class GPT2Config:
   # none | block: recompute each block's activations in the backward pass (train.remat) instead
   # of keeping them, for models whose activations would not fit otherwise.
   remat: str = "none"
+  # Train with the blocks as one lax.scan over their stacked parameters (model.scan_layers):
+  # under mesh.fsdp each block's weights are then gathered only while that block runs, not all
+  # at once. Parameters keep their h_i names. Evaluation, whose parameters are replicated (a
+  # stacked copy would double them), runs unrolled.
+  scan_layers: bool = False
 
   def mlp_width(self, layer: int) -> int:
     return self.mlp_widths[layer] if self.mlp_widths else 4 * self.n_embd
+
+  @property
+  def scanned(self) -> bool:
+    """Whether forward() scans: asked for, and every block has the same shape (a compacted
+    model with per-layer MLP widths runs unrolled)."""
+    return self.scan_layers and len({self.mlp_width(i) for i in range(self.n_layer)}) == 1
 
 
 def preset(name: str, **overrides) -> GPT2Config:
@@ -176,6 +187,51 @@ class GPT2(nn.Module):
     if hidden:
       return x
     return head_logits(x, wte.embedding, cfg.dtype)
+
+
+def compute_copy(params, dtype):
+  """params with every Dense kernel cast to the compute dtype, as the Dense layers cast them
+  anyway (the same numbers; a gathered or stacked bf16 kernel takes half the memory)."""
+  dt = jnp.dtype(dtype)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dt) if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
+def forward(cfg: GPT2Config, params, input_ids, *, train: bool = False, key=None,
+            hidden: bool = False, gather=None):
+  """GPT2(cfg).apply({"params": params}, input_ids, train, hidden) with dropout key `key`; with
+  cfg.scanned the blocks run as one lax.scan (the same function; dropout draws differ).
+
+  gather (optional): applied to the parameters where they are used, e.g. a sharding constraint
+  that all-gathers FSDP-sharded weights. Unrolled, it is applied to the whole tree up front;
+  scanned, to the embeddings and final LayerNorm up front and to each block's weights inside the
+  scan, so only one block's weights are gathered at a time.
+  """
+  gather = gather or (lambda tree: tree)
+  rngs = {"dropout": key} if train else {}
+  if not cfg.scanned:
+    return GPT2(cfg).apply({"params": gather(params)}, input_ids, train=train, hidden=hidden,
+                           rngs=rngs)
+  outer = gather({name: params[name] for name in ("wte", "wpe", "ln_f")})
+  # The stack is a copy: of the kernels in the compute dtype, and under FSDP of one shard.
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
+      compute_copy(params[f"h_{i}"], cfg.dtype) for i in range(cfg.n_layer)])
+  keys = jax.random.split(key, cfg.n_layer + 1) if train else [None] * (cfg.n_layer + 1)
+  x = embed(outer, input_ids)
+  if train:
+    x = nn.Dropout(cfg.dropout).apply({}, x, deterministic=False, rngs={"dropout": keys[-1]})
+  block = Block(cfg, 0)
+
+  def one(x, layer):
+    p, k = layer
+    return block.apply({"params": gather(p)}, x, train,
+                       rngs={"dropout": k} if train else {}), None
+  if cfg.remat == "block":  # keep only each block's input for the backward pass, as unrolled
+    one = jax.checkpoint(one)
+  x, _ = jax.lax.scan(one, x, (stacked, keys[:-1] if train else None))
+  x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32).apply(
+      {"params": outer["ln_f"]}, x)
+  return x if hidden else head_logits(x, outer["wte"]["embedding"], cfg.dtype)
 
 
 def head_logits(x, wte, dtype):

@@ -468,7 +468,8 @@ def load_model(config, ckpt_dir, vocab_size):
   """(GPT2Config, params): the checkpoint in ckpt_dir (model.init=pretrained), or a random
   model of the model.* shape with the tokenizer's vocabulary (model.init=scratch)."""
   m = config.model
-  overrides = dict(dtype=m.dtype, dropout=m.dropout, attention=m.attention)
+  overrides = dict(dtype=m.dtype, dropout=m.dropout, attention=m.attention,
+                   scan_layers=m.scan_layers)
   if ckpt_dir:
     model_cfg, params = _checkpoint(ckpt_dir, overrides)
     if vocab_size > model_cfg.vocab_size:

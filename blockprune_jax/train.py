@@ -205,10 +205,14 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
   the groups' losses are averaged as the replicated step's pmean does: both layouts compute the
   same update (tests/test_fsdp.py), only the order of the sums differs.
   """
-  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
   n, axes = mesh.devices.size, parallel.batch_axes(mesh)
   groups = NamedSharding(mesh, P(None, axes))
   replicated = NamedSharding(mesh, P())
+  # Each weight is gathered where the model uses it (per block when it scans), in the dtype its
+  # matmul reads (bf16 kernels: half the bytes); left to itself, XLA's sharding propagation
+  # would split the activations along the weights' sharded dimension instead of the batch.
+  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature,
+                         gather=lambda tree: jax.lax.with_sharding_constraint(tree, replicated))
 
   def train_step(state, batch, teacher_params, learning_rate):
     accum, b = batch.shape[:2]
@@ -217,11 +221,8 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
     param_shardings = parallel.state_shardings(mesh, state["params"])
 
     def loss_of_groups(params, seqs, group_keys):
-      # Each weight is gathered once per micro-batch, in the dtype its matmul reads (bf16
-      # kernels: half the bytes); left to itself, XLA's sharding propagation would split the
-      # activations along the weights' sharded dimension instead of the batch.
-      full = jax.lax.with_sharding_constraint(compute_copy(params, model_cfg.dtype), replicated)
-      losses, (ce, kl) = jax.vmap(lambda s, k: loss_fn(full, teacher_params, s, k),
+      copy = model_lib.compute_copy(params, model_cfg.dtype)
+      losses, (ce, kl) = jax.vmap(lambda s, k: loss_fn(copy, teacher_params, s, k),
                                   spmd_axis_name=axes)(seqs, group_keys)
       return jnp.mean(losses), (jnp.mean(ce), jnp.mean(kl))
 
@@ -239,16 +240,19 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0):
-  """(params, teacher_params, seq [B, T + 1], dropout key) -> (loss, (ce, kl)), token means."""
-  model = model_lib.GPT2(model_cfg)
+def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0, gather=None):
+  """(params, teacher_params, seq [B, T + 1], dropout key) -> (loss, (ce, kl)), token means.
+
+  gather: model.forward's (how sharded weights are gathered where they are used)."""
+  gather = gather or (lambda tree: tree)
   teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
 
   def loss_fn(params, teacher_params, seq, key):
     inputs, labels = seq[:, :-1], seq[:, 1:]
     kl = jnp.zeros((), jnp.float32)
-    x = model.apply({"params": params}, inputs, train=True, hidden=True, rngs={"dropout": key})
-    wte = params["wte"]["embedding"]
+    x = model_lib.forward(model_cfg, params, inputs, train=True, key=key, hidden=True,
+                          gather=gather)
+    wte = gather(params["wte"]["embedding"])
     logits = None
     if labels.shape[1] <= model_lib.LOSS_CHUNK:
       # One chunk: the plain program holds no more and is faster (on a CPU, 1.45x: bench train).
@@ -266,14 +270,6 @@ def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0):
     kl = jnp.mean(distill_kl(t_logits, logits, temperature))
     return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
   return loss_fn
-
-
-def compute_copy(params, dtype):
-  """params with every Dense kernel cast to the compute dtype, as the Dense layers cast them
-  anyway (the same numbers; a gathered bf16 kernel takes half the memory and traffic)."""
-  dt = jnp.dtype(dtype)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.astype(dt) if getattr(path[-1], "key", None) == "kernel" else x, params)
 
 
 def step_key(state):

@@ -27,6 +27,8 @@ def get_config():
   m.dropout = 0.1  # embedding and residual dropout during training (GPT-2's 0.1)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   m.attention = "auto"  # auto (cuDNN on GPU when possible, else XLA) | cudnn | xla
+  # Same model, dropout draws differ; evaluation stays unrolled (docs/scale.md).
+  m.scan_layers = False  # train the blocks as one lax.scan: with mesh.fsdp, one block's weights gathered at a time
 
   # --- base model trained from scratch (offline studies) --------------------------
   c.base = b = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
 """bench aot: the real train and eval steps compiled for a TPU slice on this CPU host."""
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -74,3 +75,24 @@ def test_out_of_memory_messages_are_read():
          "temporaries (44.63G) exceeds available HBM (15.75G).")
   assert bench_aot._needed_bytes(msg) == int(44.63 * 2**30)  # pylint: disable=protected-access
   assert bench_aot._needed_bytes("no sizes here") is None  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_largest_batch_gallops_to_the_last_power_of_two_that_fits():
+  s = bench_aot.prepare(topology="v5e:2x2", preset="tiny", seq_len=64, dtype="bfloat16",
+                        fsdp=1, remat="none")
+  need = {b: bench_aot.compile_step(s, "eval", 4 * b)["total_bytes"] for b in (2, 4)}
+  assert need[2] < need[4]  # more sequences per chip need more memory
+  # A chip that holds 2 sequences per chip but not 4, searched from above.
+  small = dataclasses.replace(s, hbm=(need[2] + need[4]) // 2)
+  seen = []
+  b, record = bench_aot.largest_batch(small, "eval", guess=8, cap=8, emit=seen.append)
+  assert b == 2 and record["per_chip_batch"] == 2 and record["fits"]
+  assert [(r["per_chip_batch"], r["fits"]) for r in seen] == [(8, False), (4, False), (2, True)]
+  assert bench_aot.largest_batch(dataclasses.replace(s, hbm=1), "eval", guess=2, cap=8)[0] == 0
+  table = bench_aot.fit_table(presets=["tiny"], topologies=["v5e:2x2"], cap=2, seq_len=64,
+                              dtype="bfloat16", fsdp=-1, remat="block", scan_layers=True)
+  header, _, row = table.splitlines()
+  assert header == "| model | v5e:2x2 train | v5e:2x2 eval |"
+  assert row.startswith("| tiny | ≥ 2 (") and row.count("GiB") == 2

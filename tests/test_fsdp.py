@@ -1,4 +1,5 @@
 """Sharded training state (mesh.fsdp): the layout rule, and the same run whatever the layout."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -43,9 +44,10 @@ def test_a_bad_mesh_fsdp_is_one_line(tmp_path):
     pipeline.run(tiny_config(mesh__fsdp=3, train__steps=1), str(tmp_path / "bad"))
 
 
-def _masked_run(mesh, steps=4):
+def _masked_run(mesh, steps=4, scan_layers=False):
   """Masked fine-tuning steps with dropout on: (params on the host, losses)."""
   cfg, t_cfg, opt, lrs = tiny_training(dropout=0.1, learning_rate=1e-3)
+  cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
   params = model_lib.init_params(cfg, 1)
   masks = pruning.compute_masks(params, [0.5, 0.5], method="magnitude", targets="mlp",
                                 scope="matrix", blocks=2)
@@ -62,12 +64,14 @@ def _masked_run(mesh, steps=4):
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_replicated(monkeypatch):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sharded_step_equals_replicated(monkeypatch, scan_layers):
+  """Also with the blocks scanned, where each block's weights are gathered inside the scan."""
   monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 256)  # shard the tiny matrices too
-  want, l_want, spec = _masked_run(parallel.train_mesh(1))
+  want, l_want, spec = _masked_run(parallel.train_mesh(1), scan_layers=scan_layers)
   assert spec == P()
   for fsdp in (2, 4):
-    got, l_got, spec = _masked_run(parallel.train_mesh(fsdp))
+    got, l_got, spec = _masked_run(parallel.train_mesh(fsdp), scan_layers=scan_layers)
     assert spec == P(None, "fsdp")  # the state really is sharded
     np.testing.assert_allclose(l_got, l_want, rtol=1e-6)
     for tree in ("params", "masks", "opt_state"):
@@ -93,3 +97,16 @@ def test_eight_devices_fsdp_equals_replicated_and_resumes_across_layouts(tmp_pat
   assert r["params_8_to_1_vs_1"] < 1e-5 and r["params_1_to_8_vs_8"] < 1e-5
   assert r["params_8_to_8_vs_8"] == 0.0  # the same layout resumes bitwise, as replicated does
   assert abs(r["sparsity"] - 0.5) < 1e-3
+
+
+@pytest.mark.slow
+def test_scanned_blocks_train_as_unrolled_through_the_pipeline(tmp_path):
+  """model.scan_layers with sharded state: without dropout, the same run as unrolled."""
+  results = {}
+  for scan in (False, True):
+    config = tiny_config(train__steps=3, model__dropout=0.0, prune__method="magnitude",
+                         prune__target=0.5, mesh__fsdp=4, model__scan_layers=scan)
+    results[scan] = pipeline.run(config, str(tmp_path / f"scan_{scan}"))
+  ppl = [results[s]["perplexity"]["validation"] for s in (False, True)]
+  assert abs(ppl[1] - ppl[0]) <= 1e-5 * ppl[0]
+  assert results[True]["sparsity"]["overall"] == results[False]["sparsity"]["overall"]

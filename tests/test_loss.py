@@ -80,3 +80,39 @@ def test_remat_block_changes_nothing_but_memory():
   (a, ga), (b, gb) = loss(CFG), loss(dataclasses.replace(CFG, remat="block"))
   assert abs(float(a) - float(b)) <= 1e-6 * abs(float(a))
   assert max(jax.tree.leaves(jax.tree.map(_rel, ga, gb))) < 1e-5
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_blocks_equal_unrolled(remat):
+  """model.scan_layers runs the same function as one lax.scan over the stacked blocks."""
+  cfg = dataclasses.replace(CFG, n_layer=3, remat=remat)
+  params = model_lib.init_params(cfg, 0)
+  ids, labels, weights = _data()
+
+  def loss(c):
+    def f(p):
+      x = model_lib.forward(c, p, ids, hidden=True)
+      return model_lib.lm_head_loss(x, p["wte"]["embedding"], labels, weights)
+    return jax.value_and_grad(f)(params)
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  assert scanned.scanned and not cfg.scanned
+  np.testing.assert_allclose(model_lib.forward(scanned, params, ids),
+                             model_lib.forward(cfg, params, ids), rtol=1e-5, atol=1e-5)
+  (a, ga), (b, gb) = loss(cfg), loss(scanned)
+  assert abs(float(a) - float(b)) <= 1e-6 * abs(float(a))
+  assert max(jax.tree.leaves(jax.tree.map(_rel, ga, gb))) < 1e-5
+
+
+def test_scan_with_dropout_draws_per_block_and_compacted_models_unroll():
+  cfg = dataclasses.replace(CFG, n_layer=2, dropout=0.5, scan_layers=True)
+  params = model_lib.init_params(cfg, 0)
+  ids = _data()[0]
+  key = jax.random.PRNGKey(3)
+  a = model_lib.forward(cfg, params, ids, train=True, key=key, hidden=True)
+  b = model_lib.forward(cfg, params, ids, train=True, key=key, hidden=True)
+  c = model_lib.forward(cfg, params, ids, train=True, key=jax.random.PRNGKey(4), hidden=True)
+  clean = model_lib.forward(cfg, params, ids, hidden=True)
+  np.testing.assert_array_equal(a, b)  # the key decides the draws
+  assert not np.allclose(a, c) and not np.allclose(a, clean)
+  # Blocks of different widths (a compacted model) cannot be stacked: those run unrolled.
+  assert not dataclasses.replace(cfg, mlp_widths=(64, 96)).scanned

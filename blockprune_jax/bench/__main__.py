@@ -78,6 +78,12 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "aot: the TPU slice to co
 _FSDP = flags.DEFINE_integer("fsdp", 1, "aot: mesh.fsdp of the train step (1 = replicated state, "
                              "-1 = sharded over every chip)")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "block"], "aot: train.remat of the train step")
+_PRESETS = flags.DEFINE_list("presets", "gpt2,gpt2-medium,gpt2-large,gpt2-xl",
+                             "fit: the models of the table")
+_TOPOLOGIES = flags.DEFINE_list("topologies", "v5e:2x4,v4:2x2x1,v6e:2x4",
+                                "fit: the TPU slices of the table")
+_CAP = flags.DEFINE_integer("max_per_chip", 64, "fit: the largest sequences per chip tried")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers: the blocks as one lax.scan")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
 WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks", "aot")
@@ -157,7 +163,7 @@ def time_calls(fn, steps: int, warmup: int) -> float:
 def model_config():
   return model_lib.preset(_PRESET.value, dtype=_DTYPE.value, attention=_ATTN.value,
                           n_positions=max(1024, _SEQ.value), dropout=0.0,
-                          vocab_size=_VOCAB.value)
+                          vocab_size=_VOCAB.value, scan_layers=_SCAN.value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,12 +349,15 @@ def check_flags(what: str) -> None:
 
 def main(argv):
   what = argv[1] if len(argv) > 1 else "eval"
-  if what == "aot":  # compiles for TPU chips that are not here: the local devices play no part
+  if what in ("aot", "fit"):  # compiles for TPU chips that are not here: local devices play no part
     from blockprune_jax.bench import aot as bench_aot  # pylint: disable=import-outside-toplevel
+    table = (dict(presets=_PRESETS.value, topologies=_TOPOLOGIES.value, cap=_CAP.value)
+             if what == "fit" else None)
     try:
-      bench_aot.main(emit, topology=_TOPOLOGY.value, preset=_PRESET.value, seq_len=_SEQ.value,
-                     batch=_BATCH.value, eval_batch=eval_batch(), dtype=_DTYPE.value,
-                     fsdp=_FSDP.value, remat=_REMAT.value)
+      bench_aot.main(emit, table=table, topology=_TOPOLOGY.value, preset=_PRESET.value,
+                     seq_len=_SEQ.value, batch=_BATCH.value, eval_batch=eval_batch(),
+                     dtype=_DTYPE.value, fsdp=_FSDP.value, remat=_REMAT.value,
+                     scan_layers=_SCAN.value)
     except UserError as e:
       sys.exit(f"bench aot: {e}")
     return

@@ -159,30 +159,103 @@ def human_line(record: dict) -> str:
           f"per chip, fsdp={record['fsdp']}, remat={record['remat']}): {verdict}")
 
 
-def run(*, topology: str, preset: str, seq_len: int, batch: int, eval_batch: int, dtype: str,
-        fsdp: int, remat: str, steps=("train", "eval")):
-  """Yields one record per step (dicts, sizes in bytes per chip)."""
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """One model on one TPU slice, ready to compile its steps at any batch."""
+  topology: str
+  preset: str
+  devices: tuple
+  mesh: object
+  hbm: int
+  cfg: model_lib.GPT2Config
+  seq_len: int
+  fsdp: int
+
+
+def prepare(*, topology: str, preset: str, seq_len: int, dtype: str, fsdp: int, remat: str,
+            scan_layers: bool = False) -> Slice:
   if preset not in model_lib.PRESETS:
     raise UserError(f"--preset={preset}: expected one of {', '.join(model_lib.PRESETS)}")
   devices = tpu_devices(topology)
-  n = len(devices)
-  for name, b in (("batch", batch), ("eval_batch", eval_batch)):
-    if b < 1 or b % n:
-      raise UserError(f"--{name}={b} must be a positive multiple of the {n} chips of {topology}")
   mesh = parallel.train_mesh(fsdp, devices=devices)
-  hbm = available_hbm(mesh)
-  cfg = model_lib.preset(preset, dtype=dtype, n_positions=max(1024, seq_len), remat=remat)
-  builders = {"train": (train_args, batch), "eval": (eval_args, eval_batch)}
+  cfg = model_lib.preset(preset, dtype=dtype, n_positions=max(1024, seq_len), remat=remat,
+                         scan_layers=scan_layers)
+  return Slice(topology, preset, tuple(devices), mesh, available_hbm(mesh), cfg, seq_len, fsdp)
+
+
+def compile_step(s: Slice, what: str, batch: int) -> dict:
+  """The record of one step ("train" | "eval") at global batch `batch` (bytes per chip)."""
+  n = len(s.devices)
+  if batch < 1 or batch % n:
+    name = "batch" if what == "train" else "eval_batch"
+    raise UserError(f"--{name}={batch} must be a positive multiple of the {n} chips of "
+                    f"{s.topology}")
+  train_step = what == "train"
+  build = train_args if train_step else eval_args
+  step, args = build(s.cfg if train_step else dataclasses.replace(s.cfg, remat="none"),
+                     s.mesh, batch, s.seq_len)
+  return {"bench": "aot", "step": what, "topology": s.topology, "preset": s.preset,
+          "chips": n, "tpu_kind": s.devices[0].device_kind, "seq_len": s.seq_len,
+          "batch": batch, "per_chip_batch": batch // n, "dtype": s.cfg.dtype,
+          "fsdp": parallel.fsdp_size(s.fsdp, n) if train_step else 1,
+          "remat": s.cfg.remat if train_step else "none",
+          "scan_layers": s.cfg.scan_layers and train_step,
+          **compile_memory(step, args, s.hbm), "libtpu": _libtpu_version()}
+
+
+def run(*, batch: int, eval_batch: int, steps=("train", "eval"), **slice_flags):
+  """Yields one record per step (dicts, sizes in bytes per chip); slice_flags: prepare()'s."""
+  s = prepare(**slice_flags)
   for what in steps:
-    build, b = builders[what]
-    step, args = build(cfg if what == "train" else dataclasses.replace(cfg, remat="none"),
-                       mesh, b, seq_len)
-    yield {"bench": "aot", "step": what, "topology": topology, "preset": preset,
-           "chips": n, "tpu_kind": devices[0].device_kind, "seq_len": seq_len, "batch": b,
-           "per_chip_batch": b // n, "dtype": dtype,
-           "fsdp": parallel.fsdp_size(fsdp, n) if what == "train" else 1,
-           "remat": remat if what == "train" else "none",
-           **compile_memory(step, args, hbm), "libtpu": _libtpu_version()}
+    yield compile_step(s, what, batch if what == "train" else eval_batch)
+
+
+def largest_batch(s: Slice, what: str, *, guess: int, cap: int, emit=None):
+  """(largest power-of-two sequences per chip <= cap whose step fits, its record), or (0, the
+  record of 1 per chip) where none does. Gallops from `guess`: up while it fits, down while
+  not, so a good guess costs two compiles. emit (optional) gets every record."""
+  n, cache = len(s.devices), {}
+
+  def fits(per_chip):
+    if per_chip not in cache:
+      cache[per_chip] = compile_step(s, what, per_chip * n)
+      if emit:
+        emit(cache[per_chip])
+    return cache[per_chip]["fits"]
+
+  b = min(max(1, guess), cap)
+  if fits(b):
+    while b < cap and fits(2 * b):
+      b *= 2
+    return b, cache[b]
+  while b > 1:
+    b //= 2
+    if fits(b):
+      return b, cache[b]
+  return 0, cache[1]
+
+
+def fit_table(*, presets, topologies, cap: int = 64, emit=None, **slice_flags) -> str:
+  """The "Will it fit?" table: for every preset and slice, the largest power-of-two sequences per
+  chip of the train and the eval step, with what that needs per chip (markdown)."""
+  head = ["model"] + [f"{t} {w}" for t in topologies for w in ("train", "eval")]
+  rows = [head, ["---"] * len(head)]
+  # A bigger model fits at most what a smaller one did on the same slice: that is the guess.
+  guesses = {(t, w): min(16, cap) for t in topologies for w in ("train", "eval")}
+  for preset in presets:
+    row = [preset]
+    for topology in topologies:
+      s = prepare(topology=topology, preset=preset, **slice_flags)
+      for what in ("train", "eval"):
+        b, record = largest_batch(s, what, guess=guesses[topology, what], cap=cap, emit=emit)
+        guesses[topology, what] = max(b, 1)
+        need = record["total_bytes"]
+        row.append(f"{b} ({need / GIB:.1f} GiB)" if b else
+                   f"none (1 needs {need / GIB:.1f} GiB)" if need else "none")
+        if b == cap:
+          row[-1] = f"≥ {row[-1]}"
+    rows.append(row)
+  return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def _libtpu_version():
@@ -193,12 +266,21 @@ def _libtpu_version():
     return None
 
 
-def main(emit, **flags) -> None:
-  """bench.py's `aot`: records through `emit`, a human line per step on stderr.
+def main(emit, *, table=None, **flags) -> None:
+  """bench.py's `aot` and `fit`: records through `emit`, a human line per compile on stderr.
 
-  flags: run()'s keywords. The host's own backend is the CPU: only libtpu's compiler is used,
-  so a TPU VM's chips (or their absence elsewhere) play no part."""
+  table: None for `aot` (flags: run()'s keywords); for `fit`, fit_table's keywords (presets,
+  topologies, cap), and the table ends the stderr output. The host's own backend is the CPU:
+  only libtpu's compiler is used, so a TPU VM's chips (or their absence elsewhere) play no part."""
   jax.config.update("jax_platforms", "cpu")
-  for record in run(**flags):
+
+  def report(record):
     emit(record)
     print(human_line(record), file=sys.stderr, flush=True)
+  if table is None:
+    for record in run(**flags):
+      report(record)
+    return
+  for name in ("batch", "eval_batch", "topology", "preset"):  # the table's own
+    flags.pop(name, None)
+  print(f"\n{fit_table(**table, emit=report, **flags)}", file=sys.stderr, flush=True)
