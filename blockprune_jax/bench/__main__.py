@@ -11,6 +11,8 @@
     python -m blockprune_jax.bench tasks --preset=tiny --seq_len=256 --batch=8 --steps=200  # vs HFLM
     python -m blockprune_jax.bench aot --topology=v5e:2x4 --preset=gpt2-xl --batch=32 \
         --fsdp=8 --remat=block  # will it fit? per-chip memory on a TPU slice, from any host
+    python -m blockprune_jax.bench fit --fsdp=-1 --remat=block --scan_layers  # largest batch per
+        # chip of every preset on v5e-8, v4-8, v6e-8 (docs/scale.md, "Will it fit?")
 
 stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
 also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
