@@ -15,6 +15,7 @@ complete checkpoint is kept); 130 stopped by Ctrl-C (SIGINT); 143 stopped by SIG
 import os
 import re
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -158,6 +159,10 @@ def _first_line(text):
 
 
 def _exit(code, line):
+  # A writer stopped mid-save (Orbax's async serialisation on a full disk or a signal) leaves
+  # coroutines never awaited; Python would report each at exit, under the one line.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
   print(line, file=sys.stderr, flush=True)
   sys.exit(code)
 

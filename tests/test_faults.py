@@ -404,3 +404,16 @@ def test_a_wrong_kind_of_path_is_refused_before_any_work(tmp_path, entry, kind):
     pipeline.run(tiny_config(train__steps=2), str(workdir))
   assert str(target) in str(e.value) or repr(str(target)) in str(e.value), str(e.value)
   assert not (workdir / "log.jsonl").exists()
+
+
+def test_a_save_cut_short_adds_nothing_under_the_one_line():
+  """Orbax's async writes stopped by a full disk leave coroutines never awaited; Python would
+  report them at exit (this test failed once that way under test_a_full_disk_ends...)."""
+  script = ("from blockprune_jax import main\n"
+            "async def write_fragment():\n  pass\n"
+            "pending = write_fragment()\n"
+            "main._exit(28, 'error: No space left on device')\n")
+  r = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 28
+  assert r.stderr.strip().splitlines() == ["error: No space left on device"]
