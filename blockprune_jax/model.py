@@ -148,6 +148,16 @@ class MLP(nn.Module):
     return _residual_dense(self.cfg, x.shape[-1], dt)(h)
 
 
+def _layer_norm(cfg: GPT2Config, name=None):
+  # In float32 with a float32 residual stream, as under PyTorch autocast.
+  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, name=name)
+
+
+def _check_length(cfg: GPT2Config, t: int):
+  if t > cfg.n_positions:
+    raise ValueError(f"sequence of {t} tokens exceeds n_positions={cfg.n_positions}")
+
+
 class Block(nn.Module):
   cfg: GPT2Config
   layer: int
@@ -155,11 +165,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     cfg = self.cfg
-    # LayerNorm in float32 and a float32 residual stream, as under PyTorch autocast.
-    ln = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32)
     drop = nn.Dropout(cfg.dropout, deterministic=not train)
-    x = x + drop(Attention(cfg, name="attn")(ln(name="ln_1")(x))).astype(jnp.float32)
-    h = MLP(cfg, cfg.mlp_width(self.layer), name="mlp")(ln(name="ln_2")(x))
+    x = x + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x))).astype(jnp.float32)
+    h = MLP(cfg, cfg.mlp_width(self.layer), name="mlp")(_layer_norm(cfg, "ln_2")(x))
     return x + drop(h).astype(jnp.float32)
 
 
@@ -172,8 +180,7 @@ class GPT2(nn.Module):
   def __call__(self, input_ids, train: bool = False, hidden: bool = False):
     cfg = self.cfg
     t = input_ids.shape[1]
-    if t > cfg.n_positions:
-      raise ValueError(f"sequence of {t} tokens exceeds n_positions={cfg.n_positions}")
+    _check_length(cfg, t)
     init = nn.initializers.normal(0.02)
     wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, name="wte")
     wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")
@@ -183,7 +190,7 @@ class GPT2(nn.Module):
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat == "block" else Block
     for i in range(cfg.n_layer):
       x = block(cfg, i, name=f"h_{i}")(x, train)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, name="ln_f")(x)
+    x = _layer_norm(cfg, "ln_f")(x)
     if hidden:
       return x
     return head_logits(x, wte.embedding, cfg.dtype)
@@ -212,6 +219,7 @@ def forward(cfg: GPT2Config, params, input_ids, *, train: bool = False, key=None
   if not cfg.scanned:
     return GPT2(cfg).apply({"params": gather(params)}, input_ids, train=train, hidden=hidden,
                            rngs=rngs)
+  _check_length(cfg, input_ids.shape[1])
   outer = gather({name: params[name] for name in ("wte", "wpe", "ln_f")})
   # The stack is a copy: of the kernels in the compute dtype, and under FSDP of one shard.
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
@@ -229,8 +237,7 @@ def forward(cfg: GPT2Config, params, input_ids, *, train: bool = False, key=None
   if cfg.remat == "block":  # keep only each block's input for the backward pass, as unrolled
     one = jax.checkpoint(one)
   x, _ = jax.lax.scan(one, x, (stacked, keys[:-1] if train else None))
-  x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32).apply(
-      {"params": outer["ln_f"]}, x)
+  x = _layer_norm(cfg).apply({"params": outer["ln_f"]}, x)
   return x if hidden else head_logits(x, outer["wte"]["embedding"], cfg.dtype)
 
 

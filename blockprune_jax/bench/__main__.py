@@ -88,7 +88,8 @@ _CAP = flags.DEFINE_integer("max_per_chip", 64, "fit: the largest sequences per 
 _SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers: the blocks as one lax.scan")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
 
-WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks", "aot")
+WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "tasks", "aot",
+         "fit")
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
@@ -353,15 +354,17 @@ def main(argv):
   what = argv[1] if len(argv) > 1 else "eval"
   if what in ("aot", "fit"):  # compiles for TPU chips that are not here: local devices play no part
     from blockprune_jax.bench import aot as bench_aot  # pylint: disable=import-outside-toplevel
-    table = (dict(presets=_PRESETS.value, topologies=_TOPOLOGIES.value, cap=_CAP.value)
-             if what == "fit" else None)
+    slice_flags = dict(seq_len=_SEQ.value, dtype=_DTYPE.value, fsdp=_FSDP.value,
+                       remat=_REMAT.value, scan_layers=_SCAN.value)
     try:
-      bench_aot.main(emit, table=table, topology=_TOPOLOGY.value, preset=_PRESET.value,
-                     seq_len=_SEQ.value, batch=_BATCH.value, eval_batch=eval_batch(),
-                     dtype=_DTYPE.value, fsdp=_FSDP.value, remat=_REMAT.value,
-                     scan_layers=_SCAN.value)
+      if what == "fit":
+        bench_aot.main_fit(emit, presets=_PRESETS.value, topologies=_TOPOLOGIES.value,
+                           cap=_CAP.value, **slice_flags)
+      else:
+        bench_aot.main(emit, topology=_TOPOLOGY.value, preset=_PRESET.value,
+                       batch=_BATCH.value, eval_batch=eval_batch(), **slice_flags)
     except UserError as e:
-      sys.exit(f"bench aot: {e}")
+      sys.exit(f"bench {what}: {e}")
     return
   check_flags(what)
   cfg = model_config()

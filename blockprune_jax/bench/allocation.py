@@ -229,8 +229,8 @@ def extra_vectors(texts, block_sizes, target: float) -> list[list[float]]:
     except ValueError:
       raise UserError(f"--extra={text}: give per-block ratios as numbers, e.g. "
                       "--extra=0.70,0.85,0.85,0.80") from None
-    mean = float(np.dot(ratios, block_sizes) / np.sum(block_sizes)) if len(ratios) == len(
-        block_sizes) else None
+    mean = (allocation.weighted_mean(ratios, block_sizes) if len(ratios) == len(block_sizes)
+            else None)
     if mean is None or abs(mean - target) > 1e-3 or not all(0 <= r < 1 for r in ratios):
       raise UserError(f"--extra={text}: need {len(block_sizes)} ratios in [0, 1) whose "
                       f"size-weighted mean is --target={target}"

@@ -266,21 +266,26 @@ def _libtpu_version():
     return None
 
 
-def main(emit, *, table=None, **flags) -> None:
-  """bench.py's `aot` and `fit`: records through `emit`, a human line per compile on stderr.
-
-  table: None for `aot` (flags: run()'s keywords); for `fit`, fit_table's keywords (presets,
-  topologies, cap), and the table ends the stderr output. The host's own backend is the CPU:
-  only libtpu's compiler is used, so a TPU VM's chips (or their absence elsewhere) play no part."""
+def _reporter(emit):
+  """emit plus a human line on stderr, for records compiled with libtpu only: the host's own
+  backend is the CPU, so a TPU VM's chips (or their absence elsewhere) play no part."""
   jax.config.update("jax_platforms", "cpu")
 
   def report(record):
     emit(record)
     print(human_line(record), file=sys.stderr, flush=True)
-  if table is None:
-    for record in run(**flags):
-      report(record)
-    return
-  for name in ("batch", "eval_batch", "topology", "preset"):  # the table's own
-    flags.pop(name, None)
-  print(f"\n{fit_table(**table, emit=report, **flags)}", file=sys.stderr, flush=True)
+  return report
+
+
+def main(emit, **flags) -> None:
+  """bench.py's `aot`: run()'s records through `emit`, a human line per step on stderr."""
+  report = _reporter(emit)
+  for record in run(**flags):
+    report(record)
+
+
+def main_fit(emit, **flags) -> None:
+  """bench.py's `fit`: fit_table's compiles through `emit`, a human line each on stderr, and the
+  table at the end of stderr."""
+  table = fit_table(emit=_reporter(emit), **flags)
+  print(f"\n{table}", file=sys.stderr, flush=True)
