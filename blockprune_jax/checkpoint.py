@@ -283,7 +283,7 @@ class Checkpointer:
       with contextlib.suppress(Exception):
         self._manager.close()
       if jax.process_index() == 0:
-        remove_partial_steps(self.directory)  # what a late writer left after the failure
+        remove_partial_steps(self.directory, quiet_s=0.5)  # what late writers left
       return
     with self._writes():
       self._manager.close()
@@ -468,11 +468,25 @@ def _in_main_thread():
   return threading.current_thread() is threading.main_thread()
 
 
-def remove_partial_steps(directory):
-  """Removes the temporary directories of unfinished saves (never a complete step)."""
-  for name in os.listdir(directory) if os.path.isdir(directory) else ():
-    if TMP_MARKER in name:
+def remove_partial_steps(directory, quiet_s=0.0, limit_s=10.0):
+  """Removes the temporary directories of unfinished saves (never a complete step).
+
+  With `quiet_s`, keeps removing until none has been seen for that long (at most `limit_s`):
+  after a failed save, Orbax's other writers of the step (TensorStore's threads) may still be
+  creating files in it, re-making a directory just removed or making rmtree give up on it."""
+  deadline = time.monotonic() + limit_s
+  last_seen = time.monotonic()
+  while True:
+    names = [n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+             if TMP_MARKER in n]
+    for name in names:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    now = time.monotonic()
+    if names:
+      last_seen = now
+    if now - last_seen >= quiet_s or now > deadline:
+      return
+    time.sleep(0.05)
 
 
 def _bytes_under(directory) -> int:
