@@ -171,6 +171,7 @@ KEYS: dict[str, Key] = {
         "prune.start": _g(WHEN), "prune.end": _g(WHEN),
         "prune.every": _g(Float(0.0, float(INT_MAX), lo_open=True)), "prune.initial": _g(RATIO),
         "prune.compact": _g(Bool()), "prune.calib_batches": _g(POSITIVE),
+        "prune.score_split": _g(Choice(("train", "validation")), legacy="train"),
         "prune.pattern": _g(Pattern(), legacy="unstructured"),
         "prune.sequential": _g(Bool(), legacy=False),
         # the registered methods' own options (sparsegpt_damp, ...), declared with the method

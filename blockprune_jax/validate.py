@@ -172,6 +172,11 @@ def _check_pruning(config):
   if pattern and p.allocation in allocation.MEASURED:
     raise UserError(f"prune.allocation={p.allocation} chooses free ratios, but prune.pattern="
                     f"{p.pattern} allows only 0 or N/M per block: use allocation explicit")
+  if (p.allocation in allocation.MEASURED and p.score_split == "validation"
+      and "test" not in config.eval.splits):
+    raise UserError(f"prune.score_split=validation chooses the allocation on the validation split, "
+                    f"so eval.splits={tuple(config.eval.splits)} reports no held-out perplexity: "
+                    "add test (--config.eval.splits=validation,test)")
   scratch = m.init == "scratch"
   if scratch and p.blocks > m.n_layer:
     raise UserError(f"prune.blocks={p.blocks} must be between 1 and model.n_layer={m.n_layer}")

@@ -127,6 +127,7 @@ def get_config():
   p.sensitivity_ratios = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)  # sensitivity: ratios each block is probed at
   p.sensitivity_rounds = 8  # sensitivity: round 2+ probes each block at +-step around the solution, others as solved
   p.search_evals = 64  # search: calibration-loss evaluations of the allocation search
+  p.score_split = "train"  # sensitivity, search: split scored on; validation if trained on train (memorised)
 
   # --- export ------------------------------------------------------------
   c.export = ex = ml_collections.ConfigDict()

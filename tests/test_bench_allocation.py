@@ -55,14 +55,14 @@ def test_a_wrong_hand_picked_vector_is_one_clear_line(extra, why):
 def test_the_bench_scores_a_hand_picked_vector_on_a_text_corpus(tmp_path):
   """A 2-layer model trained briefly on the folder's text: every allocation, the --extra vector
   among them, is scored on the test file, and the measured ones spend calibration evaluations
-  (here on held-out validation sequences, --calib_split)."""
+  (here on held-out validation sequences, --score_split)."""
   corpus = write_corpus(str(tmp_path / "wikitext"))
   args = bench_allocation.parse_args([
       f"--corpus={corpus}", "--steps=10", "--seq_len=32", "--grid_step=0", "--calib_batches=8", "--rounds=1",
-      "--search_evals=6", "--eval_tokens=2000", "--extra=0.7,0.9", "--calib_split=validation",
+      "--search_evals=6", "--eval_tokens=2000", "--extra=0.7,0.9", "--score_split=validation",
       f"--root={tmp_path / 'root'}"])
   rec = bench_allocation.run_model("2x32:0", args)
-  assert rec["ratios"]["extra 0.7,0.9"] == [0.7, 0.9] and rec["calib_split"] == "validation"
+  assert rec["ratios"]["extra 0.7,0.9"] == [0.7, 0.9] and rec["score_split"] == "validation"
   assert set(rec["ppl"]) == set(bench_allocation.GENERATED) | {"sensitivity", "search",
                                                               "extra 0.7,0.9"}
   assert all(1 < p < 300 for p in rec["ppl"].values()), rec["ppl"]

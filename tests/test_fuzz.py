@@ -170,6 +170,8 @@ COMBINATIONS = [
     ({"prune.method": "magnitude", "prune.pattern": "2:4", "prune.target": 0.3},
      "prune.pattern"),
     ({"prune.method": "random", "prune.pattern": "2:4"}, "prune.pattern"),
+    ({"prune.method": "magnitude", "prune.allocation": "sensitivity",
+      "prune.score_split": "validation", "eval.splits": ("validation",)}, "prune.score_split"),
 ]
 
 

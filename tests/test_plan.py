@@ -86,3 +86,22 @@ def test_a_resumed_run_reuses_the_measured_allocation_of_its_checkpoint(tmp_path
   assert again["perplexity"] == first["perplexity"]
   events = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
   assert [e for e in events if e["event"] == "allocation" and e.get("reused")]
+
+
+class _Streams:
+  """Each split's tokens are its own constant, so a sequence tells where it came from."""
+
+  def get(self, split):
+    return np.full(2000, {"train": 1, "validation": 2, "test": 3}[split], np.int32)
+
+
+@pytest.mark.parametrize("score_split", ["train", "validation"])
+def test_allocations_are_scored_on_prune_score_split_and_statistics_on_train(score_split):
+  from blockprune_jax.prune import calibration  # pylint: disable=import-outside-toplevel
+  config = tiny_config(prune__calib_batches=4, prune__score_split=score_split)
+  stats = calibration.calibration_sequences(config, _Streams(), calibration.STATS)
+  scored = calibration.calibration_sequences(config, _Streams(), calibration.SCORE,
+                                             with_labels=True)
+  assert stats.shape == (4, config.data.seq_len) and np.all(stats == 1)
+  assert scored.shape == (4, config.data.seq_len + 1)
+  assert np.all(scored == {"train": 1, "validation": 2}[score_split])

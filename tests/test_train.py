@@ -230,7 +230,9 @@ def test_a_checkpoint_from_before_the_second_stage_keys_still_resumes():
   current = train.resume_keys(tiny_config(prune__method="magnitude", train__steps=4))
   old = {k: v for k, v in current.items()
          if k not in ("prune.pattern", "prune.sequential", "prune.sparsegpt_damp",
-                      "prune.sensitivity_ratios", "prune.search_evals")}
+                      "prune.sensitivity_ratios", "prune.search_evals", "prune.score_split")}
   train.check_resumable(old, current, "w")  # what it ran is what these keys' defaults do
   with pytest.raises(UserError, match="prune.pattern"):
     train.check_resumable(old, dict(current, **{"prune.pattern": "2:4"}), "w")
+  with pytest.raises(UserError, match="prune.score_split"):  # it ran scored on train
+    train.check_resumable(old, dict(current, **{"prune.score_split": "validation"}), "w")

@@ -34,9 +34,10 @@ first 90 % of its validation file trains the model (and gives the calibration se
 last 10 % (cut at a line break) is the validation text the grid is chosen on, and the test file
 is the test split.
 
---calib_split=validation scores the measured allocations on the first --calib_batches sequences of
-the validation text instead of train sequences: a model that has memorised its training text
-(as the small WikiText-2 models do) gives a calibration loss there that misleads them.
+--score_split=validation sets prune.score_split: the measured allocations are scored on
+--calib_batches sequences of the validation text instead of train sequences, as a run does with
+that key; a model that has memorised its training text (as the small WikiText-2 models do) gives
+a calibration loss on train sequences that misleads them.
 """
 import argparse
 import itertools
@@ -68,7 +69,7 @@ GENERATED = {"uniform": {}, "linear": {}, "linear_dec": {"direction": "decreasin
 
 def model_config(n_layer: int, n_embd: int, seed: int, steps: int, root: str, blocks: int = 0,
                  seq_len: int = 64, calib_batches: int = 16, text_dir: str = "",
-                 tokenizer: str = "bytes", eval_tokens: int = 20000):
+                 tokenizer: str = "bytes", eval_tokens: int = 20000, score_split: str = "train"):
   """The quickstart's setup at this shape: `blocks` blocks (0: one per layer), 80 % magnitude;
   the builtin corpus, or data.source=text on `text_dir`; `tokenizer` is a key of TOKENIZERS."""
   from configs import quickstart  # pylint: disable=import-outside-toplevel
@@ -82,7 +83,8 @@ def model_config(n_layer: int, n_embd: int, seed: int, steps: int, root: str, bl
       "data.tokenizer": TOKENIZERS[tokenizer],
       "base.batch_size": 8, "train.steps": 0, "eval.max_tokens": eval_tokens,
       "prune.blocks": blocks or n_layer, "prune.allocation": "uniform",
-      "prune.calib_batches": calib_batches,
+      "prune.calib_batches": calib_batches, "prune.score_split": score_split,
+      "eval.splits": ("validation", "test"),
       "base.dir": os.path.join(root, f"{n_layer}x{n_embd}_s{seed}_{steps}_t{seq_len}{corpus}")})
 
 
@@ -119,7 +121,7 @@ class Scorer:
   """The trained model, pruned by magnitude to any per-block ratios, scored on calibration
   sequences (what the measured allocations see) and on held-out validation text."""
 
-  def __init__(self, config, calib_split: str = "train"):
+  def __init__(self, config):
     base = pipeline.base_config(config)
     pipeline.run(base, config.base.dir, echo=False)
     ckpt = os.path.join(config.base.dir, "export")
@@ -133,10 +135,8 @@ class Scorer:
     self.blocks = allocation.block_layers(len(self.sizes), int(p.blocks))
     self.block_sizes = [sum(self.sizes[l] for l in b) for b in self.blocks]
     mesh = parallel.data_mesh()
-    calib = calibration.calibration_sequences(config, self.streams, purpose=8, with_labels=True)
-    if calib_split != "train":  # the diagnosis of issue 24: text the model has not memorised
-      calib = data_lib.train_sequences(self.streams.get(calib_split),
-                                       config.data.seq_len)[:len(calib)]
+    calib = calibration.calibration_sequences(config, self.streams, calibration.SCORE,
+                                              with_labels=True)
     self.calib_loss = calibration.loss_function(self.model_cfg, calib, mesh, 16)
     self.held_loss = {
         split: calibration.loss_function(self.model_cfg, data_lib.train_sequences(
@@ -260,11 +260,12 @@ def run_model(spec: str, args) -> dict:
   n_layer, n_embd = (int(x) for x in shape.split("x"))
   text_dir = corpus_dir(args.corpus, args.root) if args.corpus else ""
   config = model_config(n_layer, n_embd, int(seed), args.steps, args.root, blocks, args.seq_len,
-                        args.calib_batches, text_dir, args.tokenizer, args.eval_tokens)
+                        args.calib_batches, text_dir, args.tokenizer, args.eval_tokens,
+                        args.score_split)
   t0 = time.time()
-  scorer = Scorer(config, args.calib_split)
+  scorer = Scorer(config)
   rec = {"model": spec, "seed": int(seed), "corpus": args.corpus or "builtin",
-         "tokenizer": args.tokenizer, "calib_split": args.calib_split,
+         "tokenizer": args.tokenizer, "score_split": args.score_split,
          "blocks": len(scorer.blocks), "train_steps": args.steps,
          "calib_batches": args.calib_batches, "ppl": {}, "validation_ppl": {}, "ratios": {},
          "calib_evals": {}}
@@ -315,9 +316,9 @@ def parse_args(argv=None):
   ap.add_argument("--target", type=float, default=0.8)
   ap.add_argument("--calib_batches", type=int, default=64,
                   help="prune.calib_batches: calibration sequences of --seq_len tokens")
-  ap.add_argument("--calib_split", default="train", choices=("train", "validation"),
-                  help="where the sequences the measured allocations are scored on come from: "
-                  "train (as a run draws them) or the held-out validation text")
+  ap.add_argument("--score_split", default="train", choices=("train", "validation"),
+                  help="prune.score_split: the split whose sequences the measured allocations "
+                  "are scored on (validation: text the model was not trained on)")
   ap.add_argument("--rounds", type=int, default=8, help="prune.sensitivity_rounds")
   ap.add_argument("--search_evals", type=int, default=64, help="prune.search_evals")
   ap.add_argument("--grid_step", type=float, default=0.05, help="the fine grid of the oracle (0: no oracle)")

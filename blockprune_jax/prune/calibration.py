@@ -1,4 +1,5 @@
-"""Calibration: what the data-aware criteria (wanda, sparsegpt, OWL) learn from train sequences.
+"""Calibration: what the data-aware criteria (wanda, sparsegpt, OWL) learn from train sequences,
+and the sequences measured allocations are scored on.
 
     calibration_sequences(config, streams)        -> [n, T] token ids, picked by seed
     collect_stats(cfg, params, batches)           -> sum of x**2 per input of every matrix
@@ -21,17 +22,25 @@ from blockprune_jax import parallel
 from blockprune_jax.errors import UserError
 
 
-def calibration_sequences(config, streams, purpose: int = 7, with_labels: bool = False):
-  """`prune.calib_batches` train sequences [n, data.seq_len] (+1 with labels), picked by `seed`.
+# The seeds of the two picks, so the loss measured allocations are scored by is never taken on
+# the very sequences whose statistics chose the masks.
+STATS, SCORE = 7, 8
 
-  `purpose` separates the picks: 7 for the statistics the criteria use, 8 for the loss that
-  measured allocations (sensitivity, search) are scored by, so those are not scored on the
-  very sequences that chose the masks.
+
+def calibration_sequences(config, streams, purpose: int = STATS, with_labels: bool = False):
+  """`prune.calib_batches` sequences [n, data.seq_len] (+1 with labels), picked by `seed`.
+
+  STATS: train sequences for the statistics the criteria use. SCORE: sequences of the split
+  `prune.score_split` for the loss that measured allocations (sensitivity, search) are scored
+  by; `validation` there when the model was trained on this train split, which it may have
+  memorised (its loss on it then says little about held-out text, docs/studies.md).
   """
-  seqs = data_lib.train_sequences(streams.get("train"), config.data.seq_len)
+  split = config.prune.score_split if purpose == SCORE else "train"
+  seqs = data_lib.train_sequences(streams.get(split), config.data.seq_len)
   n = min(config.prune.calib_batches, len(seqs))
   if n < 1:
-    raise UserError("prune.calib_batches must be >= 1 and the train split must hold a sequence")
+    raise UserError(f"prune.calib_batches must be >= 1 and the {split} split must hold a "
+                    f"sequence of data.seq_len + 1 = {config.data.seq_len + 1} tokens")
   pick = np.random.default_rng([config.seed, purpose]).choice(len(seqs), n, replace=False)
   return seqs[np.sort(pick)] if with_labels else seqs[np.sort(pick), :-1]
 

@@ -72,7 +72,8 @@ class Plan:
     p = self.p
     blocks, target = self.block_layers, float(p.target)
     block_sizes = [sum(self.sizes[l] for l in b) for b in blocks]
-    seqs = calibration.calibration_sequences(config, streams, purpose=8, with_labels=True)
+    seqs = calibration.calibration_sequences(config, streams, calibration.SCORE,
+                                              with_labels=True)
     loss = calibration.loss_function(self.model_cfg, seqs, parallel.data_mesh(),
                                      config.eval.batch_size)
 
