@@ -1,10 +1,11 @@
-"""Do the measured allocations find what hand-picking finds? Small trained models, 80 % MLP.
+r"""Do the measured allocations find what hand-picking finds? Small trained models, 80 % MLP.
 
     python -m blockprune_jax.bench.allocation                      # the README table (~8 min, 2 CPU cores)
     python -m blockprune_jax.bench.allocation --calib_batches=16   # with the quickstart's data
     python -m blockprune_jax.bench.allocation --models=2x64:0 --grid_step=0.1   # one quick model
     python -m blockprune_jax.bench.allocation --corpus=../shared/data/wikitext-2-v1 --tokenizer=gpt2 \
-        --models=4x128:0 --extra=0.70,0.85,0.85,0.80   # issue 24's case: GPT-2 BPE, WikiText-2 text
+        --models=4x128:0 --steps=1200 --eval_tokens=8192 --extra=0.70,0.85,0.85,0.80 \
+        --score_split=validation   # issue 24's case: GPT-2 BPE, WikiText-2 text (docs/studies.md)
 
 For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, one block per layer unless BLOCKS is given;
 byte-level unless --tokenizer=gpt2, 4 heads, sequences of --seq_len tokens, trained for --steps
