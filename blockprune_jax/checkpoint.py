@@ -283,7 +283,7 @@ class Checkpointer:
       with contextlib.suppress(Exception):
         self._manager.close()
       if jax.process_index() == 0:
-        remove_partial_steps(self.directory, quiet_s=0.5)  # what late writers left
+        remove_partial_steps(self.directory, quiet_s=1.0)  # what late writers left
       return
     with self._writes():
       self._manager.close()
