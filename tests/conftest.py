@@ -3,6 +3,7 @@
 `python -m pytest -m "not slow"` skips the tests marked slow (training runs, sweeps, subprocesses):
 the quick loop; CI (`.ci/run`) runs them all. The command-line harness is tests/cli.py."""
 import os
+import signal
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -15,6 +16,11 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # Token caches and JAX's persistent compilation cache of this session only: a test that counts
 # compilations must not find programs an earlier session left in ~/.cache.
 os.environ.setdefault("BLOCKPRUNE_CACHE", tempfile.mkdtemp(prefix="blockprune_tests_"))
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would the runs the Ctrl-C tests start (an ignored signal stays ignored across
+# exec): give them the terminal's default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
