@@ -23,6 +23,7 @@ from absl import logging
 
 from blockprune_jax.errors import NoSpace, UserError, one_line
 
+RESULTS = "results.json"  # a finished run's record, in its workdir
 LOCK_FILE = ".lock"  # in the workdir, held (flock) while a run uses it
 
 
@@ -145,7 +146,7 @@ def check_file(path: str, name: str) -> None:
 
 
 # What a workdir holds and of which kind; a wrong kind would only fail after all the work.
-_WORKDIR_LAYOUT = {"results.json": "file", "log.jsonl": "file", "metrics.jsonl": "file",
+_WORKDIR_LAYOUT = {RESULTS: "file", "log.jsonl": "file", "metrics.jsonl": "file",
                    "checkpoints": "directory", "export": "directory"}
 
 
