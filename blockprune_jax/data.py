@@ -1,13 +1,9 @@
 """Text of a split and its token stream, cached on disk.
 
 A split ("train", "validation" or "test") is one string (README, "What is computed, exactly"):
-  * `data.source=text`: the contents of one file in `data.text_dir`;
-  * `data.source=hf`: the rows of `datasets.load_dataset(data.hf_path, data.hf_name)` joined
-    with "\\n\\n" (the Hugging Face perplexity guide, Wanda and SparseGPT do the same);
-  * `data.source=builtin`: a slice of `builtin_corpus()`, English text shipped with Python.
-
-`token_stream` tokenizes it into one int32 array and caches that as .npy, keyed by the tokenizer's
-fingerprint and the source's identity, so a sweep of many runs tokenizes each split once.
+a file of data.text_dir, a Hugging Face dataset's rows joined with "\\n\\n" (as the Hugging Face
+perplexity guide, Wanda and SparseGPT do), or a slice of `builtin_corpus()`. `token_stream`
+caches its tokens as .npy, so a sweep of many runs tokenizes each split once.
 """
 import hashlib
 import json
@@ -32,6 +28,7 @@ TEXT_FILES = {
     "validation": ("wiki.valid.raw", "wiki.valid.tokens", "validation.txt"),
     "test": ("wiki.test.raw", "wiki.test.tokens", "test.txt"),
 }
+_TEXT_DIR = "a folder with wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt"
 
 _CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
 _PIECE_CHARS = 1 << 20  # the train split is tokenized in pieces of about 1 MB of text
@@ -43,7 +40,11 @@ def _check_split(split):
     raise UserError(f"unknown split {split!r}: splits are {', '.join(SPLITS)} (check eval.splits)")
 
 
-# ----------------------------------------------------------------------------- builtin corpus
+def _source(data_cfg) -> str:
+  source = data_cfg.get("source", "")
+  if source not in SOURCES:
+    raise UserError(f"unknown data.source={source!r}: use one of {', '.join(SOURCES)}")
+  return source
 
 
 def _builtin_text():
@@ -65,44 +66,26 @@ def _paragraph_cut(text, at):
 
 
 def builtin_corpus() -> dict[str, str]:
-  """An offline English corpus from text that ships with every Python: `pydoc_data.topics`.
-
-  The topics (the language reference's prose behind `help("if")` etc., about 465k characters
-  and 139k GPT-2 tokens on Python 3.11) are joined in sorted order and cut at the first
-  paragraph breaks after 80 % and 90 % of the characters into train / validation / test.
-  The splits are consecutive, disjoint, non-empty slices of that text; only the blank lines
-  at the two cuts belong to none of them.
-
-  Deterministic for a given Python release on every machine; the topics are regenerated for
-  each release, so Python 3.11 and 3.12 (and patch releases) give somewhat different text.
-  `token_stream` keys its cache on a hash of the text, so this is safe.
-
-  Returns:
-    {"train": str, "validation": str, "test": str}.
-  """
+  """{"train", "validation", "test": str}: English prose that ships with every Python (the text
+  behind `help("if")`), cut at the first paragraph breaks after 80 % and 90 % of its characters.
+  Python releases change it, hence `token_stream`'s cache key is a hash of the text."""
   text = _builtin_text()
   train_end, val_start = _paragraph_cut(text, int(0.8 * len(text)))
   val_end, test_start = _paragraph_cut(text, int(0.9 * len(text)))
-  return {
-      "train": text[:train_end],
-      "validation": text[val_start:val_end],
-      "test": text[test_start:],
-  }
-
-
-# ----------------------------------------------------------------------------- split text
+  return {"train": text[:train_end], "validation": text[val_start:val_end],
+          "test": text[test_start:]}
 
 
 def _text_file(data_cfg, split):
-  """The path of `split`'s file in data.text_dir (see TEXT_FILES), or a UserError."""
+  """The path of `split`'s file in data.text_dir (the first of TEXT_FILES present)."""
   text_dir = data_cfg.get("text_dir", "")
   if not text_dir:
-    raise UserError("data.source=text needs data.text_dir: pass --config.data.text_dir=DIR, a "
-                    "folder with wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt")
+    raise UserError(f"data.source=text needs data.text_dir: pass --config.data.text_dir=DIR, "
+                    f"{_TEXT_DIR}")
   path = os.path.abspath(os.path.expanduser(text_dir))
   if not os.path.isdir(path):
-    raise UserError(f"data.text_dir={text_dir!r} is not a directory: point --config.data.text_dir "
-                    "at a folder with wiki.{train,valid,test}.{raw,tokens} or {train,validation,test}.txt")
+    raise UserError(f"data.text_dir={text_dir!r} is not a directory: point "
+                    f"--config.data.text_dir at {_TEXT_DIR}")
   for name in TEXT_FILES[split]:
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
@@ -110,28 +93,17 @@ def _text_file(data_cfg, split):
                   f"{', '.join(TEXT_FILES[split])}")
 
 
-def _read_text_file(path):
-  # newline="" keeps the file's line endings: the split is the file's contents, byte for byte.
-  try:
-    with open(path, encoding="utf-8", newline="") as f:
-      return f.read()
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it "
-                    "as UTF-8 or set --config.data.text_dir to another folder") from e
-
-
 def _hf_text(data_cfg, split):
-  """Rows of the Hugging Face dataset's split joined with "\\n\\n"."""
   hf_path, hf_name = data_cfg.get("hf_path", ""), data_cfg.get("hf_name", "")
   hint = f"data.hf_path={hf_path!r} data.hf_name={hf_name!r}, split {split!r}"
-  offline = ("offline, pass --config.data.source=builtin or "
-             "--config.data.source=text --config.data.text_dir=DIR")
   try:
     import datasets  # pylint: disable=g-import-not-at-top
     ds = datasets.load_dataset(hf_path, hf_name or None, split=split)
   except Exception as e:  # pylint: disable=broad-except
     # No network, unknown dataset or config, missing split: all fixed by the user.
-    raise UserError(f"could not load {hint} ({one_line(e)}); {offline}") from e
+    raise UserError(f"could not load {hint} ({one_line(e)}); offline, pass "
+                    "--config.data.source=builtin or --config.data.source=text "
+                    "--config.data.text_dir=DIR") from e
   columns = list(ds.column_names)
   column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
   if column is None:
@@ -141,32 +113,20 @@ def _hf_text(data_cfg, split):
 
 
 def split_text(data_cfg, split: str) -> str:
-  """The text of one split as a single string.
-
-  Args:
-    data_cfg: the `data` ConfigDict (source, text_dir, hf_path, hf_name).
-    split: "train", "validation" or "test".
-
-  Returns:
-    `text`: the file's contents (data.text_dir/wiki.{train,valid,test}.raw, else .tokens, else
-    {train,validation,test}.txt); `hf`: the dataset split's rows joined with "\\n\\n";
-    `builtin`: `builtin_corpus()[split]`.
-
-  Raises:
-    UserError: unknown source or split, missing directory or file, unloadable dataset.
-  """
+  """The text of one split (`data` keys source, text_dir, hf_path, hf_name) as one string."""
   _check_split(split)
-  source = data_cfg.get("source", "")
+  source = _source(data_cfg)
   if source == "text":
-    return _read_text_file(_text_file(data_cfg, split))
+    path = _text_file(data_cfg, split)
+    try:  # newline="": the split is the file's contents, line endings included
+      with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+    except UnicodeDecodeError as e:
+      raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it "
+                      "as UTF-8 or set --config.data.text_dir to another folder") from e
   if source == "hf":
     return _hf_text(data_cfg, split)
-  if source == "builtin":
-    return builtin_corpus()[split]
-  raise UserError(f"unknown data.source={source!r}: use one of {', '.join(SOURCES)}")
-
-
-# ----------------------------------------------------------------------------- token stream
+  return builtin_corpus()[split]
 
 
 def cache_root(data_cfg) -> str:
@@ -178,7 +138,7 @@ def cache_root(data_cfg) -> str:
 
 def _source_identity(data_cfg, split):
   """What the split's text depends on (cheap: it reads no text except the small builtin one)."""
-  source = data_cfg.get("source", "")
+  source = _source(data_cfg)
   if source == "text":
     path = _text_file(data_cfg, split)
     st = os.stat(path)
@@ -186,11 +146,8 @@ def _source_identity(data_cfg, split):
   if source == "hf":
     return {"source": "hf", "hf_path": data_cfg.get("hf_path", ""),
             "hf_name": data_cfg.get("hf_name", "")}
-  if source == "builtin":
-    # The topics change between Python releases, so the key is the text itself.
-    digest = hashlib.sha256(builtin_corpus()[split].encode("utf-8")).hexdigest()
-    return {"source": "builtin", "sha256": digest}
-  raise UserError(f"unknown data.source={source!r}: use one of {', '.join(SOURCES)}")
+  digest = hashlib.sha256(builtin_corpus()[split].encode("utf-8")).hexdigest()
+  return {"source": "builtin", "sha256": digest}
 
 
 def cache_path(data_cfg, split: str, tok) -> str:
@@ -210,11 +167,7 @@ _SAFE_CUT = re.compile(r"(?<=\n)(?= \S)|(?<=\S\n)(?=\S)")
 
 
 def text_pieces(text: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
-  """Cuts `text` into consecutive pieces of about `piece_chars` characters at safe line breaks.
-
-  "".join(pieces) == text. For GPT-2's tokenizer, the pieces' tokens concatenated equal the
-  whole text's tokens; for other tokenizers they may differ at a few piece boundaries.
-  """
+  """Consecutive pieces of about `piece_chars` characters, cut at _SAFE_CUT line breaks."""
   pieces, start = [], 0
   while len(text) - start > piece_chars:
     m = _SAFE_CUT.search(text, start + piece_chars)
@@ -231,41 +184,16 @@ def _tokenize(text, split, tok):
     # One string, so the token count is exactly the tokenizer's (README, "What is computed, exactly").
     return tokenizer_lib.encode(tok, text)
   # Train: batched pieces are much faster on large corpora (the tokenizer parallelizes a batch)
-  # and need less memory; see text_pieces for why the result is the same for GPT-2.
+  # and need less memory; for GPT-2 the tokens are the same (see _SAFE_CUT).
   pieces = text_pieces(text)
-  arrays = []
-  for i in range(0, len(pieces), _PIECES_PER_CALL):
-    arrays.extend(tokenizer_lib.encode_many(tok, pieces[i:i + _PIECES_PER_CALL]))
+  arrays = [a for i in range(0, len(pieces), _PIECES_PER_CALL)
+            for a in tokenizer_lib.encode_many(tok, pieces[i:i + _PIECES_PER_CALL])]
   return np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
 
 
-def _save_atomic(path, array):
-  """np.save through a temporary file: never a partial cache file."""
-  with files.atomic_path(path, "the token cache") as tmp:
-    with open(tmp, "wb") as f:
-      np.save(f, array)
-
-
 def token_stream(data_cfg, split: str, tok) -> np.ndarray:
-  """The tokens of one split, tokenized once and then read from the on-disk cache.
-
-  Evaluation splits (validation, test) are tokenized as one string, so their token count is
-  exactly `len(tok(split_text(...))["input_ids"])`. The train split is tokenized in pieces of
-  about 1 MB of text cut at line breaks (`text_pieces`), which for GPT-2 gives the same tokens.
-  No special tokens are added.
-
-  The cache lives in `cache_root(data_cfg)`; its key is the tokenizer fingerprint, the split
-  and the source (hf: hf_path + hf_name; text: absolute file path, size, mtime_ns; builtin: a
-  hash of the text). Writes are atomic, so concurrent or killed runs never leave a bad file.
-
-  Args:
-    data_cfg: the `data` ConfigDict.
-    split: "train", "validation" or "test".
-    tok: a tokenizer from `tokenizer.load_tokenizer`.
-
-  Returns:
-    int32 array of shape [num_tokens].
-  """
+  """The int32 tokens of one split (no special tokens), tokenized once, then read from the
+  cache in `cache_root` (written atomically: concurrent or killed runs leave no bad file)."""
   path = cache_path(data_cfg, split, tok)
   if os.path.isfile(path):
     try:
@@ -278,7 +206,8 @@ def token_stream(data_cfg, split: str, tok) -> np.ndarray:
                tokens.size, path)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _save_atomic(path, tokens)
+    with files.atomic_path(path, "the token cache") as tmp, open(tmp, "wb") as f:
+      np.save(f, tokens)
   except OSError as e:
     raise UserError(f"cannot write the token cache {path} ({one_line(e)}): set "
                     "--config.data.cache_dir=DIR (or $BLOCKPRUNE_CACHE) to a writable folder") from e
@@ -292,13 +221,9 @@ def train_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:
   return stream[idx]
 
 
-# --- training order ------------------------------------------------------------------------
-
 def batch_at(sequences, position: int, batch_size: int, seed: int):
-  """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`.
-
-  A pure function of (position, seed): a resumed run sees exactly the batches it would have.
-  """
+  """The `position`-th batch of an endless, per-epoch shuffled pass over `sequences`: a pure
+  function of (position, seed), so a resumed run sees exactly the batches it would have."""
   per_epoch = len(sequences) // batch_size
   epoch, i = divmod(position, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(len(sequences))

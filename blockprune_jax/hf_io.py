@@ -1,7 +1,7 @@
-"""Hugging Face GPT-2 checkpoints in and out: a name table plus shape checks.
+"""Hugging Face GPT-2 checkpoints in and out: a name mapping plus shape checks.
 
-HF's Conv1D stores weights as [in, out], the layout of a Flax Dense kernel, so no transposes.
-transformers 5 has no Flax classes, so the files (safetensors or a torch .bin) are read directly.
+The files (safetensors, or a torch .bin) are read and written as plain tensors, with no model
+class. HF's Conv1D stores weights as [in, out], the layout of a Flax Dense kernel: no transposes.
 """
 import json
 import os
@@ -14,11 +14,14 @@ from blockprune_jax import model as model_lib
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError, one_line
 
-# HF name suffix -> (our module path inside a block or at the top, leaf name)
-_LEAF = {"weight": "kernel", "bias": "bias"}
-_LN_LEAF = {"weight": "scale", "bias": "bias"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "special_tokens_map.json")
+# Checked before use: a truncated file fails naming itself, not deep inside transformers.
+_JSON_FILES = ("config.json", "model.safetensors.index.json",
+               *(n for n in _TOKENIZER_FILES if n.endswith(".json")))
+_BLOCK_TENSOR = re.compile(
+    r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
+_HF_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 def resolve_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
@@ -46,12 +49,6 @@ def resolve_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
         "--config.model.init=scratch") from None
   check_json_files(d)
   return d
-
-
-# The JSON files of a checkpoint directory: a truncated one fails here, naming the file, rather
-# than deep inside transformers or safetensors.
-_JSON_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json",
-               "tokenizer_config.json", "vocab.json", "special_tokens_map.json")
 
 
 def check_json_files(ckpt_dir: str) -> None:
@@ -104,10 +101,8 @@ def _read_tensors(ckpt_dir: str) -> dict:
   if os.path.isfile(st) or os.path.isfile(index):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     shards = [st] if os.path.isfile(st) else _shard_files(ckpt_dir, index)
-    out = {}
-    for fn in shards:
-      out.update(_load_weights(fn, load_file))
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+    return {k: np.asarray(v, np.float32)
+            for fn in shards for k, v in _load_weights(fn, load_file).items()}
   if os.path.isfile(binf):
     import torch  # pylint: disable=import-outside-toplevel
     sd = _load_weights(binf, lambda fn: torch.load(fn, map_location="cpu", weights_only=True))
@@ -128,8 +123,7 @@ def _shard_files(ckpt_dir: str, index: str) -> list:
 
 
 def _load_weights(path: str, load):
-  """load(path), or a UserError naming the file: a truncated or damaged weight file (a killed
-  download, a full disk) must not end in a traceback from safetensors or torch."""
+  """load(path); a truncated or damaged file (a killed download, a full disk) is one line."""
   try:
     return load(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -144,15 +138,15 @@ def _our_path(hf_name: str):
     return None  # causal-mask buffers; the LM head is tied to wte
   if name in ("wte.weight", "wpe.weight"):
     return (name.split(".")[0], "embedding")
-  m = re.fullmatch(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", name)
-  if m:
-    layer, mod, leaf = m.groups()
-    leaf = (_LN_LEAF if mod.startswith("ln") else _LEAF)[leaf]
-    return (f"h_{layer}", *mod.split("."), leaf)
-  m = re.fullmatch(r"ln_f\.(weight|bias)", name)
-  if m:
-    return ("ln_f", _LN_LEAF[m.group(1)])
-  raise UserError(f"unexpected tensor {hf_name!r} in checkpoint: not a GPT-2 parameter")
+  if name in ("ln_f.weight", "ln_f.bias"):
+    top, module, leaf = (), *name.split(".")
+  elif m := _BLOCK_TENSOR.fullmatch(name):
+    top, module, leaf = (f"h_{m[1]}",), m[2], m[3]
+  else:
+    raise UserError(f"unexpected tensor {hf_name!r} in checkpoint: not a GPT-2 parameter")
+  if leaf == "weight":
+    leaf = "scale" if module.startswith("ln") else "kernel"
+  return (*top, *module.split("."), leaf)
 
 
 def load_params(ckpt_dir: str, cfg: model_lib.GPT2Config) -> dict:
@@ -176,13 +170,8 @@ def load_params(ckpt_dir: str, cfg: model_lib.GPT2Config) -> dict:
 
 
 def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> str:
-  """Writes config.json + model.safetensors (+ tokenizer files) loadable by
-  transformers.GPT2LMHeadModel.from_pretrained. Dense parameters only (no compacted MLPs).
-
-  The files are written into a temporary directory that then becomes `out_dir` in one rename:
-  a killed export never looks complete. An existing `out_dir` with the same files is kept; one
-  with different files is moved aside (files.atomic_directory), never overwritten.
-  """
+  """config.json + model.safetensors (+ tokenizer files) for GPT2LMHeadModel.from_pretrained,
+  dense only; written whole or not at all, never over different files (files.atomic_directory)."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   tensors = {}
   for path in trees.leaf_paths(params):
@@ -213,13 +202,11 @@ def export(params, cfg: model_lib.GPT2Config, out_dir: str, tokenizer=None) -> s
 
 
 def _hf_name(path) -> str:
+  """_our_path's inverse."""
   if path[0] in ("wte", "wpe"):
     return f"transformer.{path[0]}.weight"
-  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
-  if path[0] == "ln_f":
-    return f"transformer.ln_f.{leaf}"
-  layer = path[0].removeprefix("h_")
-  return f"transformer.h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
+  top = ("h", path[0].removeprefix("h_")) if path[0] != "ln_f" else ("ln_f",)
+  return ".".join(("transformer", *top, *path[1:-1], _HF_LEAF[path[-1]]))
 
 
 def load_teacher(config, model_cfg):

@@ -1,17 +1,9 @@
 """Weights & Biases logging (optional): one W&B run per workdir, resumed along with the workdir.
 
-`config.wandb.mode` is disabled | online | offline. Only when it is not `disabled` is `wandb`
-imported, so a plain install never needs it. `RunLog` (blockprune_jax/logs.py) calls `start()` on
-process 0 and forwards metrics, results and plots to the returned `WandbRun`:
-
-    metric(step, split, loss=...)   history `{split}/{key}` at `step`
-    summarize(results)              results.json flattened into the run summary
-                                    (`perplexity/validation`, `sparsity/overall`, ...)
-    images(paths)                   PNG plots as `plots/<file stem>`
-    close(exit_code)                finishes the W&B run
-
-The W&B run id is kept in `<workdir>/wandb_id`, so running the same command again after an
-interruption continues the same W&B run. W&B's own files go to `<workdir>/wandb/`.
+`wandb` is imported only when wandb.mode is not `disabled`, so a plain install never needs it.
+`RunLog` (logs.py) calls `start()` on process 0 and forwards metrics, results.json and plots to the
+returned `WandbRun`. The run id is kept in `<workdir>/wandb_id`, so running the same command again
+after an interruption continues the same W&B run; W&B's own files go to `<workdir>/wandb/`.
 `log_report()` adds one run named "report" to a sweep's group with the sweep's tables and plots.
 """
 import csv
@@ -27,14 +19,12 @@ ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run continues
 REPORT_ID_FILE = "wandb_report_id"  # in a sweep's workdir: the id of its "report" run
 SWEEP_JSON = "sweep.json"  # what blockprune_jax.sweep writes into a sweep's workdir
 MIN_VERSION = (0, 19, 10)  # reinit="create_new": a base run nested in a run needs two live runs
-_INSTALL = "pip install 'wandb>=0.19.10'"
+_INSTALL = f"pip install 'wandb>={'.'.join(map(str, MIN_VERSION))}'"
 
 # Runs started here and not yet closed, by id. A pipeline that died by an exception never closes
 # its log; when the same workdir is run again in this process, its stale run is finished first.
 _OPEN = {}
 
-
-# --- configuration ---------------------------------------------------------------------------
 
 def check_mode(config) -> str:
   """config.wandb.mode, or a one-line UserError naming the key."""
@@ -55,14 +45,10 @@ def import_wandb(mode: str):
   except ImportError:
     raise UserError(f"wandb.mode={mode} needs the wandb package: {_INSTALL}, or set "
                     "--config.wandb.mode=disabled") from None
-  if _version(wandb.__version__) < MIN_VERSION:
+  if tuple(int(x) for x in re.findall(r"\d+", wandb.__version__)[:3]) < MIN_VERSION:
     raise UserError(f"wandb {wandb.__version__} is too old for wandb.mode={mode}: {_INSTALL}, "
                     "or set --config.wandb.mode=disabled")
   return wandb
-
-
-def _version(text: str) -> tuple:
-  return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
 def group_for(config, workdir: str):
@@ -72,17 +58,8 @@ def group_for(config, workdir: str):
   parent = os.path.dirname(os.path.abspath(workdir))
   # A sweep writes sweep.json before its first run, so its runs (and the shared base model in
   # <sweep>/base) land in one group named like log_report()'s, without the sweep passing it on.
-  if os.path.isfile(os.path.join(parent, SWEEP_JSON)):
-    return os.path.basename(parent)
-  return None
+  return os.path.basename(parent) if os.path.isfile(os.path.join(parent, SWEEP_JSON)) else None
 
-
-def sweep_group(config, sweep_workdir: str) -> str:
-  """The group of a sweep's runs: wandb.group, else the sweep workdir's name."""
-  return config.wandb.group or os.path.basename(os.path.abspath(sweep_workdir))
-
-
-# --- the run id file -------------------------------------------------------------------------
 
 def read_id(path: str):
   """The saved run id, or None when there is none yet."""
@@ -99,14 +76,11 @@ def write_id(path: str, run_id: str):
     f.write(run_id + "\n")
 
 
-# --- the run ---------------------------------------------------------------------------------
-
 def start(config, workdir: str):
   """Starts (or resumes) the W&B run of `workdir`; None when wandb.mode is disabled."""
   if not enabled(config):
     return None
-  mode = config.wandb.mode
-  wandb = import_wandb(mode)
+  wandb = import_wandb(config.wandb.mode)
   id_path = os.path.join(workdir, ID_FILE)
   saved = read_id(id_path)
   if saved in _OPEN:
@@ -115,13 +89,19 @@ def start(config, workdir: str):
   # Under a W&B sweep agent the workdir is named after the run id; W&B's readable name is nicer.
   if name == (saved or os.environ.get("WANDB_RUN_ID")):
     name = None
-  run = init_run(wandb, mode, project=config.wandb.project or None,
-                 entity=config.wandb.entity or None, group=group_for(config, workdir),
-                 name=name, job_type=config.role, run_id=saved, dir=workdir,
-                 config=config.to_dict())
+  run = _resume(wandb, config, id_path, saved, group=group_for(config, workdir), name=name,
+                job_type=config.role, dir=workdir)
+  return WandbRun(wandb, run)
+
+
+def _resume(wandb, config, id_path, saved, **kwargs):
+  """init_run resuming the id `saved` (read from `id_path`); a new id is kept there."""
+  run = init_run(wandb, config.wandb.mode, project=config.wandb.project or None,
+                 entity=config.wandb.entity or None, run_id=saved, config=config.to_dict(),
+                 **kwargs)
   if run.id != saved:
     write_id(id_path, run.id)
-  return WandbRun(wandb, run)
+  return run
 
 
 def init_run(wandb, mode, *, run_id, **kwargs):
@@ -193,34 +173,18 @@ def image_dict(wandb, paths, prefix: str) -> dict:
   return out
 
 
-# --- a sweep's report ------------------------------------------------------------------------
-
-def log_report(config, sweep_workdir: str, files):
-  """Logs a sweep's report as one more run, named "report", in the sweep's group.
-
-  Args:
-    config: the sweep's base config (wandb.* keys; logged as the run's config).
-    sweep_workdir: the sweep's directory (W&B files go to <sweep_workdir>/wandb).
-    files: what report.write_report returned ({name: path}), or a list of paths. CSV files become
-      W&B tables (`report/<stem>`), images `plots/<stem>`; the CSV and Markdown files are also
-      saved with the run.
-
-  Returns:
-    The report run's id, or None when wandb.mode is disabled. The id is kept in
-    <sweep_workdir>/wandb_report_id, so writing the report again updates the same run.
-  """
+def log_report(config, sweep_workdir: str, written):
+  """Logs a sweep's report files (`written`: {name: path}, or paths) as a run named "report" in
+  the sweep's group: CSVs as tables, images as plots, both saved with the run. Returns the run's
+  id (None when disabled), which REPORT_ID_FILE keeps: a report written again updates it."""
   if not enabled(config):
     return None
   wandb = import_wandb(config.wandb.mode)
-  paths = [p for p in (files.values() if isinstance(files, dict) else files) if p]
+  paths = [p for p in (written.values() if isinstance(written, dict) else written) if p]
   id_path = os.path.join(sweep_workdir, REPORT_ID_FILE)
-  saved = read_id(id_path)
-  run = init_run(wandb, config.wandb.mode, project=config.wandb.project or None,
-                 entity=config.wandb.entity or None, group=sweep_group(config, sweep_workdir),
-                 name="report", job_type="report", run_id=saved, dir=sweep_workdir,
-                 config=config.to_dict())
-  if run.id != saved:
-    write_id(id_path, run.id)
+  group = config.wandb.group or os.path.basename(os.path.abspath(sweep_workdir))
+  run = _resume(wandb, config, id_path, read_id(id_path), group=group, name="report",
+                job_type="report", dir=sweep_workdir)
   try:
     data = image_dict(wandb, paths, "plots")
     for p in paths:
@@ -254,13 +218,7 @@ def csv_table(wandb, path: str):
 
 def _numeric_column(cells):
   """The cells as floats (None for empty), or None if any cell is not a number."""
-  out = []
-  for c in cells:
-    if c == "":
-      out.append(None)
-      continue
-    try:
-      out.append(float(c))
-    except ValueError:
-      return None
-  return out
+  try:
+    return [float(c) if c != "" else None for c in cells]
+  except ValueError:
+    return None

@@ -77,7 +77,7 @@ def _close(ours, theirs):
 def test_matches_hflm(models, reference, task_dir, n_dev, pruned):
   cfg, dense, masked, _, tok = models
   mesh = Mesh(np.array(jax.devices()[:n_dev]), (parallel.AXIS,))
-  lm = tasks_lib.flax_lm(masked if pruned else dense, cfg, tok, mesh, batch_size=3,
+  lm = tasks_lib.FlaxLM(masked if pruned else dense, cfg, tok, mesh, batch_size=3,
                          progress=False)
   with compile_stats.counting() as compiled:
     ours, our_metrics = _samples(lm, task_dir, ["tiny_mc", "tiny_rolling", "tiny_gen"])

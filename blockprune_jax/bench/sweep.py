@@ -1,26 +1,12 @@
-"""What a sweep costs beyond its steps: K pruned runs of one shape, one after another in one
-process, split into steady-state compute and everything else (as ../shared/tools/sweep_profile.py
-does from results.json).
+"""What a sweep costs beyond its steps (docs/speed.md): K pruned runs of one shape, one after
+another in one process, each split into steady-state compute and everything else.
 
     python -m blockprune_jax.bench sweep --preset=tiny --runs=4 --sweep_steps=20
-    python -m blockprune_jax.bench sweep --preset=gpt2 --seq_len=1024 --batch=16 --runs=4 \
-        --sweep_steps=146 --dtype=bfloat16   # ~1 epoch of WikiText-2 (2.4M tokens) per run
 
-A scratch model of the preset's shape on the builtin corpus (bytes for --vocab_size < 50257,
-else GPT-2's BPE), magnitude pruning of the MLPs at a different sparsity per run, masked
-fine-tuning, validation perplexity. Prints one JSON line: runs per hour, the share of wall time
-outside steady-state steps for the runs after the first, compile seconds, and the projected wall
-time of the course project's 216-run grid at that pace.
-
---batch_runs=K > 1 then runs the same sweep again with sweep.batch_runs=K (groups of K runs
-side by side as one program) in the same process, and adds its wall time, the ratio of the two
-(`side_by_side_ratio`: < 1 is faster) and the largest perplexity difference between them.
-
---sweep_config=PATH measures a config file's own sweep instead (its get_sweep(), or the runs of
---sweep=KEY=SPEC flags, without dense controls), after training its base model untimed:
-
-    python -m blockprune_jax.bench sweep --sweep_config=configs/quickstart.py --batch_runs=3 \
-        --sweep=prune.allocation=uniform,linear,sensitivity   # the quickstart's 3 pruned runs
+A scratch model on the builtin corpus, magnitude-pruned MLPs at a different sparsity per run,
+masked fine-tuning, validation perplexity. --batch_runs=K > 1 runs the sweep again with
+sweep.batch_runs=K and compares; --sweep_config=PATH times a config file's own sweep instead
+(its get_sweep() or --sweep=KEY=SPEC flags, no dense controls; its base model trained untimed).
 """
 import os
 import tempfile
@@ -32,7 +18,7 @@ from blockprune_jax import sweep
 
 
 def steady_seconds(results: dict) -> float:
-  """Train steps after the first plus evaluation batches after the first (sweep_profile's split)."""
+  """Train steps after the first plus evaluation batches after the first."""
   tr, steady = results.get("train") or {}, 0.0
   if tr.get("steps") and tr.get("tokens_per_s"):
     steady += tr["tokens"] / tr["steps"] / tr["tokens_per_s"] * (tr["steps"] - 1)
@@ -56,22 +42,21 @@ def sweep_config(*, preset_shape, seq_len, batch, dtype, vocab_size, steps):
       "eval.splits": ("validation",), "eval.batch_size": batch, "eval.max_tokens": 64 * seq_len,
       "train.steps": steps, "train.batch_size": batch, "train.log_every": max(1, steps // 4),
       "checkpoint.every_steps": 10 * steps, "prune.method": "magnitude",
-      "prune.allocation": "uniform", "prune.blocks": min(3, n_layer), "sweep.controls": False, "wandb.mode": "disabled"})
+      "prune.allocation": "uniform", "prune.blocks": min(3, n_layer), "sweep.controls": False,
+      "wandb.mode": "disabled"})
 
 
 def run(*, preset_shape, seq_len, batch, dtype, vocab_size, steps, runs, workdir="",
         batch_runs=1) -> dict:
-  """Runs the sweep (and with batch_runs > 1 again side by side); returns the figures (see the
-  module docstring)."""
+  """The figures of `time_sweep` for `runs` runs at sparsities from 0.3 to 0.7."""
   config = sweep_config(preset_shape=preset_shape, seq_len=seq_len, batch=batch, dtype=dtype,
                         vocab_size=vocab_size, steps=steps)
-  workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
   targets = [round(0.3 + 0.4 * i / max(runs - 1, 1), 4) for i in range(runs)]
-  return measure(config, [{"prune.target": t} for t in targets], workdir, batch_runs, steps)
+  return time_sweep(config, [{"prune.target": t} for t in targets], workdir, batch_runs, steps)
 
 
 def run_config(path, specs, *, workdir="", batch_runs=1) -> dict:
-  """The figures of `measure` for the sweep of a config file (see the module docstring)."""
+  """The figures of `time_sweep` for the sweep of a config file."""
   from blockprune_jax import pipeline  # pylint: disable=import-outside-toplevel
   module = config_lib.load_file(path, "_bench_sweep_config")
   config = config_lib.apply_overrides(module.get_config(), {"sweep.controls": False})
@@ -80,14 +65,14 @@ def run_config(path, specs, *, workdir="", batch_runs=1) -> dict:
   if config.base.steps > 0 and config.model.init == "scratch":  # trained once, not timed
     config = config_lib.apply_overrides(config, {"base.dir": os.path.join(workdir, "base")})
     pipeline.run(pipeline.base_config(config), config.base.dir, echo=False)
-  steps = config.train.steps
-  return dict(measure(config, runs, workdir, batch_runs, steps), config=path)
+  return dict(time_sweep(config, runs, workdir, batch_runs, config.train.steps), config=path)
 
 
-def measure(config, runs_list, workdir, batch_runs, steps) -> dict:
+def time_sweep(config, runs_list, workdir, batch_runs, steps) -> dict:
   """Runs the sweep one by one (and side by side with batch_runs > 1); returns the figures."""
+  workdir = workdir or tempfile.mkdtemp(prefix="bench_sweep_")
   runs = len(runs_list)
-  wall, results = _timed_sweep(config, os.path.join(workdir, "one_by_one"), runs_list)
+  wall, results = _run_timed(config, os.path.join(workdir, "one_by_one"), runs_list)
   seconds = [r["runtime"]["seconds"] for r in results]
   steady = [steady_seconds(r) for r in results]
   later = slice(1, None) if runs > 1 else slice(0, None)
@@ -107,7 +92,7 @@ def measure(config, runs_list, workdir, batch_runs, steps) -> dict:
   }
   if batch_runs > 1:
     batched = config_lib.apply_overrides(config, {"sweep.batch_runs": batch_runs})
-    wall_b, results_b = _timed_sweep(batched, os.path.join(workdir, "side_by_side"), runs_list)
+    wall_b, results_b = _run_timed(batched, os.path.join(workdir, "side_by_side"), runs_list)
     out.update({
         "batch_runs": batch_runs, "side_by_side_wall_s": round(wall_b, 2),
         "side_by_side_ratio": round(wall_b / wall, 3),
@@ -122,12 +107,12 @@ def measure(config, runs_list, workdir, batch_runs, steps) -> dict:
   return out
 
 
-def _timed_sweep(config, workdir, runs_list):
-  """(wall seconds, results of every run) of one sweep."""
+def _run_timed(config, workdir, runs_list):
+  """(wall seconds, results.json of every run) of one sweep."""
   t0 = time.time()
   rows = sweep.run_sweep(config, workdir, runs_list, report=False)
   wall = time.time() - t0
   failed = [r for r in rows if r["status"] != "done"]
   if failed:
     raise RuntimeError(f"bench sweep: run {failed[0]['name']} failed: {failed[0].get('error')}")
-  return wall, [files.load_json(os.path.join(r["workdir"], "results.json")) for r in rows]
+  return wall, [files.load_json(os.path.join(r["workdir"], files.RESULTS)) for r in rows]

@@ -1,14 +1,10 @@
-"""Zero-shot task speed: our FlaxLM vs lm-evaluation-harness's HFLM on the same model, CPU/GPU.
+"""Zero-shot task speed (docs/tasks.md): our FlaxLM vs the harness's HFLM on the same model.
 
     python -m blockprune_jax.bench tasks --preset=tiny --seq_len=256 --batch=8 --steps=200
 
-A random GPT-2 of the preset's shape (n_positions = --seq_len, GPT-2's vocabulary) exported to a
-Hugging Face directory; a local multiple-choice task of --steps documents with contexts of mixed
-lengths (write_tasks, also what tests/test_tasks.py scores). Both models score it through the
-harness's own evaluation loop in one process; the record gives requests/s of each (requests =
-the harness's loglikelihood calls, one per choice; ours once with compilation, then again
-compiled), the ratio (of the compiled pass), our compilations for the task and the largest
-difference between the two models' log-likelihoods.
+A random GPT-2 of the preset's shape scores a local multiple-choice task of --steps documents
+(write_tasks) through the harness's loop, as FlaxLM (a first pass that compiles, then a compiled
+one) and as HFLM on its export; the record gives requests/s, compilations, the largest difference.
 """
 import json
 import os
@@ -94,7 +90,7 @@ def run(*, preset_shape, n_positions, batch, docs, workdir="") -> dict:
   params = jax.device_get(model_lib.init_params(cfg, seed=0))
   hf_dir = hf_io.export(params, cfg, os.path.join(workdir, "model"), tok)
   task_dir = write_tasks(workdir, n_mc=docs)
-  ours = tasks_lib.flax_lm(params, cfg, tok, batch_size=batch, progress=False)
+  ours = tasks_lib.FlaxLM(params, cfg, tok, batch_size=batch, progress=False)
   with compile_stats.counting() as compiled:
     first_s, n, our_ll = _timed(ours, task_dir)  # compiles one program per length bucket
   our_s = _timed(ours, task_dir)[0]  # steady state: what a task of thousands of documents sees
