@@ -28,6 +28,12 @@ def _without_paired(md: str) -> str:
   return re.sub(r"\n## Paired comparison\n.*?(?=\n## |\Z)", "", md, flags=re.S)
 
 
+def _rules(md: str) -> str:
+  """Markdown tables' header rules as `|---|---|`: DataFrame.to_markdown draws them as wide as
+  the column (the only change from the golden report.md it may make)."""
+  return re.sub(r"^\|[-|]+\|$", lambda m: re.sub("-+", "---", m.group()), md, flags=re.M)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_files_and_numbers_as_before(case, tmp_path, monkeypatch):
   monkeypatch.chdir(DATA)  # relative sources: report.md's title names them as given
@@ -43,7 +49,8 @@ def test_same_files_and_numbers_as_before(case, tmp_path, monkeypatch):
       with open(tmp_path / name, "rb") as new, open(os.path.join(gold, name), "rb") as old:
         assert new.read() == old.read(), name  # full-precision floats: the very same numbers
   md = open(tmp_path / "report.md", encoding="utf-8").read()
-  assert _without_paired(md) == open(os.path.join(gold, "report.md"), encoding="utf-8").read()
+  assert _rules(_without_paired(md)) == open(os.path.join(gold, "report.md"),
+                                             encoding="utf-8").read()
   assert ("## Paired comparison" in md) == (case == "all")
   plots = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
   assert plots == open(os.path.join(gold, "plots.txt")).read().split()

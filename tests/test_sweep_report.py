@@ -356,3 +356,50 @@ def test_a_finetuned_pruning_study_gets_its_dense_controls():
   off = config_lib.apply_overrides(config, {"sweep.controls": False})
   assert sweep.with_controls(off, runs) == runs
   assert sweep.with_controls(base_config(), runs) == runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Failed runs in the report, and the console's answer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_report_names_every_failed_run_and_why(tmp_path, capsys):
+  config = config_lib.apply_overrides(base_config(), {"train.steps": 10})
+  runs = sweep.expand_sweep(config, ["prune.ratios=.1:.2:.3|.3:.2:.1", "seed=0,1"], None)
+
+  def one_diverges(cfg, run_dir):
+    if tuple(cfg.prune.ratios) == (0.3, 0.2, 0.1) and cfg.seed == 1:
+      raise FloatingPointError("non-finite loss at step 3\nmore detail")
+    return fake_run(cfg, run_dir)
+
+  rows = sweep.run_sweep(config, str(tmp_path), runs, run_fn=one_diverges)
+  assert [r["status"] for r in rows].count("failed") == 1
+  bad = sweep.run_name(runs[3])
+  md = open(tmp_path / "report.md", encoding="utf-8").read()
+  assert "\n5 runs (1 more failed: see Failed runs). " in md
+  assert f"## Failed runs\n\nThese runs have no results.json; sweep.json says why:\n\n- {bad}: " \
+         "FloatingPointError: non-finite loss at step 3\n" in md
+  assert report.failed_runs([str(tmp_path)]) == [
+      (bad, "FloatingPointError: non-finite loss at step 3")]
+  # The console ends with the answer: means ± std per setting, not the table of every run.
+  out = capsys.readouterr().out
+  answer = out[out.index("Mean ± std over seeds, per setting:"):]
+  assert "| run " not in out and out.endswith(answer)
+  lines = [l for l in answer.splitlines() if l.startswith("| prune.")]
+  assert len(lines) == 3 and "prune.method=none" in lines[-1]  # the dense control
+  assert [l.split("|")[2].strip() for l in lines] == ["2", "1", "2"]  # seeds with a result
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_diverging_run_reports_it_with_its_reason(tmp_path, capsys):
+  """As a user would: a learning-rate sweep without clipping where one rate diverges."""
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(train__steps=4, train__grad_clip=0.0, train__warmup_steps=1)
+  runs = sweep.expand_sweep(config, ["train.learning_rate=0.001,10000"], None)
+  rows = sweep.run_sweep(config, str(tmp_path), runs)
+  assert [r["status"] for r in rows] == ["done", "failed"], rows
+  md = open(tmp_path / "report.md", encoding="utf-8").read()
+  assert "\n1 runs (1 more failed: see Failed runs). " in md
+  assert "\n- train.learning_rate=10000.0: Diverged: non-finite loss at step " in md
+  out = capsys.readouterr().out.rstrip()
+  assert out.splitlines()[-1].startswith("| (every run) | 1 ")  # the one run with a result
