@@ -1,42 +1,41 @@
-"""Runs side by side: which runs of a sweep can be one program (`plan_groups`), and their
-pytrees stacked on a leading run axis (`stack`, `take`, `union_masks`, `own_masks`).
+"""Runs side by side (sweep.batch_runs): K runs of a sweep as one program, around the one-run core.
 
-Runs of a sweep that differ only in what a program takes as input -- masks, pruning ratios and
-method, seeds (data order, dropout), learning-rate values -- can be one program: every leaf of
-the training state gains a leading run axis and the one-run update is mapped over it
-(`train.make_train_step(batched=...)`, `evaluate.make_eval_step(batched=...)`). With
-`jax.vmap` (sweep.side_by_side=vmap, the default on accelerators) K small runs fill an
-accelerator that one leaves half idle; on a CPU (map, the default there) `jax.lax.map` runs them
-one after another inside the program. Either way the group compiles once.
-
-The group itself runs through the one lifecycle of every run (`pipeline.run_group`, whose
-`train.fit` trains K >= 1 runs). What stays per run is exactly what a run has on its own: its
-workdir, log, metrics, checkpoints (in the one-run format: a group's run can be resumed alone,
-and the other way round), results.json and export. Times in a batched run's results.json are its
-share: its own preparation plus the shared phases divided by the group's size, so that the runs'
-`runtime.seconds` add up to the wall time; `runtime.batch` names the group and its whole time.
-Throughputs (`tokens_per_s`) are the program's, all runs' tokens counted.
+Runs that differ only in what a program takes as input (masks, pruning ratios and method, seeds,
+learning rates) share a program: every leaf of the state gains a leading run axis and the
+one-run update is mapped over it (`over_runs`), and the group compiles once. Training is
+train.loop with a stacked state, a mapped step and hooks (`Runs`) that fan out to each run's
+train.Run: its log, metrics and checkpoints (the one-run format: a group's run resumes alone,
+and the other way round). A run's results.json times are its own preparation plus its share of
+the group's (`runtime.seconds` add up to the wall time; `runtime.batch` names the group);
+throughputs (`tokens_per_s`) are the program's, all runs' tokens counted.
 """
+import dataclasses
+import functools
 import json
+import os
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from blockprune_jax import config_lib
+from blockprune_jax import compile_stats
+from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import keys
+from blockprune_jax import lifecycle
+from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax.prune import pruning
+from blockprune_jax import train
 from blockprune_jax import trees
+from blockprune_jax.errors import UserError
 
 # Keys whose values a batched program takes as inputs: runs may differ in them. Every other key
 # (model, data, batch, optimizer structure, step count, evaluation) must agree within a group.
 FREE_KEYS = keys.where(group=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Which runs can share a program
-# ----------------------------------------------------------------------------------------------
-
+# --- which runs can share a program ------------------------------------------------------
 
 def alone_reason(config) -> str | None:
   """Why this run cannot train side by side with others, or None when it can."""
@@ -59,13 +58,9 @@ def _shared(config) -> dict:
 
 
 def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:
-  """Splits run indices into groups of at most `size` runs that can share a program.
-
-  Runs are grouped by the keys outside FREE_KEYS, in the order they first appear; a group is at
-  most `size` long. Returns (groups, why): groups in run order (singletons included), and for
-  each run that trains alone although size > 1, one line saying why (naming the most similar
-  other run by `names`, default "run <index + 1>").
-  """
+  """(groups of at most `size` run indices that agree on every key outside FREE_KEYS, in run
+  order; for each run alone although size > 1, one line why, naming the most similar other run
+  by `names`, default "run <index + 1>")."""
   buckets, why = {}, {}
   for i, config in enumerate(configs):
     reason = alone_reason(config)
@@ -84,7 +79,7 @@ def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[i
       others = [j for j in shared if j != i]
       nearest = min(others, key=lambda j: _n_diff(shared[i], shared[j]))
       differ = sorted(k for k in set(shared[i]) | set(shared[nearest])
-                    if shared[i].get(k) != shared[nearest].get(k))
+                      if shared[i].get(k) != shared[nearest].get(k))
       other = names[nearest] if names else f"run {nearest + 1}"
       why[i] = (f"no other run shares its program ({', '.join(differ[:3])} differ from {other})"
                 if differ else "its group of the same shape was full")
@@ -96,14 +91,67 @@ def _n_diff(a: dict, b: dict) -> int:
   return sum(a.get(k) != b.get(k) for k in set(a) | set(b))
 
 
-# ----------------------------------------------------------------------------------------------
-# Stacking: K runs' pytrees as one with a leading run axis
-# ----------------------------------------------------------------------------------------------
+def by_shape(preps) -> list:
+  """Prepared (index, run) pairs as groups: the first run's model shape and step count together,
+  each other one alone (its config agreed, the checkpoint it loads did not)."""
+  if not preps:
+    return []
+  first = preps[0][1]
+  same = [(k, p) for k, p in preps if (p.model_cfg, p.steps) == (first.model_cfg, first.steps)]
+  alone = [(k, p) for k, p in preps if (p.model_cfg, p.steps) != (first.model_cfg, first.steps)]
+  for _, prep in alone:
+    why = "its model shape or step count differs from the group's first run: training alone"
+    prep.log.event("batch", why, alone=why)
+  return [[x] for x in alone] + [same]
 
+
+# --- stacked pytrees and mapped steps ----------------------------------------------------
 
 def mode(config) -> str:
-  """How the program maps over the runs: sweep.side_by_side resolved for this backend."""
-  return parallel.side_by_side_mode(config.sweep.side_by_side)
+  """sweep.side_by_side resolved for this backend: auto is map on a CPU, vmap elsewhere."""
+  setting = config.sweep.side_by_side
+  if setting != "auto":
+    return setting
+  return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def over_runs(fn, in_axes, how: str):
+  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
+  shared), as one program. "vmap" fills an accelerator that one small run leaves half idle;
+  "map" (jax.lax.map) runs them one after another inside the program: on a CPU, whose cores one
+  run keeps busy, batched matmuls are slower (README, "Runs side by side"), while one dispatch
+  per step for all runs still saves time."""
+  if how == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  if how != "map":
+    raise ValueError(f"how must be 'vmap' or 'map', got {how!r}")
+
+  def mapped(*args):
+    def one(mapped_args):
+      it = iter(mapped_args)
+      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+    return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
+  return mapped
+
+
+@functools.lru_cache(maxsize=None)
+def make_train_step(model_cfg, settings, mesh, how: str):
+  """train.make_train_step's update of K runs: the state, batch ([K, accum, B, T + 1]) and
+  learning rate ([K]) have a leading run axis, and so do the metrics."""
+  if parallel.FSDP in mesh.axis_names:
+    raise UserError("sweep.batch_runs > 1 trains replicated runs: set mesh.fsdp=1")
+  step = over_runs(train.device_train_step(model_cfg, settings), (0, 0, None, 0), how)
+  rep = P()
+  step = parallel.shard_map(step, mesh, (rep, P(None, None, parallel.AXIS), rep, rep), (rep, rep))
+  return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def make_eval_step(apply_fn, mesh, how: str):
+  """evaluate.make_eval_step's for K runs' params stacked, scored on the same windows: [K] sums."""
+  step = over_runs(eval_lib.device_eval_step(apply_fn, mesh), (0, None, None, None), how)
+  spec = P(parallel.batch_axes(mesh))
+  return jax.jit(parallel.shard_map(step, mesh, (P(), spec, spec, spec), (P(), P())))
 
 
 def stack(trees_):
@@ -117,7 +165,7 @@ def take(tree, k):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), tree)
 
 
-def union_masks(masks_list, params) -> dict:
+def union_masks(masks_list, params) -> list:
   """Masks of every path any run prunes; a run that does not prune a path gets all-True there
   (multiplying by 1 is exact), so that every run's state has one structure."""
   paths = []
@@ -140,3 +188,168 @@ def own_masks(masks, template) -> dict:
   for path in trees.leaf_paths(template):
     trees.set_path(out, path, trees.get_path(masks, path))
   return out
+
+
+# --- training: train.loop with a stacked state -------------------------------------------
+
+class Runs:
+  """train.loop's hooks for K runs as one program: each hook fans out to the runs' train.Run."""
+
+  def __init__(self, runs, masks, mesh):
+    self.runs, self.masks, self.mesh = runs, masks, mesh
+    self.config, self.total, self.n = runs[0].config, runs[0].total, len(runs)
+    self.tokens_per_step = self.n * runs[0].tokens_per_step  # the program's: every run's
+    self.eval_step = make_eval_step(runs[0].apply_fn, mesh, mode(self.config))
+    self.lrs, self.step = None, 0
+
+  def start(self, params, masks) -> dict:
+    """The runs' start states (or checkpoints') stacked, with one structure of masks."""
+    states = [r.start(p, m) for r, p, m in zip(self.runs, params, masks)]
+    self.lrs, self.step = np.stack([r.lrs for r in self.runs], axis=1), self.runs[0].step
+    masks = union_masks([s["masks"] for s in states], params[0])
+    return stack([dict(s, masks=m) for s, m in zip(states, masks)])
+
+  def stopped(self) -> bool:
+    return all(r.stopped() for r in self.runs)
+
+  def before_step(self, state, step):
+    return state  # runs that prune while training train alone (alone_reason)
+
+  def inputs(self, step):
+    """[K, accum, B, T + 1] (each run's data order from its own seed) and [K] learning rates."""
+    batches = np.stack([r.batch(step) for r in self.runs])
+    return parallel.shard_batch(batches, self.mesh, axis=2), self.lrs[step]
+
+  def logged(self, step, means, tok_s, seconds_per_step):
+    for i, r in enumerate(self.runs):
+      if not r.stopped():
+        r.logged(step, {k: v[i] for k, v in means.items()}, tok_s, seconds_per_step)
+
+  def periodic_eval(self, state, step):
+    if not self.runs[0].eval_due(step) or self.stopped():
+      return None
+    first = self.runs[0]
+    results = eval_lib.periodic_validation(self.config, first.apply_fn, state["params"],
+                                           first.streams, self.mesh, self.eval_step)
+    for r, result in zip(self.runs, results):
+      r.evaluated(step, result)
+    return [result["perplexity"] for result in results]
+
+  def own(self, state, i):
+    one = dict(take(state, i))
+    one["masks"] = own_masks(one["masks"], self.masks[i])
+    return one
+
+  def save(self, state, step, *, force, metric=None) -> bool:
+    saved = False
+    for i, r in enumerate(self.runs):
+      if not r.stopped():
+        saved |= r.save(self.own(state, i), step, force=force,
+                        metric=None if metric is None else metric[i])
+    return saved
+
+  def preempted(self, preemption, step) -> Exception:
+    for r in self.runs:
+      r.preempted(preemption, step)
+    return train.preempted_error(preemption, step, [r.workdir for r in self.runs])
+
+
+def fit(preps, *, total, mesh) -> list:
+  """train.fit of K prepared runs as one program: per run (params, masks, train summary) or its
+  Diverged error (the others go on). Checkpoints at different steps (a kill between two runs'
+  saves): the runs train one at a time."""
+  first = preps[0]
+  sequences = train.train_sequences(first.config, first.streams, mesh)
+  ckpts = [train.checkpointer(p.config, p.workdir) for p in preps]
+  try:  # whatever ends training, pending asynchronous saves finish before we leave
+    latest = {c.latest_step() for c in ckpts}
+    if len(latest) > 1:
+      for c in ckpts:
+        c.close()
+      ckpts = []
+      why = (f"checkpoints of the group stand at steps {sorted(latest, key=str)}: training "
+             "one at a time from each run's own")
+      for p in preps:
+        p.log.event("batch", why, alone=why)
+      return [_alone(p, total, mesh) for p in preps]
+    runs = [train.Run(p.config, p.model_cfg, first.streams, sequences, p.workdir, p.log, c,
+                      total, mesh, p.plan) for p, c in zip(preps, ckpts)]
+    hooks = Runs(runs, [p.masks for p in preps], mesh)
+    state = hooks.start([p.params for p in preps], [p.masks for p in preps])
+    step_fn = make_train_step(dataclasses.replace(first.model_cfg, remat=first.config.train.remat),
+                              train.optimizer_settings(first.config.train), mesh,
+                              mode(first.config))
+    state, clock = train.loop(hooks, parallel.place_state(state, mesh, donatable=True),
+                              step_fn, {})
+    params = jax.device_get(state["params"])
+    return [r.failed or (jax.tree.map(lambda x, i=i: x[i], params), p.masks,
+                         r.summary(clock, share=len(runs)))
+            for i, (r, p) in enumerate(zip(runs, preps))]
+  finally:
+    for c in ckpts:
+      c.close()  # waits for pending saves
+
+
+def _alone(prep, total, mesh):
+  try:
+    return train.fit(prep.config, prep.model_cfg, prep.params, prep.masks, prep.plan,
+                     prep.streams, prep.workdir, prep.log, total=total, mesh=mesh)
+  except train.Diverged as e:
+    return e
+
+
+# --- the group's phases ------------------------------------------------------------------
+
+def complete(preps) -> list:
+  """lifecycle.fine_tune of K prepared runs as one program: per run finish's arguments, or the
+  error that ended its training."""
+  mesh = parallel.train_mesh(preps[0].config.mesh.fsdp)
+  splits = lifecycle.eval_splits(preps[0].config)
+  oneshot = [None] * len(preps)
+  # What fine-tuning recovers: the first split's perplexity right after pruning.
+  wants = [i for i, p in enumerate(preps) if lifecycle.wants_oneshot(p)]
+  for i, evals in zip(wants, evaluate([preps[i] for i in wants], [preps[i].params for i in wants],
+                                      mesh, splits[:1], label="one-shot")):
+    oneshot[i] = evals
+  trained = [(p.params, p.masks, dict(lifecycle.NO_TRAINING)) for p in preps]
+  if preps[0].steps > 0:
+    trained = fit(preps, total=preps[0].steps, mesh=mesh)
+  out = list(trained)
+  live = [i for i, t in enumerate(trained) if not isinstance(t, Exception)]
+  for i, evals in zip(live, evaluate([preps[i] for i in live], [trained[i][0] for i in live],
+                                     mesh, splits)):
+    params, _, summary = trained[i]
+    out[i] = (params, summary, evals, oneshot[i], None)
+  return out
+
+
+def evaluate(preps, params, mesh, splits, label="") -> list:
+  """[{split: evaluate.evaluate result}] per run, K runs scored as one program (each result
+  holds its share of the time)."""
+  if len(preps) <= 1:
+    return [lifecycle.evaluate_splits(p, x, mesh, splits=splits, label=label)
+            for p, x in zip(preps, params)]
+  config, n = preps[0].config, len(preps)
+  apply_fn = model_lib.logits_fn(preps[0].model_cfg)
+  step = make_eval_step(apply_fn, mesh, mode(config))
+  params = stack(params)
+  out = [{} for _ in preps]
+  for split in splits:
+    results = eval_lib.evaluate(apply_fn, params, preps[0].streams.get(split), mesh=mesh,
+                                desc=split, step_fn=step, **lifecycle.eval_args(config))
+    for evals, prep, r in zip(out, preps, results):
+      evals[split] = r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
+      lifecycle.log_eval(prep.log, split, r, label,
+                         beside=f"side by side with {n - 1} other run(s), ")
+  return out
+
+
+def share(i, preps, own, shared_s, shared_compiled) -> dict:
+  """lifecycle.finish's times of run i: its own preparation (`own`: seconds, compilations) plus
+  its share of the group's (whose compilations count in its first run)."""
+  own_s, own_compiled = own
+  n = len(preps)
+  return {"seconds": own_s + shared_s / n,
+          "compiled": compile_stats.add(own_compiled, shared_compiled) if i == 0 else own_compiled,
+          "batch": {"runs": n, "index": i, "names": [os.path.basename(p.workdir) for p in preps],
+                    "mode": mode(preps[0].config), "seconds": round(shared_s, 3)}}

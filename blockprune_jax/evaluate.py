@@ -1,9 +1,7 @@
-"""Exact perplexity over sliding windows, data-parallel over every device.
+"""Exact perplexity over sliding windows (README, "What is computed, exactly"), data-parallel.
 
-Windows follow the README ("What is computed, exactly"): length L start at 0, S, 2S, ... until one reaches the end of the
-N-token stream; in the window starting at s the scored targets are the tokens t with
-max(s + 1, prev_end) <= t < min(s + L, N). Each device returns sums (NLL, tokens); the host
-adds them in float64 and divides once, so neither padding nor the device count changes the result.
+Each device returns sums (NLL, tokens); the host adds them in float64 and divides once, so
+neither padding nor the device count changes the result.
 """
 import functools
 import math
@@ -19,11 +17,9 @@ from blockprune_jax.errors import UserError
 
 
 def eval_windows(stream: np.ndarray, seq_len: int, stride: int):
-  """Builds every window of a token stream.
-
-  Returns (inputs, labels, weights), each [num_windows, seq_len]: position j of a window
-  starting at s reads token s + j and is scored on label s + j + 1 when weights[w, j] == 1.
-  """
+  """(inputs, labels, weights), each [num_windows, seq_len]: windows start at 0, S, 2S, ...
+  until one reaches the end; position j of the window at s reads token s + j and is scored on
+  label s + j + 1 when weights[w, j] == 1 (targets max(s + 1, prev_end) <= t < min(s + L, N))."""
   n, L, S = len(stream), seq_len, stride
   if not 0 < S <= L:
     raise ValueError(f"eval.stride must be in [1, seq_len={L}], got {S}")
@@ -63,37 +59,30 @@ def per_token_nll(apply_fn, params, inputs, labels):
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_step(apply_fn, mesh, batched=""):
-  """jit(shard_map(step)): (params, inputs, labels, weights) -> (sum NLL, tokens scored).
+def make_eval_step(apply_fn, mesh):
+  """(params, inputs, labels, weights) -> (sum NLL, tokens), inputs sharded over every device.
+  apply_fn: model.logits_fn's. Kept per (apply_fn, mesh): one compiled step per model shape."""
+  spec = P(parallel.batch_axes(mesh))
+  return jax.jit(parallel.shard_map(device_eval_step(apply_fn, mesh), mesh,
+                                    (P(), spec, spec, spec), (P(), P())))
 
-  apply_fn(params, inputs) -> logits (model.logits_fn, one per model config, whose NLL never
-  holds the full logits: see per_token_nll). Inputs are
-  sharded over the 'data' axis, params replicated. Kept per (apply_fn, mesh, batched), so every
-  evaluation of a model shape in this process shares one compiled step. batched="vmap" / "map":
-  params hold K runs stacked on a leading axis, all scored on the same windows (mapped by
-  parallel.over_runs), and the sums are [K].
-  """
-  axes = parallel.batch_axes(mesh)  # every device scores its own windows, on any mesh
+
+def device_eval_step(apply_fn, mesh):
+  """The step on one device: its windows' sums, psum'ed over every device of `mesh`."""
+  axes = parallel.batch_axes(mesh)
 
   def eval_step(params, inputs, labels, weights):
     nll = per_token_nll(apply_fn, params, inputs, labels)
     return jax.lax.psum(jnp.sum(nll * weights), axes), jax.lax.psum(jnp.sum(weights), axes)
-
-  if batched:
-    eval_step = parallel.over_runs(eval_step, (0, None, None, None), batched)
-  spec = P(axes)
-  return jax.jit(parallel.shard_map(eval_step, mesh, (P(), spec, spec, spec), (P(), P())))
+  return eval_step
 
 
 def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None,
-             desc="eval", progress=True, step_fn=None, runs=None):
-  """Perplexity of `stream` (1-D int array). Returns a dict with loss, perplexity,
-  tokens_scored, tokens_per_s (window tokens per second after the first, compiling, batch).
-
-  Pass the same `step_fn` (make_eval_step) to repeated calls so they compile only once.
-  runs=K: `params` are K runs stacked on a leading axis and `step_fn` is
-  make_eval_step(..., batched=...); returns K dicts, whose times are the whole program's
-  (tokens_per_s counts the windows' tokens once per run)."""
+             desc="eval", progress=True, step_fn=None):
+  """Perplexity of `stream` (1-D int array): {loss, perplexity, tokens_scored, tokens_per_s
+  (after the first, compiling, batch), ...}. Pass one `step_fn` (make_eval_step) to repeated
+  calls. A step_fn whose sums are [K] (K models mapped over) gives K dicts, with the program's
+  times (tokens_per_s counts the windows' tokens once per model)."""
   mesh = mesh or parallel.data_mesh()
   if len(stream) < 2:
     raise UserError(f"{desc}: {len(stream)} token(s) to evaluate, at least 2 are needed: check "
@@ -107,17 +96,16 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   if pad:  # padded windows carry weight 0, so they add nothing to either sum
     inputs, labels, weights = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
                                for a in (inputs, labels, weights))
-  step = step_fn or make_eval_step(apply_fn, mesh, batched="vmap" if runs else "")
+  step = step_fn or make_eval_step(apply_fn, mesh)
   params = parallel.replicate(params, mesh)
 
   def shard(i):
     window = slice(i, i + batch)
     return parallel.shard_batch((inputs[window], labels[window], weights[window]), mesh)
 
-  # The first batch compiles (once per shape: jit caches it for later calls with the same
-  # step_fn); throughput is timed over the batches after it.
+  # The first batch compiles (once per shape); throughput is timed over the batches after it.
   t_start = time.time()
-  nll_sum, count = _add(step(params, *shard(0)), 0.0, 0.0)  # [K] each when runs=K
+  nll_sum, count = _add(step(params, *shard(0)), 0.0, 0.0)  # [K] each for K models
   t_first = time.time() - t_start
   bar = _progress(total // batch, desc, progress)
   bar.update(1)
@@ -140,7 +128,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
     tokens_per_s = batch * seq_len / max(t_first, 1e-9)
   seconds = time.time() - t_start
 
-  def result(nll_sum, count, n_runs=1):
+  def result(nll_sum, count, n_models):
     loss = nll_sum / max(count, 1.0)
     return {
         "loss": loss,
@@ -148,17 +136,27 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
         "tokens_scored": int(round(count)),
         "tokens": int(len(stream)),
         "windows": n_win,
-        "tokens_per_s": tokens_per_s * n_runs,
+        "tokens_per_s": tokens_per_s * n_models,
         "seconds": seconds,
         "first_batch_s": t_first,
     }
-  if runs is None:
-    return result(float(nll_sum), float(count))
-  return [result(float(s), float(c), runs) for s, c in zip(nll_sum, count)]
+  if np.ndim(nll_sum) == 0:
+    return result(float(nll_sum), float(count), 1)
+  return [result(float(s), float(c), len(nll_sum)) for s, c in zip(nll_sum, count)]
+
+
+def periodic_validation(config, apply_fn, params, streams, mesh, eval_step):
+  """Validation perplexity during training: the first train.eval_max_tokens tokens."""
+  stream = streams.get("validation")
+  if config.train.eval_max_tokens:
+    stream = stream[:config.train.eval_max_tokens]
+  return evaluate(apply_fn, params, stream, seq_len=config.data.seq_len,
+                  stride=config.data.seq_len, batch_size=config.eval.batch_size, mesh=mesh,
+                  progress=False, step_fn=eval_step)
 
 
 def _add(result, nll_sum, count):
-  """Adds a step's sums (scalars, or [K] for K runs) in float64 on the host."""
+  """Adds a step's sums (scalars, or [K]) in float64 on the host."""
   s, c = jax.device_get(result)
   return nll_sum + np.asarray(s, np.float64), count + np.asarray(c, np.float64)
 

@@ -1,9 +1,9 @@
 """Data parallelism: one mesh axis named 'data' over every device, and per-device steps.
 
-Both evaluation and training write their step for ONE device and map it over the mesh with
-`shard_map`, reducing with explicit collectives (`psum` of metric sums, `pmean` of gradients).
-We use shard_map rather than pmap because JAX >= 0.8 implements pmap on top of it and
-recommends it for new code; the same function then also runs on a multi-host pod slice.
+Evaluation and training write their step for ONE device and map it over the mesh with
+`shard_map`, reducing with explicit collectives (`psum` of metric sums, `pmean` of gradients):
+JAX implements pmap on top of shard_map and recommends it for new code, and the same function
+runs on a multi-host pod slice.
 """
 import contextlib
 import os
@@ -19,16 +19,11 @@ AXIS = "data"
 
 
 def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when this is a multi-process job.
-
-  Multi-process means: `BLOCKPRUNE_DISTRIBUTED=1` (the TPU pod launcher sets it), or SLURM /
-  Open MPI reporting more than one task, or `JAX_COORDINATOR_ADDRESS` set. `BLOCKPRUNE_DISTRIBUTED=0`
-  turns it off. The cluster is autodetected (TPU, SLURM, Open MPI, ...); elsewhere, e.g. several
-  processes on one machine, give `JAX_COORDINATOR_ADDRESS=host:port` with `JAX_NUM_PROCESSES`
-  and `JAX_PROCESS_ID` (jax itself reads only the first). On CPU the processes exchange
-  collectives over gloo (jax's default CPU collectives). Must run before anything uses JAX;
-  safe to call twice. A bad setting or an unreachable coordinator is one UserError line.
-  """
+  """`jax.distributed.initialize()` in a multi-process job: BLOCKPRUNE_DISTRIBUTED=1 (the TPU
+  pod launcher), SLURM / Open MPI reporting more than one task, or JAX_COORDINATOR_ADDRESS set
+  (elsewhere, e.g. several processes on one machine, give it with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; jax itself reads only the first). BLOCKPRUNE_DISTRIBUTED=0 turns it off. On
+  CPU the processes exchange collectives over gloo. Must run before anything uses JAX."""
   flag = os.environ.get("BLOCKPRUNE_DISTRIBUTED", "")
   if flag == "0":
     return
@@ -74,11 +69,8 @@ def _explicit_cluster() -> dict:
 
 
 def processes() -> tuple[int, int]:
-  """(process_index, process_count); (0, 1) unless jax.distributed is up.
-
-  Checked without asking the backend otherwise, so a sweep's bookkeeping, tests and a CPU run
-  never start one here.
-  """
+  """(process_index, process_count); (0, 1) unless jax.distributed is up (checked without
+  starting a backend)."""
   if not jax.distributed.is_initialized():
     return 0, 1
   return jax.process_index(), jax.process_count()
@@ -142,9 +134,8 @@ def fsdp_size(setting: int, n_devices: int = 0) -> int:
 
 
 def train_mesh(fsdp: int = 1, devices=None) -> Mesh:
-  """The mesh of a training run: data_mesh() for fsdp=1; else ('data', 'fsdp') axes of
-  (devices / fsdp, fsdp), the 'fsdp' axis over neighbouring devices (a host's or a chip's
-  fast links first)."""
+  """data_mesh() for fsdp=1; else ('data', 'fsdp') axes of (devices / fsdp, fsdp), the 'fsdp'
+  axis over neighbouring devices (their fast links first)."""
   devices = np.asarray(devices if devices is not None else jax.devices())
   size = fsdp_size(fsdp, devices.size)
   if size == 1:
@@ -176,10 +167,8 @@ def state_shardings(mesh: Mesh, tree):
 
 
 def place_state(tree, mesh: Mesh, donatable=False):
-  """`tree` on the mesh as state_shardings lays it out: replicate() on a data mesh.
-
-  Host leaves (numpy, a restored checkpoint) are cut where they are; device arrays of another
-  layout (a sharded run resumed replicated, or the reverse) are resharded."""
+  """`tree` on the mesh as state_shardings lays it out (replicate() on a data mesh); device
+  arrays of another layout (a sharded run resumed replicated, or the reverse) are resharded."""
   if FSDP not in mesh.axis_names:
     return replicate(tree, mesh, donatable)
 
@@ -199,12 +188,9 @@ def gather(tree, mesh: Mesh):
 
 
 def shard_map(fn, mesh, in_specs, out_specs):
-  """jax.shard_map across JAX versions (new top-level API, or the experimental one).
-
-  Replication checking is off: with it on, JAX differentiates a replicated input by summing
-  its gradient over devices implicitly; we want the per-device gradient and an explicit
-  `pmean`, so that the step reads the same as the math and as a pmap step would.
-  """
+  """jax.shard_map (or the older experimental one) with replication checking off: with it
+  on, JAX sums a replicated input's gradient over devices implicitly; we want the per-device
+  gradient and an explicit `pmean`, so that the step reads as the math does."""
   if hasattr(jax, "shard_map"):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   from jax.experimental.shard_map import shard_map as old  # pylint: disable=import-outside-toplevel
@@ -212,59 +198,22 @@ def shard_map(fn, mesh, in_specs, out_specs):
 
 
 def replicate(tree, mesh, donatable=False):
-  """Places a pytree (params, optimizer state, masks) on every device of the mesh.
-
-  donatable=True first copies every leaf to fresh host memory: a state that a jitted step
-  donates must share no buffer with anything else (an input that is both donated and alive
-  elsewhere, e.g. a teacher equal to the student, is undefined behaviour in XLA).
-  """
+  """A pytree on every device of the mesh. donatable=True copies every leaf first: a donated
+  state must share no buffer with anything else (e.g. a teacher equal to the student)."""
   if donatable:
     tree = jax.tree.map(lambda x: np.array(x, copy=True), tree)
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def shard_batch(batch, mesh, axis=0):
-  """Splits host arrays along their batch `axis` over every device of the mesh (batch_axes).
-
-  Every process holds the whole global batch in this codebase (data is cheap to recompute), so
-  each device simply takes the rows its mesh position owns, whatever the device order; this
-  works unchanged on one host and on many.
-  """
+  """Host arrays split along their batch `axis` over every device (batch_axes). Every process
+  holds the whole global batch (data is cheap to recompute): each device takes its own rows."""
   sharding = NamedSharding(mesh, P(*([None] * axis), batch_axes(mesh)))
 
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree.map(put, batch)
-
-
-def over_runs(fn, in_axes, how: str):
-  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
-  are shared by every run), as one program.
-
-  how="vmap": jax.vmap, one batched computation: what fills an accelerator that one small run
-  leaves half idle. how="map": jax.lax.map, the runs one after another inside the program: on a
-  CPU, whose cores one run already keeps busy, batched matrix multiplies are slower than plain
-  ones (README, "Runs side by side"), while one dispatch per step for all runs still saves time.
-  """
-  if how == "vmap":
-    return jax.vmap(fn, in_axes=in_axes)
-  if how != "map":
-    raise ValueError(f"how must be 'vmap' or 'map', got {how!r}")
-
-  def mapped(*args):
-    def one(mapped_args):
-      it = iter(mapped_args)
-      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
-    return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
-  return mapped
-
-
-def side_by_side_mode(setting: str) -> str:
-  """sweep.side_by_side resolved for this backend: auto is map on a CPU, vmap elsewhere."""
-  if setting != "auto":
-    return setting
-  return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
 def sync(name: str):

@@ -1,10 +1,6 @@
-"""Masked fine-tuning with optax, data-parallel over every device, resumable with Orbax.
-
-Sections: optimizer, the per-device update, the loop (one run, or K runs side by side as one
-program: checkpoints, gradual pruning, periodic evaluation, preemption). The update is one jitted shard_map'd function with the state
-donated; gradients are `pmean`ed over the 'data' axis; pruned weights stay exactly 0.0 because
-gradients, updates and parameters are all multiplied by the masks.
-"""
+"""Masked fine-tuning of one run: optimizer, the update (one jitted shard_map'd function, state
+donated, gradients pmean'ed over 'data'; pruned weights stay exactly 0.0 because gradients,
+updates and parameters are all masked), the loop (`fit`), resume rules."""
 import dataclasses
 import functools
 import math
@@ -18,22 +14,21 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from blockprune_jax import batched
 from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import hf_io
 from blockprune_jax import keys as keys_lib
+from blockprune_jax import update
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax.prune import plan as plan_lib
-from blockprune_jax.prune import pruning
 from blockprune_jax.errors import UserError
 
 
 class Diverged(UserError):
-  """The loss became NaN or Inf; the last good checkpoint is kept."""
+  """The loss became NaN or Inf."""
 
 
 # --- optimizer ---------------------------------------------------------------------------
@@ -62,8 +57,8 @@ def decay_mask(params):
 
 
 class OptimizerSettings(NamedTuple):
-  """What the compiled step bakes in; the learning rate is an input, so runs that differ only
-  in learning rate, schedule or length share one compiled step."""
+  """What the compiled step bakes in (the learning rate is an input: one compiled step serves
+  every learning rate, schedule and length)."""
   b1: float
   b2: float
   weight_decay: float
@@ -83,6 +78,12 @@ def build_optimizer(settings: OptimizerSettings, learning_rate):
   return optax.chain(*parts)
 
 
+def step_optimizer(settings: OptimizerSettings, learning_rate):
+  """The optimizer inside a step, the learning rate its input (its state keeps a schedule's
+  structure, so every checkpoint restores)."""
+  return build_optimizer(settings, lambda count: learning_rate)
+
+
 def make_optimizer(t_cfg, total_steps: int):
   """(optimizer with the run's schedule, schedule): for initialising the optimizer state."""
   schedule = learning_rate_schedule(t_cfg, total_steps)
@@ -95,12 +96,9 @@ def learning_rates(schedule, total_steps: int) -> np.ndarray:
 
 
 def init_state(params, optimizer, masks, seed: int) -> dict:
-  """The training state a step takes and returns (and a checkpoint holds).
-
-  {params, opt_state (optimizer.init(params)), masks ({} = dense), step, data_position (micro-
-  batches consumed; kept for the checkpoint format, the loop tracks it on the host), rng (raw
-  uint32 key data: Orbax stores plain arrays)}.
-  """
+  """The state a step takes and returns (and a checkpoint holds). masks: {} = dense;
+  data_position: micro-batches consumed (the checkpoint format's; the loop knows it from the
+  step); rng: raw uint32 key data (Orbax stores plain arrays)."""
   return {
       "params": params, "opt_state": optimizer.init(params), "masks": masks,
       "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
@@ -117,8 +115,7 @@ class Clock:
     self.tokens_per_step = tokens_per_step
 
   def stepped(self, step: int, metrics):
-    """After each step: the first one is waited for, so that the rate starts after it."""
-    if self.t_first is None:
+    if self.t_first is None:  # the first step is waited for: the rate starts after it
       jax.block_until_ready(metrics)
       self.t_first, self.step_first = time.time(), step
 
@@ -137,12 +134,9 @@ class Clock:
 
 
 def steady_state_guard():
-  """The scope of a steady-state step: no implicit device-to-host transfer may happen in it.
-
-  Reading a step's output on the host (`int(state['step'])`) would make the host wait for the
-  step, so the next one could not be queued while it runs. Enforced on GPU / TPU by JAX; the
-  CPU backend does not check (tests add their own check by replacing this function).
-  """
+  """No implicit device-to-host transfer in a steady-state step: reading its output on the host
+  would wait for it, and the next step could not be queued meanwhile. JAX enforces it on GPU /
+  TPU, not on CPU (tests add their own check by replacing this function)."""
   return jax.transfer_guard_device_to_host("disallow")
 
 
@@ -150,74 +144,56 @@ def steady_state_guard():
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
-                    temperature=1.0, batched=""):
-  """jit(shard_map(per-device update)) with the state donated, one per distinct setting.
-
-  step(state, batch, teacher_params, learning_rate) -> (state, {loss, ce, kl, grad_norm}).
-  state: {params, opt_state, masks, step, data_position, rng}; batch: [accum, B, T + 1] int32
-  sharded over B; teacher_params: teacher params or {}; learning_rate: float32 scalar. Kept
-  per (model, optimizer settings, mesh, distillation): a later run of a sweep with the same
-  shapes reuses the compiled step instead of tracing and compiling it again.
-
-  batched="vmap" or "map": K runs side by side as one program (sweep.batch_runs). Every leaf of
-  the state, the batch ([K, accum, B, T + 1]) and the learning rate ([K]) gain a leading run
-  axis, and the metrics are [K]; the update of each run is the one above, mapped over the runs
-  by parallel.over_runs, and the teacher is shared.
-
-  On a mesh with an 'fsdp' axis (parallel.train_mesh, mesh.fsdp > 1) the state is sharded
-  instead (parallel.place_state) and the step is make_fsdp_train_step's, which computes the
-  same update.
-  """
+                    temperature=1.0):
+  """step(state, batch [accum, B, T + 1] int32 sharded over B, teacher_params or {}, learning
+  rate) -> (state, {loss, ce, kl, grad_norm}), state donated; kept per setting (a sweep's later
+  runs reuse it). A mesh with an 'fsdp' axis: make_fsdp_train_step's same update."""
   if parallel.FSDP in mesh.axis_names:
-    if batched:
-      raise UserError("sweep.batch_runs > 1 trains replicated runs: set mesh.fsdp=1")
     return make_fsdp_train_step(model_cfg, settings, mesh, teacher_cfg=teacher_cfg, alpha=alpha,
                                 temperature=temperature)
-  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
+  step = device_train_step(model_cfg, settings, teacher_cfg, alpha, temperature)
+  rep = P()
+  step = parallel.shard_map(step, mesh, (rep, P(None, parallel.AXIS), rep, rep), (rep, rep))
+  return jax.jit(step, donate_argnums=0)
+
+
+def device_train_step(model_cfg, settings, teacher_cfg=None, alpha=0.0, temperature=1.0):
+  """The update on one device of the 'data' axis (gradients and metrics pmean'ed over it)."""
+  loss_fn = update.make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
 
   def train_step(state, batch, teacher_params, learning_rate):
     # Different dropout on every device and micro-batch, derived from the step: a resumed run
     # replays the same dropout.
-    key = jax.random.fold_in(step_key(state), jax.lax.axis_index(parallel.AXIS))
-    grads, sums = accumulate_grads(
+    key = jax.random.fold_in(update.step_key(state), jax.lax.axis_index(parallel.AXIS))
+    grads, sums = update.accumulate_grads(
         lambda p, seq, k: loss_fn(p, teacher_params, seq, k), state["params"], batch, key)
     grads = jax.lax.pmean(grads, parallel.AXIS)
-    return apply_update(state, grads, jax.lax.pmean(sums, parallel.AXIS), settings,
-                        learning_rate, batch.shape[0])
-
-  rep = P()
-  batch_spec = P(None, parallel.AXIS)
-  if batched:
-    train_step = parallel.over_runs(train_step, (0, 0, None, 0), batched)
-    batch_spec = P(None, None, parallel.AXIS)
-  step = parallel.shard_map(train_step, mesh, (rep, batch_spec, rep, rep), (rep, rep))
-  return jax.jit(step, donate_argnums=0)
+    return update.apply_update(state, grads, jax.lax.pmean(sums, parallel.AXIS),
+                               step_optimizer(settings, learning_rate), batch.shape[0])
+  return train_step
 
 
 @functools.lru_cache(maxsize=None)
 def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None,
                          alpha=0.0, temperature=1.0):
-  """make_train_step's update for a state sharded by parallel.state_shardings (FSDP / ZeRO-3).
-
-  One jit over global arrays: XLA gathers each weight where a layer uses it and reduce-scatters
-  its gradient, and the optimizer updates only the shard a device holds. The batch is cut into
-  one group per device, each with the dropout key the replicated step gives that device, and
-  the groups' losses are averaged as the replicated step's pmean does: both layouts compute the
-  same update (tests/test_fsdp.py), only the order of the sums differs.
-  """
+  """make_train_step's update of a state sharded by parallel.state_shardings (FSDP / ZeRO-3):
+  one jit over global arrays; XLA gathers each weight where it is used and reduce-scatters its
+  gradient. The batch is cut into one group per device, with the dropout key the replicated step
+  gives that device, and the groups' losses averaged as its pmean does: the same update
+  (tests/test_fsdp.py), only the order of the sums differs."""
   n, axes = mesh.devices.size, parallel.batch_axes(mesh)
   groups = NamedSharding(mesh, P(None, axes))
   replicated = NamedSharding(mesh, P())
   # Each weight is gathered where the model uses it (per block when it scans), in the dtype its
   # matmul reads (bf16 kernels: half the bytes); left to itself, XLA's sharding propagation
   # would split the activations along the weights' sharded dimension instead of the batch.
-  loss_fn = make_loss_fn(model_cfg, teacher_cfg, alpha, temperature,
-                         gather=lambda tree: jax.lax.with_sharding_constraint(tree, replicated))
+  loss_fn = update.make_loss_fn(model_cfg, teacher_cfg, alpha, temperature,
+                                  gather=lambda t: jax.lax.with_sharding_constraint(t, replicated))
 
   def train_step(state, batch, teacher_params, learning_rate):
     accum, b = batch.shape[:2]
     batch = jax.lax.with_sharding_constraint(batch.reshape(accum, n, b // n, -1), groups)
-    keys = jax.vmap(lambda i: jax.random.fold_in(step_key(state), i))(jnp.arange(n))
+    keys = jax.vmap(lambda i: jax.random.fold_in(update.step_key(state), i))(jnp.arange(n))
     param_shardings = parallel.state_shardings(mesh, state["params"])
 
     def loss_of_groups(params, seqs, group_keys):
@@ -229,10 +205,11 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
     def fold(group_keys, i):
       return jax.vmap(lambda k: jax.random.fold_in(k, i))(group_keys)
     # Reduce-scattered to the parameters' own layout: no device keeps a whole gradient.
-    grads, sums = accumulate_grads(
+    grads, sums = update.accumulate_grads(
         loss_of_groups, state["params"], batch, keys, fold=fold,
         constrain=lambda g: jax.lax.with_sharding_constraint(g, param_shardings))
-    new_state, metrics = apply_update(state, grads, sums, settings, learning_rate, accum)
+    new_state, metrics = update.apply_update(state, grads, sums,
+                                             step_optimizer(settings, learning_rate), accum)
     new_state = jax.lax.with_sharding_constraint(
         new_state, parallel.state_shardings(mesh, new_state))
     return new_state, metrics
@@ -240,340 +217,184 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0, gather=None):
-  """(params, teacher_params, seq [B, T + 1], dropout key) -> (loss, (ce, kl)), token means.
-
-  gather: model.forward's (how sharded weights are gathered where they are used)."""
-  gather = gather or (lambda tree: tree)
-  teacher = model_lib.GPT2(teacher_cfg) if teacher_cfg is not None else None
-
-  def loss_fn(params, teacher_params, seq, key):
-    inputs, labels = seq[:, :-1], seq[:, 1:]
-    kl = jnp.zeros((), jnp.float32)
-    x = model_lib.forward(model_cfg, params, inputs, train=True, key=key, hidden=True,
-                          gather=gather)
-    wte = gather(params["wte"]["embedding"])
-    logits = None
-    if labels.shape[1] <= model_lib.LOSS_CHUNK:
-      # One chunk: the plain program holds no more and is faster (on a CPU, 1.45x: bench train).
-      logits = model_lib.head_logits(x, wte, model_cfg.dtype)
-      ce = jnp.mean(eval_lib.token_nll(logits, labels))
-    else:  # the LM head's loss without the [B, T, V] logits
-      ce = model_lib.lm_head_loss(x, wte, labels, jnp.ones(labels.shape),
-                                  model_cfg.dtype) / labels.size
-    if teacher is None:
-      return ce, (ce, kl)
-    # Distillation compares whole distributions: its KL needs the full logits.
-    if logits is None:
-      logits = model_lib.head_logits(x, wte, model_cfg.dtype)
-    t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
-    kl = jnp.mean(distill_kl(t_logits, logits, temperature))
-    return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, (ce, kl)
-  return loss_fn
-
-
-def step_key(state):
-  """The dropout key of the state's step: a resumed run replays the same dropout."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
-
-def accumulate_grads(loss_fn, params, batch, key, fold=jax.random.fold_in, constrain=None):
-  """(mean gradient, mean [loss, ce, kl]) over the micro-batches batch[0], batch[1], ...
-
-  loss_fn(params, micro_batch, key) -> (loss, (ce, kl)); micro-batch i gets fold(key, i);
-  constrain (optional) lays out each micro-batch's gradient before it is added."""
-  def micro(carry, xs):
-    grads_acc, sums = carry
-    seq, i = xs
-    (loss, (ce, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, seq,
-                                                                         fold(key, i))
-    if constrain is not None:
-      grads = constrain(grads)
-    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    return (grads_acc, sums + jnp.stack([loss, ce, kl])), None
-
-  accum = batch.shape[0]
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(3)), (batch, jnp.arange(accum)))
-  return jax.tree.map(lambda g: g / accum, grads), sums / accum
-
-
-def apply_update(state, grads, sums, settings, learning_rate, accum):
-  """The masked AdamW step from mean gradients: (new state, metrics).
-
-  Pruned weights stay exactly 0.0: gradients, updates and parameters are all masked."""
-  # The optimizer's schedule reads the step's input; its state (the step count) has the
-  # same structure as with a schedule function, so older checkpoints still restore.
-  optimizer = build_optimizer(settings, lambda count: learning_rate)
-  params, masks = state["params"], state["masks"]
-  grads = pruning.apply_masks(grads, masks)
-  updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-  updates = pruning.apply_masks(updates, masks)
-  params = pruning.apply_masks(optax.apply_updates(params, updates), masks)
-  new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
-                   data_position=state["data_position"] + accum)
-  metrics = {"loss": sums[0], "ce": sums[1], "kl": sums[2], "grad_norm": _global_norm(grads)}
-  return new_state, metrics
-
-
-def _global_norm(tree):
-  """optax.tree.norm where it exists (optax >= 0.2.5), else the older optax.global_norm."""
-  tree_api = getattr(optax, "tree", None)
-  return tree_api.norm(tree) if hasattr(tree_api, "norm") else optax.global_norm(tree)
-
-
-def distill_kl(teacher_logits, student_logits, temperature):
-  """Per-token KL(teacher || student) of temperature-softened distributions, [..., V] -> [...]."""
-  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-  return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-
-
 # --- the loop ----------------------------------------------------------------------------
 
-def fit(runs, *, total, mesh) -> list:
-  """Fine-tunes K >= 1 runs for `total` steps with their masks held at zero (and gradual
-  pruning where planned): one run, or K side by side as one program.
-
-  runs: pipeline.Prepared (anything with .config, .model_cfg, .streams, .params, .masks ({} =
-  dense), .plan, .workdir, .log) of one model shape and data; K > 1 only for runs that
-  batched.plan_groups puts together. K = 1 is the one-run program (no run axis); K > 1 stacks
-  every leaf of the state on a leading run axis (batched.stack) and maps the update over it.
-  Each run saves and resumes its own checkpoints (`workdir/checkpoints`, the one-run format);
-  when a group's stand at different steps (a kill between two runs' saves), the runs continue
-  one at a time from their own.
-
-  Returns per run (params, masks, train summary), or the Diverged error that ended it (the
-  others go on).
-  """
-  config = runs[0].config
-  seq_len = config.data.seq_len
-  sequences = data_lib.train_sequences(runs[0].streams.get("train"), seq_len)
-  check_batch(config.train, sequences, mesh, seq_len)
-  ckpts = [ckpt_lib.Checkpointer(os.path.join(r.workdir, "checkpoints"),
-                                 keep=r.config.checkpoint.keep,
-                                 every_steps=r.config.checkpoint.every_steps) for r in runs]
-  try:  # whatever ends training, pending asynchronous saves finish before we leave
-    latest = {c.latest_step() for c in ckpts}
-    if len(latest) > 1:
-      for c in ckpts:
-        c.close()
-      ckpts = []
-      why = (f"checkpoints of the group stand at steps {sorted(latest, key=str)}: training "
-             "one at a time from each run's own")
-      for r in runs:
-        r.log.event("batch", why, alone=why)
-      return [fit([r], total=total, mesh=mesh)[0] for r in runs]
-    return _Loop(runs, ckpts, sequences, total=total, mesh=mesh).run()
-  finally:
-    for c in ckpts:
-      c.close()  # waits for pending saves
-
-
-class _Loop:
-  """`fit` block by block: the start state (restored where a checkpoint exists), the steps
-  (with gradual pruning), log lines, periodic validation, saves, preemption, the summaries."""
-
-  def __init__(self, runs, ckpts, sequences, *, total, mesh):
-    config, model_cfg = runs[0].config, runs[0].model_cfg
-    self.runs, self.ckpts, self.sequences, self.total, self.mesh = runs, ckpts, sequences, total, mesh
-    self.config, self.t_cfg, self.n = config, config.train, len(runs)
-    # Runs that prune while training, or distil, train alone (batched.alone_reason).
-    assert self.n == 1 or not any(r.plan.gradual or r.config.distill.teacher for r in runs)
-    mode = batched.mode(config) if self.n > 1 else ""  # "": the one-run program, no run axis
+def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total, mesh):
+  """Fine-tunes one run for `total` steps, its pruned weights held at 0 (gradual pruning where
+  its plan says so), resuming from workdir/checkpoints. params / masks ({} = dense): host
+  pytrees. Returns (params, masks, train summary) on the host; raises Diverged."""
+  sequences = train_sequences(config, streams, mesh)
+  with checkpointer(config, workdir) as ckpt:  # closing waits for pending saves
+    run = Run(config, model_cfg, streams, sequences, workdir, log, ckpt, total, mesh, plan)
+    state = run.start(params, masks)
     teacher_params, teacher_cfg = hf_io.load_teacher(config, model_cfg)
-    self.step_fn = make_train_step(dataclasses.replace(model_cfg, remat=self.t_cfg.remat),
-                                   optimizer_settings(self.t_cfg), mesh,
-                                   teacher_cfg=teacher_cfg, alpha=float(config.distill.alpha),
-                                   temperature=float(config.distill.temperature), batched=mode)
-    self.teacher = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
-    self.apply_fn = model_lib.logits_fn(model_cfg)
-    self.eval_step = eval_lib.make_eval_step(self.apply_fn, mesh, batched=mode)
-    self.tokens_per_step = self.t_cfg.batch_size * self.t_cfg.grad_accum * config.data.seq_len
-    self.failed = [None] * self.n  # the Diverged error of a run whose loss became NaN / Inf
-    self.metas, self.lrs = [], None
-
-  def start(self):
-    """(state on the devices, step): each run's start state, or its checkpoint's, stacked when
-    K > 1. Also sets self.lrs ([total, K] learning rates) and self.metas (checkpoint metadata)."""
-    states, lrs = [], []
-    for r, ckpt in zip(self.runs, self.ckpts):
-      optimizer, schedule = make_optimizer(r.config.train, self.total)
-      lrs.append(learning_rates(schedule, self.total))
-      masks = r.masks
-      if r.plan.gradual and not masks:
-        masks = r.plan.full_masks(r.params)  # all ones: the checkpoint tree has its final shape
-      state = init_state(r.params, optimizer, masks, r.config.seed + 1)
-      ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
-      meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(r.config),
-              "allocation": plan_lib.stored_allocation(r.plan)}
-      if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        check_resumable(meta.get("config"), resume_keys(r.config), r.workdir)
-        r.log.event("resume", f"resumed from step {int(state['step'])} of {self.total}",
-                    step=int(state["step"]))
-      states.append(state)
-      self.metas.append(meta)
-    self.lrs = np.stack(lrs, axis=1)
-    step = int(states[0]["step"])  # every run stands at the same step (fit)
-    if self.n > 1:  # one structure: a path that a run does not prune is all-True in its masks
-      masks = batched.union_masks([s["masks"] for s in states], self.runs[0].params)
-      states = [batched.stack([dict(s, masks=m) for s, m in zip(states, masks)])]
+    step_fn = make_train_step(dataclasses.replace(model_cfg, remat=config.train.remat),
+                              optimizer_settings(config.train), mesh, teacher_cfg=teacher_cfg,
+                              alpha=float(config.distill.alpha),
+                              temperature=float(config.distill.temperature))
+    teacher = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
     # Sharded where mesh.fsdp > 1 (parallel.state_shardings), else replicated.
-    return parallel.place_state(states[0], self.mesh, donatable=True), step
+    state, clock = loop(run, parallel.place_state(state, mesh, donatable=True), step_fn, teacher)
+    if run.failed:
+      raise run.failed
+    # Gathered first: a sharded state has no process holding all of it.
+    host = jax.device_get(parallel.gather(dict(params=state["params"], masks=state["masks"]), mesh))
+    return host["params"], host["masks"], run.summary(clock)
 
-  def run(self) -> list:
-    """The loop; per run (params, masks, summary) or its Diverged error."""
-    state, step = self.start()
-    clock = Clock(step, self.n * self.tokens_per_step)  # the program's: every run's tokens
-    window, window_steps = None, 0  # metric sums since the last log line, still on the device
-    t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
-    with ckpt_lib.PreemptionFlag() as preemption:
-      while step < self.total and not all(self.failed):
-        state = self.gradual_pruning(state, step)
-        with steady_state_guard():
-          batch, lr = self.inputs(step)
-          state, metrics = self.step_fn(state, batch, self.teacher, lr)
-          window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-          window_steps += 1
-        step += 1
-        clock.stepped(step, metrics)
-        if step % self.t_cfg.log_every == 0 or step == self.total:
-          self.log_lines(step, jax.device_get(window), window_steps, clock)
-          window, window_steps = None, 0
-        metric = self.validate(state, step)
-        # A step with a validation metric is always saved, so the best one can be kept. The
-        # last step is saved only if redoing the steps since the last save would cost more
-        # than checkpoint.final_after_s: a finished run writes results.json moments later, and
-        # a short run killed in between loses less by retraining than it pays for the save.
-        # Every process must join a save: process 0's clock decides for all.
-        last = step == self.total and parallel.agree(
-            time.time() - t_saved > self.config.checkpoint.final_after_s)
-        if self.save(state, step, force=last or metric is not None, metric=metric):
-          t_saved = time.time()
-        if preemption.check(step):
-          self.save(state, step, force=True)
-          for ckpt in self.ckpts:
-            ckpt.wait()
-          raise preempted(preemption, step, [r.log for r in self.runs],
-                          [r.workdir for r in self.runs])
-    jax.block_until_ready(state)
-    return self.summaries(state, step, clock)
 
-  def gradual_pruning(self, state, step):
-    """New masks before the steps of the GMP schedule (a run that prunes gradually trains
-    alone, so its state has no run axis)."""
-    plan = self.runs[0].plan
-    if not plan.gmp_update(step, self.total):
+def loop(run, state, step_fn, teacher):
+  """Step, log, validation perplexity, checkpoint, until run.total steps; (state, Clock).
+  run: a Run, or anything with its hooks (inputs; where metrics, evaluations, checkpoints go)."""
+  step = run.step
+  clock = Clock(step, run.tokens_per_step)
+  window, window_steps = None, 0  # metric sums since the last log line, still on the device
+  t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
+  with ckpt_lib.PreemptionFlag() as preemption:
+    while step < run.total and not run.stopped():
+      state = run.before_step(state, step)
+      with steady_state_guard():
+        batch, lr = run.inputs(step)
+        state, metrics = step_fn(state, batch, teacher, lr)
+        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+        window_steps += 1
+      step += 1
+      clock.stepped(step, metrics)
+      if step % run.config.train.log_every == 0 or step == run.total:
+        means = {k: np.asarray(v, np.float64) / window_steps
+                 for k, v in jax.device_get(window).items()}
+        run.logged(step, means, *clock.since_last(step))
+        window, window_steps = None, 0
+      metric = run.periodic_eval(state, step)
+      # A step with a validation metric is saved (the best one is kept). The last step only if
+      # redoing the steps since the last save would cost more than checkpoint.final_after_s:
+      # results.json follows moments later. Process 0's clock decides for every process.
+      last = step == run.total and parallel.agree(
+          time.time() - t_saved > run.config.checkpoint.final_after_s)
+      if run.save(state, step, force=last or metric is not None, metric=metric):
+        t_saved = time.time()
+      if preemption.check(step):
+        run.save(state, step, force=True)
+        raise run.preempted(preemption, step)
+  jax.block_until_ready(state)
+  return state, clock
+
+
+class Run:
+  """One run in `loop`: its data, learning rates, log lines, validation, checkpoints."""
+
+  def __init__(self, config, model_cfg, streams, sequences, workdir, log, ckpt, total, mesh,
+               plan):
+    self.config, self.streams, self.sequences, self.workdir = config, streams, sequences, workdir
+    self.log, self.ckpt, self.total, self.mesh, self.plan = log, ckpt, total, mesh, plan
+    t = config.train
+    self.tokens_per_step = t.batch_size * t.grad_accum * config.data.seq_len
+    self.apply_fn = model_lib.logits_fn(model_cfg)
+    self.eval_step = eval_lib.make_eval_step(self.apply_fn, mesh)
+    self.failed = None  # the Diverged error once the loss is no longer finite
+    self.step, self.meta, self.lrs = 0, None, None
+
+  def start(self, params, masks) -> dict:
+    """The start state on the host, or its newest checkpoint's; sets step, lrs and meta."""
+    optimizer, schedule = make_optimizer(self.config.train, self.total)
+    self.lrs = learning_rates(schedule, self.total)
+    if self.plan.gradual and not masks:
+      masks = self.plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
+    state = init_state(params, optimizer, masks, self.config.seed + 1)
+    self.ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
+    self.meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(self.config),
+                 "allocation": plan_lib.stored_allocation(self.plan)}
+    if self.ckpt.latest_step() is not None:
+      state, self.meta = self.ckpt.restore(state)
+      check_resumable(self.meta.get("config"), resume_keys(self.config), self.workdir)
+      self.log.event("resume", f"resumed from step {int(state['step'])} of {self.total}",
+                     step=int(state["step"]))
+    self.step = int(state["step"])
+    return state
+
+  def stopped(self) -> bool:
+    return self.failed is not None
+
+  def before_step(self, state, step):  # gradual pruning: new masks on the GMP schedule
+    if not self.plan.gmp_update(step, self.total):
       return state
-    params, masks = plan.prune(state["params"], plan.gmp_ratios(step, self.total),
-                               old_masks=state["masks"])
+    params, masks = self.plan.prune(state["params"], self.plan.gmp_ratios(step, self.total),
+                                    old_masks=state["masks"])
     return dict(state, params=params, masks=masks)
 
+  def batch(self, step) -> np.ndarray:
+    """[accum, B, T + 1] of `step`, a function of the step and seed (no need to ask the device)."""
+    t = self.config.train
+    return data_lib.step_batch(self.sequences, step, t.grad_accum, t.batch_size,
+                               self.config.seed)
+
   def inputs(self, step):
-    """(batch, learning rate) of `step`: [accum, B, T + 1] sharded over B and a scalar, or with
-    a leading run axis [K] (each run's data order from its own seed). The data position is a
-    function of the step (resuming under another train.grad_accum is refused), so it is known
-    here without asking the device."""
-    t = self.t_cfg
-    batches = [data_lib.step_batch(self.sequences, step, t.grad_accum, t.batch_size,
-                                   r.config.seed) for r in self.runs]
-    if self.n == 1:
-      return parallel.shard_batch(batches[0], self.mesh, axis=1), self.lrs[step, 0]
-    return parallel.shard_batch(np.stack(batches), self.mesh, axis=2), self.lrs[step]
+    return parallel.shard_batch(self.batch(step), self.mesh, axis=1), self.lrs[step]
 
-  def log_lines(self, step, window, window_steps, clock):
-    """Each run's metrics, the means over the steps since the last line (lm1b: a smoother
-    curve than one step); a run whose loss is no longer finite stops (Diverged)."""
-    means = {k: np.reshape(np.asarray(v, np.float64), self.n) / window_steps
-             for k, v in window.items()}
-    tok_s, seconds_per_step = clock.since_last(step)
-    for i, r in enumerate(self.runs):
-      if self.failed[i] is not None:
-        continue
-      m = {k: float(v[i]) for k, v in means.items()}
-      if not math.isfinite(m["loss"]):
-        self.failed[i] = diverged(step, self.ckpts[i])
-        r.log.event("diverged", str(self.failed[i]))
-        continue
-      log_train(r.log, m, step=step, total=self.total, lr=float(self.lrs[step - 1, i]),
-                tok_s=tok_s, seconds_per_step=seconds_per_step)
-      self.metas[i]["final_loss"] = m["loss"]
+  def logged(self, step, means, tok_s, seconds_per_step):
+    m = {k: float(v) for k, v in means.items()}  # since the last line; a non-finite loss stops
+    if not math.isfinite(m["loss"]):
+      self.failed = diverged(step, self.ckpt.latest_step())
+      self.log.event("diverged", str(self.failed))
+      return
+    log_train(self.log, m, step=step, total=self.total, lr=float(self.lrs[step - 1]),
+              tok_s=tok_s, seconds_per_step=seconds_per_step)
+    self.meta["final_loss"] = m["loss"]
 
-  def validate(self, state, step):
-    """Each run's validation perplexity every train.eval_every steps (the last step has the
-    final evaluation), else None."""
-    every = self.t_cfg.eval_every
-    if not every or step % every or step >= self.total or all(self.failed):
+  def eval_due(self, step) -> bool:
+    """Every train.eval_every steps; the last step has the final evaluation instead."""
+    every = self.config.train.eval_every
+    return bool(every) and step % every == 0 and step < self.total
+
+  def periodic_eval(self, state, step):
+    if self.stopped() or not self.eval_due(step):
       return None
-    results = periodic_validation(self.config, self.apply_fn, state["params"],
-                                  self.runs[0].streams, self.mesh, self.eval_step,
-                                  runs=self.n if self.n > 1 else None)
-    results = results if self.n > 1 else [results]
-    for r, res, meta in zip(self.runs, results, self.metas):
-      r.log.metric(step, "validation", loss=res["loss"], perplexity=res["perplexity"])
-      r.log.event("validation", f"step {step}: validation perplexity {res['perplexity']:.3f}")
-      if meta["best_perplexity"] is None or res["perplexity"] < meta["best_perplexity"]:
-        meta["best_perplexity"] = res["perplexity"]
-    return [res["perplexity"] for res in results]
+    result = eval_lib.periodic_validation(self.config, self.apply_fn, state["params"], self.streams,
+                                 self.mesh, self.eval_step)
+    self.evaluated(step, result)
+    return result["perplexity"]
+
+  def evaluated(self, step, result):
+    ppl = result["perplexity"]
+    self.log.metric(step, "validation", loss=result["loss"], perplexity=ppl)
+    self.log.event("validation", f"step {step}: validation perplexity {ppl:.3f}")
+    if self.meta["best_perplexity"] is None or ppl < self.meta["best_perplexity"]:
+      self.meta["best_perplexity"] = ppl
 
   def save(self, state, step, *, force, metric=None) -> bool:
-    """Each live run's checkpoint of `step`, in the one-run format; whether any was written."""
-    saved = False
-    for i, (ckpt, meta) in enumerate(zip(self.ckpts, self.metas)):
-      if self.failed[i] is None:
-        saved |= ckpt.save(step, self.own(state, i), meta, force=force,
-                           metric=None if metric is None else metric[i])
-    return saved
+    if self.stopped():
+      return False
+    return self.ckpt.save(step, state, self.meta, force=force, metric=metric)
 
-  def own(self, state, i):
-    """Run i's state with its own masks (K = 1: the state itself)."""
-    if self.n == 1:
-      return state
-    one = dict(batched.take(state, i))
-    one["masks"] = batched.own_masks(one["masks"], self.runs[i].masks)
-    return one
+  def preempted(self, preemption, step) -> Exception:  # SIGTERM / Ctrl-C, the step saved
+    self.ckpt.wait()
+    self.log.event("preempted", f"{preemption.signal_name}: saved step {step}; run the same "
+                   "command to resume", signal=preemption.signal_name)
+    return preempted_error(preemption, step, [self.workdir])
 
-  def summaries(self, state, step, clock) -> list:
-    tok_s = clock.overall(step)  # the program's throughput: every run's tokens
-    # Gathered first: a sharded state (mesh.fsdp > 1) has no process holding all of it.
-    host = jax.device_get(parallel.gather({"params": state["params"], "masks": state["masks"]},
-                                          self.mesh))
-    out = []
-    for i, meta in enumerate(self.metas):
-      if self.failed[i] is not None:
-        out.append(self.failed[i])
-        continue
-      params, masks = host["params"], host["masks"]
-      if self.n > 1:  # masks were held: the run's own
-        params, masks = jax.tree.map(lambda x, i=i: x[i], params), self.runs[i].masks
-      out.append((params, masks, {
-          "steps": self.total, "tokens": self.total * self.tokens_per_step,
-          "final_loss": meta["final_loss"], "best_validation_perplexity": meta["best_perplexity"],
-          "tokens_per_s": tok_s, "seconds": (time.time() - clock.t0) / self.n}))
-    return out
+  def summary(self, clock, share=1) -> dict:
+    """results.json's train section; share: the runs whose tokens and time the clock counts."""
+    return {"steps": self.total, "tokens": self.total * self.tokens_per_step,
+            "final_loss": self.meta["final_loss"],
+            "best_validation_perplexity": self.meta["best_perplexity"],
+            "tokens_per_s": clock.overall(self.total), "seconds": (time.time() - clock.t0) / share}
 
 
-def periodic_validation(config, apply_fn, params, streams, mesh, eval_step, runs=None):
-  """Validation perplexity during training (every train.eval_every steps): the first
-  train.eval_max_tokens tokens, windows of data.seq_len. runs=K: K stacked runs, K results."""
-  stream = streams.get("validation")
-  if config.train.eval_max_tokens:
-    stream = stream[:config.train.eval_max_tokens]
-  return eval_lib.evaluate(apply_fn, params, stream, seq_len=config.data.seq_len,
-                           stride=config.data.seq_len, batch_size=config.eval.batch_size,
-                           mesh=mesh, progress=False, step_fn=eval_step, runs=runs)
+def checkpointer(config, workdir):
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               every_steps=config.checkpoint.every_steps)
 
 
-def check_batch(t_cfg, sequences, mesh, seq_len):
-  """One line for a train batch that the devices or the train split cannot hold."""
-  n_dev = mesh.devices.size
-  if t_cfg.batch_size % n_dev:
-    raise UserError(f"train.batch_size={t_cfg.batch_size} must be a multiple of the "
-                    f"{n_dev} devices")
-  if len(sequences) < t_cfg.batch_size:
+def train_sequences(config, streams, mesh):
+  """The train split as sequences; one line for a batch the devices or the split cannot hold."""
+  t, seq_len = config.train, config.data.seq_len
+  sequences = data_lib.train_sequences(streams.get("train"), seq_len)
+  if t.batch_size % mesh.devices.size:
+    raise UserError(f"train.batch_size={t.batch_size} must be a multiple of the "
+                    f"{mesh.devices.size} devices")
+  if len(sequences) < t.batch_size:
     raise UserError(f"the train split has {len(sequences)} sequences of data.seq_len={seq_len}, "
-                    f"fewer than train.batch_size={t_cfg.batch_size}")
+                    f"fewer than train.batch_size={t.batch_size}")
+  return sequences
 
 
 def log_train(log, m, *, step, total, lr, tok_s, seconds_per_step):
@@ -584,17 +405,17 @@ def log_train(log, m, *, step, total, lr, tok_s, seconds_per_step):
             f"{tok_s:,.0f} tok/s  eta {(total - step) * seconds_per_step:,.0f}s")
 
 
-def diverged(step, ckpt) -> Diverged:
+def diverged(step, saved_step) -> Diverged:
+  """The line of a loss no longer finite at `step`; saved_step: the newest checkpoint or None."""
+  fix = "lower train.learning_rate or raise train.warmup_steps"
+  if saved_step is None:
+    return Diverged(f"non-finite loss at step {step}, before the first checkpoint: nothing is "
+                    f"saved; {fix}, then run again (it starts from step 0)")
   return Diverged(f"non-finite loss at step {step}; the last good checkpoint (step "
-                  f"{ckpt.latest_step()}) is kept: lower train.learning_rate or raise "
-                  "train.warmup_steps, then run the same command again")
+                  f"{saved_step}) is kept: {fix}, then run the same command again")
 
 
-def preempted(preemption, step, logs, workdirs) -> Exception:
-  """The exception that ends a loop stopped by SIGTERM / Ctrl-C once its checkpoints are saved."""
-  for log in logs:
-    log.event("preempted", f"{preemption.signal_name}: saved step {step}; run the same "
-              "command to resume", signal=preemption.signal_name)
+def preempted_error(preemption, step, workdirs) -> Exception:
   where = ", ".join(f"{w}/checkpoints" for w in workdirs)
   return preemption.error(f"checkpoint saved at step {step} in {where}; "
                           "run the same command to resume")

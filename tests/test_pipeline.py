@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from blockprune_jax import pipeline
+from blockprune_jax import validate
 from blockprune_jax.prune import pruning
 from blockprune_jax import model as model_lib
 from blockprune_jax import tokenizer as tok_lib
@@ -152,4 +153,4 @@ def test_user_errors_name_the_key(tmp_path, overrides, needle):
 
 def test_validate_rejects_bad_stride():
   with pytest.raises(UserError, match="eval.stride"):
-    pipeline.validate(tiny_config(eval__stride=100))
+    validate.validate(tiny_config(eval__stride=100))

@@ -12,6 +12,7 @@ import pytest
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
 from blockprune_jax import pipeline
+from blockprune_jax import update
 from blockprune_jax import train
 import cli
 from conftest import tiny_config, tiny_training
@@ -133,7 +134,7 @@ def test_distill_kl_matches_numpy():
   pt = np.exp(t / T) / np.exp(t / T).sum(-1, keepdims=True)
   ps = np.exp(s / T) / np.exp(s / T).sum(-1, keepdims=True)
   want = (pt * (np.log(pt) - np.log(ps))).sum(-1)
-  np.testing.assert_allclose(np.asarray(train.distill_kl(t, s, T)), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(update.distill_kl(t, s, T)), want, rtol=1e-5)
 
 
 # --- kill / resume through the command line --------------------------------------------
@@ -195,12 +196,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   config = tiny_config(train__steps=8, train__learning_rate=1e30, train__grad_clip=0.0,
                        train__warmup_steps=1, checkpoint__every_steps=1)
-  with pytest.raises(UserError, match="non-finite loss at step"):
+  with pytest.raises(UserError, match="non-finite loss at step") as e:
     pipeline.run(config, str(tmp_path / "nan"))
   ckpt = Checkpointer(str(tmp_path / "nan" / "checkpoints"))
   step = ckpt.latest_step()
   assert step is not None and step < 8
+  assert f"the last good checkpoint (step {step}) is kept" in str(e.value)
   assert not os.path.exists(tmp_path / "nan" / "results.json")
+
+
+@pytest.mark.slow
+def test_a_divergence_before_any_checkpoint_says_nothing_is_saved(tmp_path, capsys):
+  from blockprune_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  config = tiny_config(train__steps=8, train__learning_rate=1e30, train__grad_clip=0.0,
+                       train__warmup_steps=1, checkpoint__every_steps=100)
+  with pytest.raises(UserError, match="non-finite loss at step") as e:
+    pipeline.run(config, str(tmp_path / "nan"))
+  line = str(e.value)
+  assert "\n" not in line and "None" not in line and "last good checkpoint" not in line
+  assert "before the first checkpoint: nothing is saved" in line and "train.learning_rate" in line
+  assert f"[blockprune] {line}\n" in capsys.readouterr().err  # the console says the same
+  assert len(cli.events(tmp_path / "nan", "diverged")) == 1
+  assert not cli.checkpoint_steps(tmp_path / "nan" / "checkpoints")
 
 
 def test_warmup_starts_above_zero_and_reaches_peak():
