@@ -1,6 +1,6 @@
 """Every config key fed wrong values: each is refused with one UserError line naming the key.
 
-In-process (config_lib.apply_overrides, then pipeline.validate): no data, no JAX backend, so the
+In-process (config_lib.apply_overrides, then validate.validate): no data, no JAX backend, so the
 whole walk takes about a second. Each leaf key of configs/base.py gets the wrong values of its
 type (wrong type, negative, zero, huge, NaN, inf, empty, unknown choice, a file where a directory
 is meant, a missing directory); values a key legitimately accepts are skipped, each with its
@@ -12,7 +12,6 @@ import os
 import pytest
 
 from blockprune_jax import config_lib
-from blockprune_jax import pipeline
 from blockprune_jax import validate
 from blockprune_jax.errors import UserError
 from configs import base
@@ -178,7 +177,7 @@ COMBINATIONS = [
 def _refused(overrides, key):
   """Asserts overrides -> one UserError line (from apply_overrides or validate) naming `key`."""
   with pytest.raises(UserError) as e:
-    pipeline.validate(config_lib.apply_overrides(tiny_config(), overrides))
+    validate.validate(config_lib.apply_overrides(tiny_config(), overrides))
   message = str(e.value)
   assert key in message, message
   assert "\n" not in message and "Traceback" not in message, message
@@ -194,10 +193,10 @@ def test_every_key_has_a_rule_and_every_skip_a_key():
 
 
 def test_contexts_and_shipped_configs_are_valid():
-  pipeline.validate(tiny_config())
+  validate.validate(tiny_config())
   for context in CONTEXT.values():
-    pipeline.validate(config_lib.apply_overrides(tiny_config(), context))
-  pipeline.validate(base.get_config())
+    validate.validate(config_lib.apply_overrides(tiny_config(), context))
+  validate.validate(base.get_config())
 
 
 SHIPPED = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
@@ -216,7 +215,7 @@ def test_every_shipped_config_and_sweep_run_is_valid(name):
   config = module.get_config()
   runs = sweep.load_get_sweep(path)
   for run in sweep.expand_sweep(config, None, runs) if runs else [{}]:
-    pipeline.validate(config_lib.apply_overrides(config, run))
+    validate.validate(config_lib.apply_overrides(config, run))
 
 
 @pytest.mark.parametrize("key,kind,value", CASES, ids=[f"{k}:{kind}" for k, kind, _ in CASES])
@@ -235,7 +234,7 @@ def test_accepted_values_are_accepted():
   """The skip table is honest: each skipped value passes validation (in its context)."""
   for key, kind, value in SKIPPED:
     config = config_lib.apply_overrides(tiny_config(), {**CONTEXT.get(key, {}), key: value})
-    pipeline.validate(config)
+    validate.validate(config)
 
 
 def test_fuzz_count():

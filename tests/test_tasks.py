@@ -13,6 +13,7 @@ from blockprune_jax import hf_io
 from blockprune_jax import parallel
 from blockprune_jax.prune import pruning
 from blockprune_jax import tasks as tasks_lib
+from blockprune_jax import validate
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.bench.tasks import write_tasks
 from blockprune_jax.errors import UserError
@@ -139,7 +140,7 @@ def test_bad_task_input_is_one_line(task_dir, tmp_path):
 
   def refused(**overrides):
     with pytest.raises(UserError) as e:
-      pipeline.validate(tiny_config(**overrides))
+      validate.validate(tiny_config(**overrides))
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -163,7 +164,7 @@ def test_bad_task_input_is_one_line(task_dir, tmp_path):
 def test_allocation_study_takes_tasks_in_one_override(task_dir):
   """configs/allocation_study.py:offline with --config.eval.tasks: every run of the sweep
   validates (the check main makes before the first run starts)."""
-  from blockprune_jax import config_lib, pipeline, sweep  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import config_lib, sweep  # pylint: disable=import-outside-toplevel
   from conftest import REPO  # pylint: disable=import-outside-toplevel
   path = os.path.join(REPO, "configs", "allocation_study.py")
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -174,5 +175,5 @@ def test_allocation_study_takes_tasks_in_one_override(task_dir):
       "eval.tasks": ("tiny_mc,tiny_rolling",), "eval.task_dir": task_dir})
   runs = sweep.expand_sweep(config, None, module.get_sweep("offline"))
   for run in runs:
-    pipeline.validate(config_lib.apply_overrides(config, run))
+    validate.validate(config_lib.apply_overrides(config, run))
   assert tasks_lib.task_names(config) == ["tiny_mc", "tiny_rolling"]

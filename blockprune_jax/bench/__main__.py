@@ -48,6 +48,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from blockprune_jax import batched
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import files
 from blockprune_jax import model as model_lib
@@ -192,7 +193,9 @@ def bench_eval(cfg, params=None, label="eval", runs=0, mode=""):
   mesh = parallel.data_mesh()
   params = params if params is not None else random_params(cfg)
   params = parallel.replicate(_runs_of(params, runs), mesh)
-  step = eval_lib.make_eval_step(model_lib.logits_fn(cfg), mesh, batched=mode)
+  apply_fn = model_lib.logits_fn(cfg)
+  step = (batched.make_eval_step(apply_fn, mesh, mode) if mode
+          else eval_lib.make_eval_step(apply_fn, mesh))
   b, t = eval_batch(), _SEQ.value
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)).astype(np.int32)
   batch = parallel.shard_batch((ids, ids, np.ones((b, t), np.float32)), mesh)
@@ -212,7 +215,9 @@ def bench_train(cfg, masks=None, label="train", runs=0, mode=""):
   optimizer, _ = train.make_optimizer(t_cfg, 1000)  # for the optimizer state's structure
   state = train.init_state(random_params(cfg), optimizer, masks or {}, seed=0)
   state = parallel.replicate(_runs_of(state, runs), mesh, donatable=True)
-  step = train.make_train_step(cfg, train.optimizer_settings(t_cfg), mesh, batched=mode)
+  settings = train.optimizer_settings(t_cfg)
+  step = (batched.make_train_step(cfg, settings, mesh, mode) if mode
+          else train.make_train_step(cfg, settings, mesh))
   b, t = _BATCH.value, _SEQ.value
   seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, b, t + 1)).astype(np.int32)
   batch = parallel.shard_batch(_runs_of(seq, runs), mesh, axis=2 if runs else 1)

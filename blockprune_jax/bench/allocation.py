@@ -57,6 +57,7 @@ from blockprune_jax import data as data_lib
 from blockprune_jax import files
 from blockprune_jax import hf_io
 from blockprune_jax import parallel
+from blockprune_jax import lifecycle
 from blockprune_jax import pipeline
 from blockprune_jax.prune import pruning
 from blockprune_jax.prune import solve
@@ -128,7 +129,7 @@ class Scorer:
     ckpt = os.path.join(config.base.dir, "export")
     self.config = config
     self.tok = tok_lib.load_tokenizer(ckpt, config.data.tokenizer)
-    self.streams = pipeline.Streams(config, self.tok)
+    self.streams = lifecycle.Streams(config, self.tok)
     self.model_cfg = hf_io.load_config(ckpt)
     self.params = hf_io.load_params(ckpt, self.model_cfg)
     p = config.prune

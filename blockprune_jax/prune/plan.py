@@ -183,7 +183,7 @@ def compute(config, model_cfg, params, streams, log, stored=None) -> Plan:
   plan when prune.method is none.
 
   stored: the measured allocation a checkpoint of this run holds (written by `stored_allocation`,
-  read back by pipeline.allocation_in_checkpoint), reused instead of measuring again when the
+  read back by lifecycle.checkpointed_allocation), reused instead of measuring again when the
   run resumes."""
   p = config.prune
   if p.method == "none":
