@@ -43,16 +43,16 @@ def parse_spec(config: ml_collections.ConfigDict, spec: str) -> tuple[str, list[
   if not isinstance(current, (tuple, list)):
     return key, [config_lib.parse_text(key, v, current) for v in text.split(",")]
   values = []
-  for alternative in text.split("|"):
+  for alternative in text.split("|"):  # a|b: alternatives; a:b: positions; a,b: choices
+    positions = [[c for c in pos.split(",") if c.strip()] for pos in alternative.split(":")]
+    empty = [i for i, choices in enumerate(positions) if not choices]
     if not alternative.strip():
       values.append(())
-      continue
-    positions = [[c for c in pos.split(",") if c.strip()] for pos in alternative.split(":")]
-    for i, choices in enumerate(positions):
-      if not choices:
-        raise UserError(f"sweep: '--sweep={spec}': position {i} of '{alternative}' is empty")
-    values += [config_lib.parse_text(key, ",".join(combo), current)
-               for combo in itertools.product(*positions)]
+    elif empty:
+      raise UserError(f"sweep: '--sweep={spec}': position {empty[0]} of '{alternative}' is empty")
+    else:
+      values += [config_lib.parse_text(key, ",".join(combo), current)
+                 for combo in itertools.product(*positions)]
   return key, values
 
 
@@ -61,8 +61,7 @@ def load_get_sweep(config_path: str) -> list[dict] | None:
   path, _, arg = config_path.partition(":")
   if not os.path.exists(path):
     raise UserError(f"sweep: config file '{path}' not found")
-  module = config_lib.load_file(path, "_blockprune_sweep_config")
-  get_sweep = getattr(module, "get_sweep", None)
+  get_sweep = getattr(config_lib.load_file(path, "_blockprune_sweep_config"), "get_sweep", None)
   if get_sweep is None:
     return None
   runs = get_sweep(arg) if arg else get_sweep()
@@ -80,6 +79,7 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
                  sweep_fn_list: Sequence[dict] | None) -> list[dict]:
   """The runs, each {dotted key: typed value}, duplicates dropped: the product of the `--sweep`
   `specs` if any (get_sweep's `sweep_fn_list` is then ignored), else `sweep_fn_list`, else [{}]."""
+  runs = [{}]
   if specs:
     if sweep_fn_list:
       log.info("sweep: --sweep flags given; the config file's get_sweep() is not used")
@@ -94,16 +94,11 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
     listed = [{config_lib.strip_prefix(k): v for k, v in o.items()} for o in sweep_fn_list]
     runs = [{k: config_lib.coerce(k, v, config_lib.lookup(config, k)) for k, v in o.items()}
             for o in listed]
-  else:
-    runs = [{}]
-  unique, seen = [], set()
+  unique = {}
   for run in runs:
-    if _signature(run) in seen:
+    if unique.setdefault(_signature(run), run) is not run:
       log.warning("sweep: dropping a duplicate run %s", run)
-      continue
-    seen.add(_signature(run))
-    unique.append(run)
-  return unique
+  return list(unique.values())
 
 
 def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> list[dict]:

@@ -21,13 +21,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
 
 
-def t_quantile_975(df: int) -> float:
-  """t_{0.975}(df), the two-sided 95 % Student-t critical value, for df >= 1 degrees of freedom."""
-  if int(df) != df or df < 1:
-    raise ValueError(f"df={df}: degrees of freedom must be a positive integer")
-  return float(scipy_stats.t.ppf(0.975, int(df)))
-
-
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
   """Mean difference a - b over seeds (same seeds, same order) with its 95 % t-interval.
 

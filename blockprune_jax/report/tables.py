@@ -9,25 +9,18 @@ import pandas as pd
 from blockprune_jax import config_lib
 from blockprune_jax import files
 from blockprune_jax.report import stats
-from blockprune_jax.report.dataframe import ONESHOT_TASKS, PPL, as_frame
+from blockprune_jax.report.dataframe import PPL, as_frame
 
 
 def columns(df: pd.DataFrame) -> list[str]:
-  """The per-run table's columns, in order."""
+  """The per-run table's columns, in order (frame() puts final task scores before one-shot ones)."""
   head = ["run", "role", "method", "allocation", "target", "ratios_per_block"]
   if any(df.get("ratios_per_layer", [])):  # only layer-allocation runs have their own
     head.append("ratios_per_layer")
   head += ["sparsity_overall", "sparsity_per_block"]
   head += [c for p in PPL for c in df.columns if c.startswith(p)]
-  head += task_columns(df)
+  head += [c for c in df.columns if "/" in c]  # task scores: '[oneshot/]<task>/<metric>'
   return head + ["seed", "train_steps", "final_train_loss"]
-
-
-def task_columns(df: pd.DataFrame) -> list[str]:
-  """The task score columns ('<task>/<metric>'): final ones first, then the one-shot ones."""
-  cols = [c for c in df.columns if "/" in c]
-  return ([c for c in cols if not c.startswith(ONESHOT_TASKS)]
-          + [c for c in cols if c.startswith(ONESHOT_TASKS)])
 
 
 def fmt_ppl(x: float | None) -> str:
@@ -101,8 +94,8 @@ def keyed(configs: pd.Series, skip: Iterable[str], hide: Iterable[str] = ()) -> 
 
 def metrics(df: pd.DataFrame) -> list[str]:
   """The columns averaged over seeds."""
-  return (["sparsity_overall"] + [c for c in columns(df) if c.startswith(PPL)]
-          + task_columns(df) + ["final_train_loss"])
+  return [c for c in columns(df) if c in ("sparsity_overall", "final_train_loss")
+          or c.startswith(PPL) or "/" in c]
 
 
 def _stat(i: int):
