@@ -124,7 +124,7 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
       have |= sigs
   if controls:
     _say(f"sweep: {len(controls)} dense control run(s) added, fine-tuned like the pruned runs "
-         "(sweep.controls=False turns this off)", parallel.processes()[0] == 0)
+         "(sweep.controls=False turns this off)")
   return controls + list(runs)
 
 
@@ -156,9 +156,9 @@ def run_names(runs: Sequence[dict]) -> list[str]:
           else n for n, r in zip(names, runs)]
 
 
-def _say(line: str, primary: bool) -> None:
+def _say(line: str) -> None:
   """One console line of the sweep (process 0 only; logs hold the details)."""
-  if primary:
+  if parallel.processes()[0] == 0:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -175,7 +175,7 @@ def _outcome(run_dir: str) -> str:
     return "done"
 
 
-def _groups(config, rows, configs, primary) -> list[list[int]]:
+def _groups(config, rows, configs) -> list[list[int]]:
   """The run indices in the order they go: one by one, or (sweep.batch_runs > 1) groups of
   runs that share a program, with a line for each pending run that has to go alone."""
   k = config.sweep.batch_runs if "sweep" in config else 1
@@ -183,14 +183,13 @@ def _groups(config, rows, configs, primary) -> list[list[int]]:
   if k <= 1 or len(pending) < 2:
     return [[i] for i in range(len(rows))]
   if parallel.processes()[1] > 1:
-    _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another",
-         primary)
+    _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another")
     return [[i] for i in range(len(rows))]
   from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
   found, why = batched.plan_groups([configs[i] for i in pending], k,
                                    names=[rows[i]["name"] for i in pending])
   for j, reason in sorted(why.items()):
-    _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}", primary)
+    _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}")
   done = [[i] for i, r in enumerate(rows) if r["status"] == "done"]
   return done + [[pending[j] for j in g] for g in found]
 
@@ -205,13 +204,12 @@ def _run_group(group, rows, configs, run_fn, save, primary, fail_fast):
     return
   _say(f"[{group[0] + 1}/{n}] {rows_[0]['name']} ..." if len(group) == 1 else
        f"[{','.join(str(i + 1) for i in group)}/{n}] {len(group)} runs side by side: "
-       f"{', '.join(r['name'] for r in rows_)} ...", primary)
+       f"{', '.join(r['name'] for r in rows_)} ...")
   for row in rows_:
     os.makedirs(row["workdir"], exist_ok=True)
     if primary:
       files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
     row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    row.pop("error", None)
   save()
   start = time.time()
   try:
@@ -244,8 +242,7 @@ def _run_group(group, rows, configs, run_fn, save, primary, fail_fast):
       row.update(status="failed", error=f"the run returned without writing {files.RESULTS}")
     else:
       row["status"] = "done"
-      _say(f"[{i + 1}/{n}] {row['name']}: {_outcome(row['workdir'])} ({row['seconds']:.1f} s)",
-           primary)
+      _say(f"[{i + 1}/{n}] {row['name']}: {_outcome(row['workdir'])} ({row['seconds']:.1f} s)")
   save()
 
 
@@ -304,7 +301,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   todo = sum(r["status"] != "done" for r in rows)
   log.info("sweep: %d runs in %s, %d already done, %d to run", len(rows), workdir,
            len(rows) - todo, todo)
-  for group in _groups(config, rows, configs, primary):
+  for group in _groups(config, rows, configs):
     _run_group(group, rows, configs, run_fn, save, primary, fail_fast)
   if report and primary:
     _write_report(config, workdir)
@@ -330,8 +327,7 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
   failed = [r for r in rows if r["status"] == "failed"]
   for r in failed:  # which run, and why (its error's first line)
-    print(f"failed: {r['name']}: {((r.get('error') or '').splitlines() or [''])[0]}",
-          file=sys.stderr)
+    print(f"failed: {r['name']}: {r['error'].splitlines()[0]}", file=sys.stderr)
   if failed:
     print(f"{len(failed)} of {len(rows)} runs failed (see sweep.json): "
           f"{', '.join(r['name'] for r in failed)}", file=sys.stderr)

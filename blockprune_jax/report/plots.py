@@ -84,40 +84,36 @@ def plot_ppl_vs_sparsity(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
 def plot_heatmaps(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """For 3-block explicit-ratio grids: validation perplexity over (front, back), per middle ratio
   ("heatmap_mid<r>[_<method>]"), seeds averaged; drawn where there are 2 front and 2 back ratios."""
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
   grid = _with_val(df[(df["allocation"] == "explicit")
                       & df["_ratios_block"].map(lambda r: bool(r) and len(r) == 3)])
   grid = grid.join(pd.DataFrame(grid["_ratios_block"].tolist(), index=grid.index,
                                 columns=["front", "mid", "back"]).round(6))
-  written, methods = {}, grid["method"].nunique()
+  written, methods, split = {}, grid["method"].nunique(), val_split(df)
   for (method, mid), g in grid.groupby(["method", "mid"]):
     z = g.pivot_table(index="front", columns="back", values="val", aggfunc="mean")
-    if min(z.shape) >= 2:
-      name = f"heatmap_mid{mid:g}" + (f"_{method}" if methods > 1 else "")
-      written |= _heatmap(z, f"middle block ratio = {mid:g}\n({method}; grey = not run)",
-                          val_split(df), out_dir, name)
+    if min(z.shape) < 2:
+      continue
+    values = z.to_numpy()
+    log_scale = _spread(values[np.isfinite(values)]) > 10
+    fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
+    cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
+                   norm=colors.LogNorm() if log_scale else None)
+    ax.set_xticks(range(z.shape[1]), [f"{b:g}" for b in z.columns])
+    ax.set_yticks(range(z.shape[0]), [f"{f:g}" for f in z.index])
+    ax.set(xlabel="back block pruning ratio (fraction of weights removed)",
+           ylabel="front block pruning ratio")
+    ax.set_title(f"{split.capitalize()} perplexity, middle block ratio = {mid:g}\n({method}; "
+                 "grey = not run)", fontsize=10)
+    if values.size <= 100:
+      for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):  # white text on the dark end of the colour scale
+          ax.text(j, i, fmt_ppl(float(v)), ha="center", va="center", fontsize=7,
+                  color="white" if im.norm(v) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label=f"{split} perplexity" + (" (log scale)" if log_scale else ""))
+    written |= _save(fig, out_dir, f"heatmap_mid{mid:g}" + (f"_{method}" if methods > 1 else ""))
   return written
-
-
-def _heatmap(z: pd.DataFrame, title: str, split: str, out_dir: str, name: str) -> dict[str, str]:
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  values = z.to_numpy()
-  log_scale = _spread(values[np.isfinite(values)]) > 10
-  fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
-  cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
-  im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
-                 norm=colors.LogNorm() if log_scale else None)
-  ax.set_xticks(range(z.shape[1]), [f"{b:g}" for b in z.columns])
-  ax.set_yticks(range(z.shape[0]), [f"{f:g}" for f in z.index])
-  ax.set(xlabel="back block pruning ratio (fraction of weights removed)",
-         ylabel="front block pruning ratio")
-  ax.set_title(f"{split.capitalize()} perplexity, {title}", fontsize=10)
-  if values.size <= 100:
-    for (i, j), v in np.ndenumerate(values):
-      if np.isfinite(v):  # white text on the dark end of the colour scale
-        ax.text(j, i, fmt_ppl(float(v)), ha="center", va="center", fontsize=7,
-                color="white" if im.norm(v) > 0.6 else "black")
-  fig.colorbar(im, ax=ax, label=f"{split} perplexity" + (" (log scale)" if log_scale else ""))
-  return _save(fig, out_dir, name)
 
 
 def _single_layer(ratios: Sequence[float] | None) -> int | None:

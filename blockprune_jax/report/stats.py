@@ -54,20 +54,14 @@ def verdict(name_a: str, name_b: str, diff: dict, metric: str = "perplexity",
             lower_is_better: bool = True) -> str:
   """One sentence on a paired_difference(a, b), the winner first, e.g. "linear beats uniform by
   0.42 perplexity (95 % CI 0.10 to 0.74, 3 seeds): significant." (the winner's advantage)."""
-  mean, low, high, n = diff["mean"], diff["ci_low"], diff["ci_high"], diff["n"]
   sign = -1.0 if lower_is_better else 1.0
-  gain = sign * mean  # a's advantage over b
-  ci = None if low is None else sorted((sign * low, sign * high))
-  if gain < 0:
-    name_a, name_b, gain = name_b, name_a, -gain
-    ci = None if ci is None else [-ci[1], -ci[0]]
-  d = _decimals(gain, *(ci or []))
-  seeds = f"{n} seed{'s' if n != 1 else ''}"
-  end = "significant." if diff["significant"] else "not significant."
-  if gain == 0:
-    head = f"{name_a} and {name_b} tie on {metric}"
-  else:
-    head = f"{name_a} beats {name_b} by {gain:.{d}f} {metric}"
-  if ci is None:
-    return f"{head} ({seeds}, no interval): {end}"
-  return f"{head} (95 % CI {ci[0]:.{d}f} to {ci[1]:.{d}f}, {seeds}): {end}"
+  if sign * diff["mean"] < 0:  # b won: it goes first
+    name_a, name_b, sign = name_b, name_a, -sign
+  gain = sign * diff["mean"]
+  ci = [] if diff["ci_low"] is None else sorted((sign * diff["ci_low"], sign * diff["ci_high"]))
+  d = _decimals(gain, *ci)
+  head = (f"{name_a} and {name_b} tie on {metric}" if gain == 0
+          else f"{name_a} beats {name_b} by {gain:.{d}f} {metric}")
+  interval = f"95 % CI {ci[0]:.{d}f} to {ci[1]:.{d}f}, " if ci else ""
+  seeds = f"{diff['n']} seed{'s' if diff['n'] != 1 else ''}" + ("" if ci else ", no interval")
+  return f"{head} ({interval}{seeds}): {'' if diff['significant'] else 'not '}significant."

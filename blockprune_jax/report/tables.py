@@ -23,9 +23,7 @@ def columns(df: pd.DataFrame) -> list[str]:
   return head + ["seed", "train_steps", "final_train_loss"]
 
 
-def fmt_ppl(x: float | None) -> str:
-  if x is None:
-    return ""
+def fmt_ppl(x: float) -> str:
   if not math.isfinite(x) or abs(x) >= 1e6:
     return f"{x:.2e}"  # the 1e70 perplexities of a broken loss stay one short cell
   return f"{x:.2f}"
@@ -63,10 +61,10 @@ def markdown(head: Sequence[str], cells: Iterable[Sequence[str]], aligned: bool 
       stralign="left" if aligned else None)
 
 
-def markdown_table(rows, cols: Sequence[str] | None = None) -> str:
-  """The per-run table (or `cols` of it) in Markdown."""
+def markdown_table(rows) -> str:
+  """The per-run table in Markdown."""
   df = as_frame(rows)
-  cols = list(cols or columns(df))
+  cols = columns(df)
   return markdown([header(c) for c in cols],
                   ([fmt(c, r.get(c)) for c in cols] for r in df.to_dict("records")))
 
@@ -106,29 +104,27 @@ def _stat(i: int):
   return agg
 
 
+SEED_COLUMNS = ["setting", "method", "allocation", "target", "ratios_per_block", "n", "seeds"]
+
+
 def seed_table(df: pd.DataFrame, min_seeds: int = 2) -> pd.DataFrame:
   """One row per group of runs whose configs differ only in `seed` (`min_seeds` seeds or more),
   with the mean and sample std (n-1) of every metric."""
   runs = df[(df["role"] != "base") & df["_config"].astype(bool)]
   runs = runs.join(keyed(runs["_config"], skip={"seed"}))
   table = runs.groupby("key", sort=False).agg(
-      setting=("setting", "first"), method=("method", "first"),
-      allocation=("allocation", "first"), target=("target", "first"),
-      ratios_per_block=("ratios_per_block", "first"), n=("run", "size"),
+      **{c: (c, "first") for c in SEED_COLUMNS[:5]}, n=("run", "size"),
       seeds=("seed", lambda s: "/".join(str(x) for x in sorted(set(s), key=str))),
+      n_seeds=("seed", lambda s: len(set(s))),
       **{f"{m}_{stat}": (m, fn) for m in metrics(df)
          for stat, fn in (("mean", _stat(0)), ("std", _stat(1)))})
-  table = table[runs.groupby("key", sort=False)["seed"].agg(lambda s: len(set(s)) >= min_seeds)
-                .astype(bool)]
+  table = table[(table.pop("n_seeds") >= min_seeds).astype(bool)]
   return table.reset_index(drop=True).astype(object).replace({np.nan: None})
 
 
 def seed_groups(rows) -> list[dict]:
   """Runs that differ only in `seed` (two seeds or more), with mean ± std of their numbers."""
   return seed_table(as_frame(rows)).to_dict("records")
-
-
-SEED_COLUMNS = ["setting", "method", "allocation", "target", "ratios_per_block", "n", "seeds"]
 
 
 def seed_markdown(seeds: pd.DataFrame, cols: Sequence[str], metric_cols: Sequence[str],
