@@ -102,12 +102,9 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
 
 
 def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> list[dict]:
-  """`runs` preceded by the dense controls a fair pruning study needs (`sweep.controls`).
-
-  A pruned run that fine-tunes is compared with the dense model fine-tuned alike: its overrides
-  without the `prune.*` keys, with prune.method=none and role=control. One control per distinct
-  such setting (e.g. per seed); none where the sweep holds that dense run already.
-  """
+  """`runs` preceded by the dense controls a fair pruning study needs (`sweep.controls`): a
+  pruned run that fine-tunes is compared with the dense model fine-tuned alike (its overrides less
+  `prune.*`, prune.method=none, role=control), one per such setting not in the sweep already."""
   if "sweep" in config and not config.sweep.controls:
     return list(runs)
   controls, have = [], {_signature(r) for r in runs}
@@ -135,11 +132,8 @@ def _format_value(value: Any) -> str:
 
 
 def run_name(overrides: dict[str, Any]) -> str:
-  """A readable, filesystem-safe directory name for a run, e.g. `prune.target=0.5__seed=1`.
-
-  Characters outside [A-Za-z0-9._,=+-] become '-'; a changed or cut name (MAX_NAME_LEN) gets an
-  8-character hash of the full one, so distinct runs never share a directory.
-  """
+  """A readable, filesystem-safe directory name for a run, e.g. `prune.target=0.5__seed=1`; a
+  name changed (characters outside [A-Za-z0-9._,=+-]) or cut gets a hash of the full one."""
   if not overrides:
     return "default"
   full = "__".join(f"{k}={_format_value(v)}" for k, v in overrides.items())
@@ -266,11 +260,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
               run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
               fail_fast: bool = False, report: bool = True) -> list[dict]:
   """Runs `runs` and their dense controls in `workdir/<run_name>`; returns sweep.json's rows.
-
-  A finished run is skipped; a failed one is recorded and the sweep goes on (unless `fail_fast`);
-  Ctrl-C / SIGTERM marks the run interrupted and re-raises. `run_fn(config, run_workdir)` (default
-  pipeline.run) runs one alone, pipeline.run_group a group side by side.
-  """
+  A finished run is skipped, a failed one recorded (the sweep goes on unless `fail_fast`); Ctrl-C /
+  SIGTERM marks the run interrupted and re-raises. `run_fn(config, run_workdir)` runs one run."""
   if run_fn is None:
     from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
     run_fn = functools.partial(pipeline.run, echo=False)  # this loop prints a line per run
@@ -317,11 +308,10 @@ def main(argv: Sequence[str]) -> None:
   logs.quiet_console()
   try:
     parallel.maybe_initialize_distributed()
-    config = FLAGS.config
-    config_path = config_flags.get_config_filename(FLAGS["config"])
-    fn_list = None if FLAGS.sweep else load_get_sweep(config_path)
-    runs = expand_sweep(config, FLAGS.sweep, fn_list)
-    rows = run_sweep(config, FLAGS.workdir, runs, fail_fast=FLAGS.fail_fast)
+    fn_list = None if FLAGS.sweep else load_get_sweep(
+        config_flags.get_config_filename(FLAGS["config"]))
+    runs = expand_sweep(FLAGS.config, FLAGS.sweep, fn_list)
+    rows = run_sweep(FLAGS.config, FLAGS.workdir, runs, fail_fast=FLAGS.fail_fast)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -70,10 +70,9 @@ def _pairs(g: pd.DataFrame, split: str) -> tuple[list[dict], str]:
 
 
 def paired_comparisons(rows) -> tuple[pd.DataFrame, list[str]]:
-  """Runs that differ only in the allocation (same method, sparsity level, train steps and other
-  keys), compared pairwise over their common seeds: rows of stats.paired_difference(a, b) of the
-  validation perplexity (else the first split's), fine-tuned and one-shot, `a` the better mean;
-  and per group a sentence on the best allocation and whether its lead is significant."""
+  """Runs that differ only in the allocation, compared pairwise over their common seeds: rows of
+  stats.paired_difference(a, b) of val_split's perplexity, fine-tuned and one-shot, `a` the better
+  mean; and per group a sentence on the best allocation and whether its lead is significant."""
   df = as_frame(rows)
   split = val_split(df)
   groups = _paired_runs(df, split).groupby(["sparsity", "method", "key"], sort=False)

@@ -24,9 +24,10 @@ def _pyplot():
   return plt
 
 
-def _spread(values: Iterable[float]) -> float:
+def _log_scale(values: Iterable[float]) -> bool:
+  """Whether the positive values span more than a factor of 10."""
   values = [v for v in values if v and v > 0]
-  return max(values) / min(values) if values else 1.0
+  return bool(values) and max(values) / min(values) > 10
 
 
 def _with_val(df: pd.DataFrame) -> pd.DataFrame:
@@ -72,7 +73,7 @@ def plot_ppl_vs_sparsity(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
     ax.plot(g["sparsity_overall"].astype(float), g["val"], marker="osD^v<>PX*h"[i % 11],
             linestyle="-" if generated else "none", alpha=0.85, label=f"{label} ({len(g)} runs)")
   _dense_line(ax, df[df["method"] == "none"], ":")
-  log_y, split = _spread(df["val"]) > 10, val_split(df)
+  log_y, split = _log_scale(df["val"]), val_split(df)
   ax.set(yscale="log" if log_y else "linear",
          title=f"{split.capitalize()} perplexity vs measured sparsity",
          xlabel="measured sparsity of the pruned matrices (fraction of weights = 0)",
@@ -95,7 +96,7 @@ def plot_heatmaps(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
     if min(z.shape) < 2:
       continue
     values = z.to_numpy()
-    log_scale = _spread(values[np.isfinite(values)]) > 10
+    log_scale = _log_scale(values[np.isfinite(values)])
     fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
     cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
@@ -206,9 +207,8 @@ def plot_training_curves(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   if not curves:
     return {}
   has_val, legend = any(len(c[2]) for c in curves), len(curves) <= 12
-  fig, axes = _pyplot().subplots(1, 1 + has_val, figsize=(13 if has_val else 7, 4.8),
-                                 squeeze=False)
-  axes = axes[0]
+  fig, (axes,) = _pyplot().subplots(1, 1 + has_val, figsize=(13 if has_val else 7, 4.8),
+                                    squeeze=False)
   cmap = _pyplot().get_cmap("tab10" if legend else "viridis")
   for i, (name, train, val) in enumerate(curves):
     color = cmap(i % 10) if legend else cmap(i / max(len(curves) - 1, 1))
@@ -219,7 +219,7 @@ def plot_training_curves(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   axes[0].set(xlabel="optimizer step", title="Training loss",
               ylabel="train loss (mean cross-entropy, nats per token)")
   if has_val:
-    log_y = _spread(p for c in curves for p in c[2]["ppl"]) > 10
+    log_y = _log_scale(p for c in curves for p in c[2]["ppl"])
     axes[1].set(xlabel="optimizer step", ylabel="validation perplexity",
                 yscale="log" if log_y else "linear", title="Validation perplexity during training")
   for ax in axes:

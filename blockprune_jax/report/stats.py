@@ -11,10 +11,8 @@ from scipy import stats as scipy_stats
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """(mean, sample std with ddof=1) of [n] values; the std is 0 when n == 1.
-
-  Exact sums (math.fsum underneath): the full-precision CSVs show the same digits however the
-  values were ordered."""
+  """(mean, sample std with ddof=1) of [n] values, the std 0 when n == 1; exact sums (fsum), so
+  the full-precision CSVs show the same digits however the values were ordered."""
   v = [float(x) for x in np.asarray(values, np.float64).ravel()]
   if not v:
     raise ValueError("mean_std needs at least one value")
@@ -22,11 +20,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-  """Mean difference a - b over seeds (same seeds, same order) with its 95 % t-interval.
-
-  Returns dict(mean, std (ddof=1), n, ci_low, ci_high, significant); significant when the
-  interval excludes 0. With n < 2 there is no spread to estimate: no interval, not significant.
-  """
+  """dict(mean, std (ddof=1), n, ci_low, ci_high, significant) of a - b over seeds (same seeds,
+  same order), with its 95 % t-interval: significant when it excludes 0; none when n < 2."""
   a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
   if a.size != b.size or a.size == 0:
     raise ValueError(f"paired_difference needs the same seeds for both settings: got {a.size} "
