@@ -136,9 +136,8 @@ def _task_scores(tasks: Any, prefix: str = "") -> dict:
 
 
 def _splits(names: Iterable[str]) -> list[str]:
-  seen = set(names)
-  order = [s for s in ("validation", "test") if s in seen]
-  return order + sorted(seen - set(order))
+  """validation, test, then the others by name."""
+  return sorted(set(names), key=lambda s: (s != "validation", s != "test", s))
 
 
 def objects(values: Iterable[Any], index) -> pd.Series:

@@ -88,7 +88,6 @@ def paired_markdown(paired: pd.DataFrame, sentences: Sequence[str]) -> list[str]
     return [f"{r['sparsity']:g}", r["method"], fmt("train_steps", r["train_steps"]), r["stage"],
             r["allocation_a"], r["allocation_b"], str(r["n"]), fmt_ppl(r["mean"]), ci,
             "yes" if r["significant"] else "no"]
-
   head = ["sparsity", "method", "train steps", "stage", "A", "B", "seeds", "Δ ppl (A − B)",
           "95 % CI", "significant"]
   return ["", "## Paired comparison", "",

@@ -133,7 +133,6 @@ def seed_markdown(seeds: pd.DataFrame, cols: Sequence[str], metric_cols: Sequenc
   def cell(g: dict, m: str) -> str:
     mean, std = fmt(m, g[f"{m}_mean"]), fmt(m, g[f"{m}_std"])
     return f"{mean} ± {std}" if mean and std else mean
-
   suffix = "" if console else " (mean ± std)"
   return markdown([header(c) for c in cols] + [header(m) + suffix for m in metric_cols],
                   ([fmt(c, g[c]) for c in cols] + [cell(g, m) for m in metric_cols]
