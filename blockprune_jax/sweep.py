@@ -43,16 +43,16 @@ def parse_spec(config: ml_collections.ConfigDict, spec: str) -> tuple[str, list[
   if not isinstance(current, (tuple, list)):
     return key, [config_lib.parse_text(key, v, current) for v in text.split(",")]
   values = []
-  for alternative in text.split("|"):
+  for alternative in text.split("|"):  # a|b: alternatives; a:b: positions; a,b: choices
+    positions = [[c for c in pos.split(",") if c.strip()] for pos in alternative.split(":")]
+    empty = [i for i, choices in enumerate(positions) if not choices]
     if not alternative.strip():
       values.append(())
-      continue
-    positions = [[c for c in pos.split(",") if c.strip()] for pos in alternative.split(":")]
-    for i, choices in enumerate(positions):
-      if not choices:
-        raise UserError(f"sweep: '--sweep={spec}': position {i} of '{alternative}' is empty")
-    values += [config_lib.parse_text(key, ",".join(combo), current)
-               for combo in itertools.product(*positions)]
+    elif empty:
+      raise UserError(f"sweep: '--sweep={spec}': position {empty[0]} of '{alternative}' is empty")
+    else:
+      values += [config_lib.parse_text(key, ",".join(combo), current)
+                 for combo in itertools.product(*positions)]
   return key, values
 
 
@@ -61,8 +61,7 @@ def load_get_sweep(config_path: str) -> list[dict] | None:
   path, _, arg = config_path.partition(":")
   if not os.path.exists(path):
     raise UserError(f"sweep: config file '{path}' not found")
-  module = config_lib.load_file(path, "_blockprune_sweep_config")
-  get_sweep = getattr(module, "get_sweep", None)
+  get_sweep = getattr(config_lib.load_file(path, "_blockprune_sweep_config"), "get_sweep", None)
   if get_sweep is None:
     return None
   runs = get_sweep(arg) if arg else get_sweep()
@@ -80,6 +79,7 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
                  sweep_fn_list: Sequence[dict] | None) -> list[dict]:
   """The runs, each {dotted key: typed value}, duplicates dropped: the product of the `--sweep`
   `specs` if any (get_sweep's `sweep_fn_list` is then ignored), else `sweep_fn_list`, else [{}]."""
+  runs = [{}]
   if specs:
     if sweep_fn_list:
       log.info("sweep: --sweep flags given; the config file's get_sweep() is not used")
@@ -94,25 +94,17 @@ def expand_sweep(config: ml_collections.ConfigDict, specs: Sequence[str] | None,
     listed = [{config_lib.strip_prefix(k): v for k, v in o.items()} for o in sweep_fn_list]
     runs = [{k: config_lib.coerce(k, v, config_lib.lookup(config, k)) for k, v in o.items()}
             for o in listed]
-  else:
-    runs = [{}]
-  unique, seen = [], set()
+  unique = {}
   for run in runs:
-    if _signature(run) in seen:
+    if unique.setdefault(_signature(run), run) is not run:
       log.warning("sweep: dropping a duplicate run %s", run)
-      continue
-    seen.add(_signature(run))
-    unique.append(run)
-  return unique
+  return list(unique.values())
 
 
 def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> list[dict]:
-  """`runs` preceded by the dense controls a fair pruning study needs (`sweep.controls`).
-
-  A pruned run that fine-tunes is compared with the dense model fine-tuned alike: its overrides
-  without the `prune.*` keys, with prune.method=none and role=control. One control per distinct
-  such setting (e.g. per seed); none where the sweep holds that dense run already.
-  """
+  """`runs` preceded by the dense controls a fair pruning study needs (`sweep.controls`): a
+  pruned run that fine-tunes is compared with the dense model fine-tuned alike (its overrides less
+  `prune.*`, prune.method=none, role=control), one per such setting not in the sweep already."""
   if "sweep" in config and not config.sweep.controls:
     return list(runs)
   controls, have = [], {_signature(r) for r in runs}
@@ -129,7 +121,7 @@ def with_controls(config: ml_collections.ConfigDict, runs: Sequence[dict]) -> li
       have |= sigs
   if controls:
     _say(f"sweep: {len(controls)} dense control run(s) added, fine-tuned like the pruned runs "
-         "(sweep.controls=False turns this off)", parallel.processes()[0] == 0)
+         "(sweep.controls=False turns this off)")
   return controls + list(runs)
 
 
@@ -140,11 +132,8 @@ def _format_value(value: Any) -> str:
 
 
 def run_name(overrides: dict[str, Any]) -> str:
-  """A readable, filesystem-safe directory name for a run, e.g. `prune.target=0.5__seed=1`.
-
-  Characters outside [A-Za-z0-9._,=+-] become '-'; a changed or cut name (MAX_NAME_LEN) gets an
-  8-character hash of the full one, so distinct runs never share a directory.
-  """
+  """A readable, filesystem-safe directory name for a run, e.g. `prune.target=0.5__seed=1`; a
+  name changed (characters outside [A-Za-z0-9._,=+-]) or cut gets a hash of the full one."""
   if not overrides:
     return "default"
   full = "__".join(f"{k}={_format_value(v)}" for k, v in overrides.items())
@@ -161,9 +150,9 @@ def run_names(runs: Sequence[dict]) -> list[str]:
           else n for n, r in zip(names, runs)]
 
 
-def _say(line: str, primary: bool) -> None:
+def _say(line: str) -> None:
   """One console line of the sweep (process 0 only; logs hold the details)."""
-  if primary:
+  if parallel.processes()[0] == 0:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -180,7 +169,7 @@ def _outcome(run_dir: str) -> str:
     return "done"
 
 
-def _groups(config, rows, configs, primary) -> list[list[int]]:
+def _groups(config, rows, configs) -> list[list[int]]:
   """The run indices in the order they go: one by one, or (sweep.batch_runs > 1) groups of
   runs that share a program, with a line for each pending run that has to go alone."""
   k = config.sweep.batch_runs if "sweep" in config else 1
@@ -188,14 +177,13 @@ def _groups(config, rows, configs, primary) -> list[list[int]]:
   if k <= 1 or len(pending) < 2:
     return [[i] for i in range(len(rows))]
   if parallel.processes()[1] > 1:
-    _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another",
-         primary)
+    _say(f"sweep: sweep.batch_runs={k} with several processes: runs go one after another")
     return [[i] for i in range(len(rows))]
   from blockprune_jax import batched  # pylint: disable=g-import-not-at-top
   found, why = batched.plan_groups([configs[i] for i in pending], k,
                                    names=[rows[i]["name"] for i in pending])
   for j, reason in sorted(why.items()):
-    _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}", primary)
+    _say(f"sweep: {rows[pending[j]]['name']} runs alone: {reason}")
   done = [[i] for i, r in enumerate(rows) if r["status"] == "done"]
   return done + [[pending[j] for j in g] for g in found]
 
@@ -210,13 +198,12 @@ def _run_group(group, rows, configs, run_fn, save, primary, fail_fast):
     return
   _say(f"[{group[0] + 1}/{n}] {rows_[0]['name']} ..." if len(group) == 1 else
        f"[{','.join(str(i + 1) for i in group)}/{n}] {len(group)} runs side by side: "
-       f"{', '.join(r['name'] for r in rows_)} ...", primary)
+       f"{', '.join(r['name'] for r in rows_)} ...")
   for row in rows_:
     os.makedirs(row["workdir"], exist_ok=True)
     if primary:
       files.write_json(os.path.join(row["workdir"], OVERRIDES_JSON), row["overrides"])
     row.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    row.pop("error", None)
   save()
   start = time.time()
   try:
@@ -249,8 +236,7 @@ def _run_group(group, rows, configs, run_fn, save, primary, fail_fast):
       row.update(status="failed", error=f"the run returned without writing {files.RESULTS}")
     else:
       row["status"] = "done"
-      _say(f"[{i + 1}/{n}] {row['name']}: {_outcome(row['workdir'])} ({row['seconds']:.1f} s)",
-           primary)
+      _say(f"[{i + 1}/{n}] {row['name']}: {_outcome(row['workdir'])} ({row['seconds']:.1f} s)")
   save()
 
 
@@ -274,11 +260,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
               run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
               fail_fast: bool = False, report: bool = True) -> list[dict]:
   """Runs `runs` and their dense controls in `workdir/<run_name>`; returns sweep.json's rows.
-
-  A finished run is skipped; a failed one is recorded and the sweep goes on (unless `fail_fast`);
-  Ctrl-C / SIGTERM marks the run interrupted and re-raises. `run_fn(config, run_workdir)` (default
-  pipeline.run) runs one alone, pipeline.run_group a group side by side.
-  """
+  A finished run is skipped, a failed one recorded (the sweep goes on unless `fail_fast`); Ctrl-C /
+  SIGTERM marks the run interrupted and re-raises. `run_fn(config, run_workdir)` runs one run."""
   if run_fn is None:
     from blockprune_jax import pipeline  # pylint: disable=g-import-not-at-top
     run_fn = functools.partial(pipeline.run, echo=False)  # this loop prints a line per run
@@ -309,7 +292,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
   todo = sum(r["status"] != "done" for r in rows)
   log.info("sweep: %d runs in %s, %d already done, %d to run", len(rows), workdir,
            len(rows) - todo, todo)
-  for group in _groups(config, rows, configs, primary):
+  for group in _groups(config, rows, configs):
     _run_group(group, rows, configs, run_fn, save, primary, fail_fast)
   if report and primary:
     _write_report(config, workdir)
@@ -325,18 +308,16 @@ def main(argv: Sequence[str]) -> None:
   logs.quiet_console()
   try:
     parallel.maybe_initialize_distributed()
-    config = FLAGS.config
-    config_path = config_flags.get_config_filename(FLAGS["config"])
-    fn_list = None if FLAGS.sweep else load_get_sweep(config_path)
-    runs = expand_sweep(config, FLAGS.sweep, fn_list)
-    rows = run_sweep(config, FLAGS.workdir, runs, fail_fast=FLAGS.fail_fast)
+    fn_list = None if FLAGS.sweep else load_get_sweep(
+        config_flags.get_config_filename(FLAGS["config"]))
+    runs = expand_sweep(FLAGS.config, FLAGS.sweep, fn_list)
+    rows = run_sweep(FLAGS.config, FLAGS.workdir, runs, fail_fast=FLAGS.fail_fast)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   failed = [r for r in rows if r["status"] == "failed"]
   for r in failed:  # which run, and why (its error's first line)
-    print(f"failed: {r['name']}: {((r.get('error') or '').splitlines() or [''])[0]}",
-          file=sys.stderr)
+    print(f"failed: {r['name']}: {r['error'].splitlines()[0]}", file=sys.stderr)
   if failed:
     print(f"{len(failed)} of {len(rows)} runs failed (see sweep.json): "
           f"{', '.join(r['name'] for r in failed)}", file=sys.stderr)

@@ -2,10 +2,8 @@
 
     python -m blockprune_jax.report runs/grid [runs/other ...] [--out=DIR]
 
-One DataFrame with a row per results.json (dataframe.py) feeds everything written into the first
-directory (or --out): report.csv, report.md (per-run table, failed runs, mean ± std over seeds,
-paired comparison of allocations: tables.py, paired.py, stats.py), report_seeds.csv,
-report_paired.csv and the plots the runs allow (plots.py). docs/sweeps.md lists the columns.
+writes report.csv, report.md, report_seeds.csv, report_paired.csv and the plots the runs allow
+into the first directory (or --out); docs/sweeps.md says what they hold and which module does what.
 """
 import logging
 import sys

@@ -136,9 +136,8 @@ def _task_scores(tasks: Any, prefix: str = "") -> dict:
 
 
 def _splits(names: Iterable[str]) -> list[str]:
-  seen = set(names)
-  order = [s for s in ("validation", "test") if s in seen]
-  return order + sorted(seen - set(order))
+  """validation, test, then the others by name."""
+  return sorted(set(names), key=lambda s: (s != "validation", s != "test", s))
 
 
 def objects(values: Iterable[Any], index) -> pd.Series:
@@ -160,23 +159,11 @@ def frame(paths: Sequence[str]) -> pd.DataFrame:
       records.append(_record(results, run, run_dir))
   records.sort(key=lambda r: _natural_key(r["run"]))
   df = pd.DataFrame(records, columns=list(_record({}, "", "")), dtype=object)
-  for source, prefix in (("_ppl", "ppl_"), ("_oneshot", "oneshot_")):
-    for s in _splits(s for d in df[source] for s in d):
-      df[prefix + s] = objects((d.get(s) for d in df[source]), df.index)
-  for source in ("_tasks", "_oneshot_tasks"):
-    for col in sorted({c for d in df[source] for c in d}):
-      df[col] = objects((d.get(col) for d in df[source]), df.index)
+  for source, prefix in (("_ppl", "ppl_"), ("_oneshot", "oneshot_"), ("_tasks", ""),
+                         ("_oneshot_tasks", "")):
+    for name in _splits(name for d in df[source] for name in d):  # tasks: sorted
+      df[prefix + name] = objects((d.get(name) for d in df[source]), df.index)
   return _add_deltas(df)
-
-
-def _control_ppl(run: pd.Series, controls: pd.DataFrame, col: str) -> float | None:
-  """The control of the run's seed, else the mean over controls; controls fine-tuned for the
-  run's number of steps first (a control is the dense model trained like the pruned runs)."""
-  same = controls[controls["train_steps"] == run["train_steps"]]
-  controls = same if len(same) else controls
-  same = controls[controls["seed"] == run["seed"]]
-  values = numeric((same if len(same) else controls)[col]).dropna()
-  return float(values.mean()) if len(values) else None
 
 
 def _delta(run: pd.Series, controls: pd.DataFrame, col: str) -> float | None:
@@ -184,8 +171,12 @@ def _delta(run: pd.Series, controls: pd.DataFrame, col: str) -> float | None:
     return None  # the base is another model (trained from scratch): no comparison
   if run["role"] == "control":
     return 0.0
-  ref = _control_ppl(run, controls, col)
-  return None if ref is None else run[col] - ref
+  # A control is the dense model trained like the pruned runs: the controls fine-tuned for the
+  # run's number of steps, and of its seed, where there are such; else all of them (their mean).
+  for key in ("train_steps", "seed"):
+    same = controls[controls[key] == run[key]]
+    controls = same if len(same) else controls
+  return None if controls.empty else run[col] - float(numeric(controls[col]).mean())
 
 
 def _add_deltas(df: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,7 @@ from typing import Sequence
 import pandas as pd
 
 from blockprune_jax import keys
+from blockprune_jax import trees
 from blockprune_jax.report import stats
 from blockprune_jax.report.dataframe import as_frame, column, numeric, objects, val_split
 from blockprune_jax.report.tables import fmt, fmt_ppl, keyed, markdown
@@ -18,25 +19,18 @@ COLUMNS = ["sparsity", "method", "train_steps", "setting", "stage", "split", "al
 _ALLOCATION_KEYS = keys.where(paired=True)
 
 
-def _label(allocation: str, config: dict) -> str:
-  """'linear' or, for a front-heavy ramp, 'linear decreasing'."""
-  prune = config.get("prune", {}) if isinstance(config, dict) else {}
-  if allocation in ("linear", "exponential") and prune.get("direction") == "decreasing":
-    return f"{allocation} decreasing"
-  return allocation
-
-
 def _paired_runs(df: pd.DataFrame, split: str) -> pd.DataFrame:
   """Pruned runs with a seed, `key`ed so that a group differs only in allocation (and seed)."""
   runs = df[~df["role"].isin(["base", "control"]) & ~df["method"].isin(["", "none"])
             & df["_config"].astype(bool) & df["seed"].notna()]
   level = [t if t is not None else (round(s, 2) if s is not None and math.isfinite(s) else None)
            for t, s in zip(runs["target"], runs["sparsity_overall"])]
-  label = pd.Series([_label(a, c) for a, c in zip(runs["allocation"], runs["_config"])],
-                    index=runs.index, dtype=object)
-  ratios = {"explicit": runs["ratios_per_block"], "layer": runs["ratios_per_layer"]}
-  for name, r in ratios.items():  # told apart by their ratios
-    label = label.mask(runs["allocation"] == name, name + " " + r)
+  alloc = runs["allocation"]
+  ramp = alloc.isin(["linear", "exponential"]) & runs["_config"].map(
+      lambda c: trees.get_path(c, ("prune", "direction")) == "decreasing")
+  label = alloc.mask(ramp, alloc.astype(str) + " decreasing")  # a front-heavy ramp
+  for name, ratios in (("explicit", runs["ratios_per_block"]), ("layer", runs["ratios_per_layer"])):
+    label = label.mask(alloc == name, name + " " + ratios)  # told apart by their ratios
   out = runs[["method", "train_steps", "seed"]].join(
       keyed(runs["_config"], _ALLOCATION_KEYS, hide=("prune.method", "train.steps"))).assign(
           sparsity=objects(level, runs.index), allocation=label,
@@ -76,10 +70,9 @@ def _pairs(g: pd.DataFrame, split: str) -> tuple[list[dict], str]:
 
 
 def paired_comparisons(rows) -> tuple[pd.DataFrame, list[str]]:
-  """Runs that differ only in the allocation (same method, sparsity level, train steps and other
-  keys), compared pairwise over their common seeds: rows of stats.paired_difference(a, b) of the
-  validation perplexity (else the first split's), fine-tuned and one-shot, `a` the better mean;
-  and per group a sentence on the best allocation and whether its lead is significant."""
+  """Runs that differ only in the allocation, compared pairwise over their common seeds: rows of
+  stats.paired_difference(a, b) of val_split's perplexity, fine-tuned and one-shot, `a` the better
+  mean; and per group a sentence on the best allocation and whether its lead is significant."""
   df = as_frame(rows)
   split = val_split(df)
   groups = _paired_runs(df, split).groupby(["sparsity", "method", "key"], sort=False)
@@ -95,7 +88,6 @@ def paired_markdown(paired: pd.DataFrame, sentences: Sequence[str]) -> list[str]
     return [f"{r['sparsity']:g}", r["method"], fmt("train_steps", r["train_steps"]), r["stage"],
             r["allocation_a"], r["allocation_b"], str(r["n"]), fmt_ppl(r["mean"]), ci,
             "yes" if r["significant"] else "no"]
-
   head = ["sparsity", "method", "train steps", "stage", "A", "B", "seeds", "Δ ppl (A − B)",
           "95 % CI", "significant"]
   return ["", "## Paired comparison", "",

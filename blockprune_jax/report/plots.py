@@ -24,9 +24,10 @@ def _pyplot():
   return plt
 
 
-def _spread(values: Iterable[float]) -> float:
+def _log_scale(values: Iterable[float]) -> bool:
+  """Whether the positive values span more than a factor of 10."""
   values = [v for v in values if v and v > 0]
-  return max(values) / min(values) if values else 1.0
+  return bool(values) and max(values) / min(values) > 10
 
 
 def _with_val(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,20 +44,25 @@ def _dense_line(ax, dense: pd.DataFrame, style: str) -> float | None:
   return y
 
 
-def _save(fig, path: str) -> str:
+def _save(fig, out_dir: str, name: str, ax=None, grid: str = "both", **legend) -> dict[str, str]:
+  """{name: path} of the figure written as out_dir/name.png; with `ax`, its grid and legend."""
+  if ax is not None:
+    ax.legend(fontsize=8, **legend)
+    ax.grid(True, axis=grid, alpha=0.3)
   fig.tight_layout()
+  path = os.path.join(out_dir, name + ".png")
   with files.atomic_path(path) as tmp:  # the format comes from `path`, not the temporary name
-    fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    fig.savefig(tmp, dpi=120, format="png")
   _pyplot().close(fig)
-  return path
+  return {name: path}
 
 
-def plot_ppl_vs_sparsity(df: pd.DataFrame, path: str) -> str | None:
+def plot_ppl_vs_sparsity(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """Validation perplexity vs measured overall sparsity, one series per (method,) allocation."""
   df = _with_val(df)
   pruned = df[(df["method"] != "none") & df["sparsity_overall"].notna()]
   if pruned.empty:
-    return None
+    return {}
   labels = pruned["allocation"].replace("", "?")
   if pruned["method"].nunique() > 1:
     labels = pruned["method"] + " / " + labels
@@ -67,57 +73,48 @@ def plot_ppl_vs_sparsity(df: pd.DataFrame, path: str) -> str | None:
     ax.plot(g["sparsity_overall"].astype(float), g["val"], marker="osD^v<>PX*h"[i % 11],
             linestyle="-" if generated else "none", alpha=0.85, label=f"{label} ({len(g)} runs)")
   _dense_line(ax, df[df["method"] == "none"], ":")
-  log_y, split = _spread(df["val"]) > 10, val_split(df)
+  log_y, split = _log_scale(df["val"]), val_split(df)
   ax.set(yscale="log" if log_y else "linear",
          title=f"{split.capitalize()} perplexity vs measured sparsity",
          xlabel="measured sparsity of the pruned matrices (fraction of weights = 0)",
          ylabel=f"{split} perplexity (exp of mean NLL per token)"
          + (", log scale" if log_y else ""))
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8, title="allocation")
-  return _save(fig, path)
+  return _save(fig, out_dir, "ppl_vs_sparsity", ax, title="allocation")
 
 
 def plot_heatmaps(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
-  """For 3-block explicit-ratio grids: validation perplexity over (front, back), per middle ratio.
-
-  Runs with the same ratios (seeds) are averaged. A middle ratio needs at least 2 front and 2 back
-  ratios to be drawn. Returns {"heatmap_mid<r>[_<method>]": path}.
-  """
+  """For 3-block explicit-ratio grids: validation perplexity over (front, back), per middle ratio
+  ("heatmap_mid<r>[_<method>]"), seeds averaged; drawn where there are 2 front and 2 back ratios."""
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
   grid = _with_val(df[(df["allocation"] == "explicit")
                       & df["_ratios_block"].map(lambda r: bool(r) and len(r) == 3)])
   grid = grid.join(pd.DataFrame(grid["_ratios_block"].tolist(), index=grid.index,
                                 columns=["front", "mid", "back"]).round(6))
-  written, methods = {}, grid["method"].nunique()
+  written, methods, split = {}, grid["method"].nunique(), val_split(df)
   for (method, mid), g in grid.groupby(["method", "mid"]):
     z = g.pivot_table(index="front", columns="back", values="val", aggfunc="mean")
-    if min(z.shape) >= 2:
-      name = f"heatmap_mid{mid:g}" + (f"_{method}" if methods > 1 else "")
-      written[name] = _heatmap(z, f"middle block ratio = {mid:g}\n({method}; grey = not run)",
-                               val_split(df), os.path.join(out_dir, name + ".png"))
+    if min(z.shape) < 2:
+      continue
+    values = z.to_numpy()
+    log_scale = _log_scale(values[np.isfinite(values)])
+    fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
+    cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
+                   norm=colors.LogNorm() if log_scale else None)
+    ax.set_xticks(range(z.shape[1]), [f"{b:g}" for b in z.columns])
+    ax.set_yticks(range(z.shape[0]), [f"{f:g}" for f in z.index])
+    ax.set(xlabel="back block pruning ratio (fraction of weights removed)",
+           ylabel="front block pruning ratio")
+    ax.set_title(f"{split.capitalize()} perplexity, middle block ratio = {mid:g}\n({method}; "
+                 "grey = not run)", fontsize=10)
+    if values.size <= 100:
+      for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):  # white text on the dark end of the colour scale
+          ax.text(j, i, fmt_ppl(float(v)), ha="center", va="center", fontsize=7,
+                  color="white" if im.norm(v) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label=f"{split} perplexity" + (" (log scale)" if log_scale else ""))
+    written |= _save(fig, out_dir, f"heatmap_mid{mid:g}" + (f"_{method}" if methods > 1 else ""))
   return written
-
-
-def _heatmap(z: pd.DataFrame, title: str, split: str, path: str) -> str:
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  values = z.to_numpy()
-  log_scale = _spread(values[np.isfinite(values)]) > 10
-  fig, ax = _pyplot().subplots(figsize=(1.0 * z.shape[1] + 3, 0.8 * z.shape[0] + 2.2))
-  cmap = _pyplot().get_cmap("viridis_r").with_extremes(bad="lightgrey")
-  im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap=cmap, aspect="auto",
-                 norm=colors.LogNorm() if log_scale else None)
-  ax.set_xticks(range(z.shape[1]), [f"{b:g}" for b in z.columns])
-  ax.set_yticks(range(z.shape[0]), [f"{f:g}" for f in z.index])
-  ax.set(xlabel="back block pruning ratio (fraction of weights removed)",
-         ylabel="front block pruning ratio")
-  ax.set_title(f"{split.capitalize()} perplexity, {title}", fontsize=10)
-  if values.size <= 100:
-    for (i, j), v in np.ndenumerate(values):
-      if np.isfinite(v):  # white text on the dark end of the colour scale
-        ax.text(j, i, fmt_ppl(float(v)), ha="center", va="center", fontsize=7,
-                color="white" if im.norm(v) > 0.6 else "black")
-  fig.colorbar(im, ax=ax, label=f"{split} perplexity" + (" (log scale)" if log_scale else ""))
-  return _save(fig, path)
 
 
 def _single_layer(ratios: Sequence[float] | None) -> int | None:
@@ -125,12 +122,12 @@ def _single_layer(ratios: Sequence[float] | None) -> int | None:
   return nonzero[0] if len(nonzero) == 1 else None
 
 
-def plot_layer_scan(df: pd.DataFrame, path: str) -> str | None:
+def plot_layer_scan(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """Bars of validation perplexity per layer for `layer` runs that prune exactly one layer."""
   scan = _with_val(df[df["allocation"] == "layer"])
   scan = scan.assign(layer=scan["_ratios_layer"].map(_single_layer)).dropna(subset=["layer"])
   if scan.empty:
-    return None
+    return {}
   scan["ratio"] = [round(r[int(l)], 6) for r, l in zip(scan["_ratios_layer"], scan["layer"])]
   bars = scan.pivot_table(index="layer", columns="ratio", values="val", aggfunc="mean")
   bars.index = bars.index.astype(int)
@@ -154,17 +151,15 @@ def plot_layer_scan(df: pd.DataFrame, path: str) -> str | None:
          xlabel="pruned layer (index, 0 = closest to the embeddings)",
          ylabel=f"{split} perplexity (axis does not start at 0)",
          title=f"{split.capitalize()} perplexity when pruning a single layer")
-  ax.legend(fontsize=8)
-  ax.grid(True, axis="y", alpha=0.3)
-  return _save(fig, path)
+  return _save(fig, out_dir, "layer_scan", ax, grid="y")
 
 
-def plot_sensitivity(df: pd.DataFrame, path: str) -> str | None:
+def plot_sensitivity(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """The curves `sensitivity` (and `search`) allocations were solved from: calibration-loss
   increase when one block alone is pruned, per block, one faint line per run."""
   found = [c for c in df["_sensitivity"] if c]
   if not found:
-    return None
+    return {}
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -174,9 +169,7 @@ def plot_sensitivity(df: pd.DataFrame, path: str) -> str | None:
               color=colors[b % len(colors)], label=f"block {b}" if curves is found[0] else None)
   ax.set(xlabel="ratio of the block alone", ylabel="calibration loss increase (nats)",
          title=f"Sensitivity curves ({len(found)} run{'s' if len(found) > 1 else ''})")
-  ax.legend(fontsize=8)
-  ax.grid(True, alpha=0.3)
-  return _save(fig, path)
+  return _save(fig, out_dir, "sensitivity", ax)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -207,16 +200,15 @@ def _curves(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
   return train, m[(m["split"] == "validation") & m["ppl"].notna()].sort_values(["step", "ppl"])
 
 
-def plot_training_curves(df: pd.DataFrame, path: str) -> str | None:
+def plot_training_curves(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """Train loss vs step and (where logged) validation perplexity vs step, one line per run."""
   curves = [(run, *_curves(d)) for run, d in zip(df["run"], df["_dir"])]
   curves = [c for c in curves if len(c[1]) or len(c[2])]
   if not curves:
-    return None
+    return {}
   has_val, legend = any(len(c[2]) for c in curves), len(curves) <= 12
-  fig, axes = _pyplot().subplots(1, 1 + has_val, figsize=(13 if has_val else 7, 4.8),
-                                 squeeze=False)
-  axes = axes[0]
+  fig, (axes,) = _pyplot().subplots(1, 1 + has_val, figsize=(13 if has_val else 7, 4.8),
+                                    squeeze=False)
   cmap = _pyplot().get_cmap("tab10" if legend else "viridis")
   for i, (name, train, val) in enumerate(curves):
     color = cmap(i % 10) if legend else cmap(i / max(len(curves) - 1, 1))
@@ -227,7 +219,7 @@ def plot_training_curves(df: pd.DataFrame, path: str) -> str | None:
   axes[0].set(xlabel="optimizer step", title="Training loss",
               ylabel="train loss (mean cross-entropy, nats per token)")
   if has_val:
-    log_y = _spread(p for c in curves for p in c[2]["ppl"]) > 10
+    log_y = _log_scale(p for c in curves for p in c[2]["ppl"])
     axes[1].set(xlabel="optimizer step", ylabel="validation perplexity",
                 yscale="log" if log_y else "linear", title="Validation perplexity during training")
   for ax in axes:
@@ -236,23 +228,19 @@ def plot_training_curves(df: pd.DataFrame, path: str) -> str | None:
     axes[-1].legend(fontsize=7)
   else:
     fig.suptitle(f"{len(curves)} runs (colour = run order, legend omitted)", fontsize=9)
-  return _save(fig, path)
+  return _save(fig, out_dir, "training_curves")
 
 
 def plot_all(df: pd.DataFrame, out_dir: str) -> dict[str, str]:
   """Every plot the runs allow; a failing plot is logged and skipped (the tables matter more)."""
   df = df[df["role"] != "base"] if (df["role"] != "base").any() else df  # base: own scale
   plots = {}
-  for name, fn in (("ppl_vs_sparsity", plot_ppl_vs_sparsity), ("layer_scan", plot_layer_scan),
-                   ("training_curves", plot_training_curves), ("sensitivity", plot_sensitivity),
-                   ("heatmaps", plot_heatmaps)):
+  for plot in (plot_ppl_vs_sparsity, plot_layer_scan, plot_training_curves, plot_sensitivity,
+               plot_heatmaps):
     try:
-      if fn is plot_heatmaps:  # one file per middle ratio
-        plots.update(fn(df, out_dir))
-      elif path := fn(df, os.path.join(out_dir, name + ".png")):
-        plots[name] = path
+      plots |= plot(df, out_dir)
     except NoSpace:
       raise  # the report cannot be written either: one line, not a traceback per plot
     except Exception:  # pylint: disable=broad-except
-      log.exception("report: plot %s failed", name)
+      log.exception("report: plot %s failed", plot.__name__.removeprefix("plot_"))
   return plots

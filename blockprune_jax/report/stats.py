@@ -11,29 +11,17 @@ from scipy import stats as scipy_stats
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """(mean, sample std with ddof=1) of [n] values; the std is 0 when n == 1.
-
-  Exact sums (math.fsum underneath): the full-precision CSVs show the same digits however the
-  values were ordered."""
+  """(mean, sample std with ddof=1) of [n] values, the std 0 when n == 1; exact sums (fsum), so
+  the full-precision CSVs show the same digits however the values were ordered."""
   v = [float(x) for x in np.asarray(values, np.float64).ravel()]
   if not v:
     raise ValueError("mean_std needs at least one value")
   return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0
 
 
-def t_quantile_975(df: int) -> float:
-  """t_{0.975}(df), the two-sided 95 % Student-t critical value, for df >= 1 degrees of freedom."""
-  if int(df) != df or df < 1:
-    raise ValueError(f"df={df}: degrees of freedom must be a positive integer")
-  return float(scipy_stats.t.ppf(0.975, int(df)))
-
-
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-  """Mean difference a - b over seeds (same seeds, same order) with its 95 % t-interval.
-
-  Returns dict(mean, std (ddof=1), n, ci_low, ci_high, significant); significant when the
-  interval excludes 0. With n < 2 there is no spread to estimate: no interval, not significant.
-  """
+  """dict(mean, std (ddof=1), n, ci_low, ci_high, significant) of a - b over seeds (same seeds,
+  same order), with its 95 % t-interval: significant when it excludes 0; none when n < 2."""
   a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
   if a.size != b.size or a.size == 0:
     raise ValueError(f"paired_difference needs the same seeds for both settings: got {a.size} "
@@ -61,20 +49,14 @@ def verdict(name_a: str, name_b: str, diff: dict, metric: str = "perplexity",
             lower_is_better: bool = True) -> str:
   """One sentence on a paired_difference(a, b), the winner first, e.g. "linear beats uniform by
   0.42 perplexity (95 % CI 0.10 to 0.74, 3 seeds): significant." (the winner's advantage)."""
-  mean, low, high, n = diff["mean"], diff["ci_low"], diff["ci_high"], diff["n"]
   sign = -1.0 if lower_is_better else 1.0
-  gain = sign * mean  # a's advantage over b
-  ci = None if low is None else sorted((sign * low, sign * high))
-  if gain < 0:
-    name_a, name_b, gain = name_b, name_a, -gain
-    ci = None if ci is None else [-ci[1], -ci[0]]
-  d = _decimals(gain, *(ci or []))
-  seeds = f"{n} seed{'s' if n != 1 else ''}"
-  end = "significant." if diff["significant"] else "not significant."
-  if gain == 0:
-    head = f"{name_a} and {name_b} tie on {metric}"
-  else:
-    head = f"{name_a} beats {name_b} by {gain:.{d}f} {metric}"
-  if ci is None:
-    return f"{head} ({seeds}, no interval): {end}"
-  return f"{head} (95 % CI {ci[0]:.{d}f} to {ci[1]:.{d}f}, {seeds}): {end}"
+  if sign * diff["mean"] < 0:  # b won: it goes first
+    name_a, name_b, sign = name_b, name_a, -sign
+  gain = sign * diff["mean"]
+  ci = [] if diff["ci_low"] is None else sorted((sign * diff["ci_low"], sign * diff["ci_high"]))
+  d = _decimals(gain, *ci)
+  head = (f"{name_a} and {name_b} tie on {metric}" if gain == 0
+          else f"{name_a} beats {name_b} by {gain:.{d}f} {metric}")
+  interval = f"95 % CI {ci[0]:.{d}f} to {ci[1]:.{d}f}, " if ci else ""
+  seeds = f"{diff['n']} seed{'s' if diff['n'] != 1 else ''}" + ("" if ci else ", no interval")
+  return f"{head} ({interval}{seeds}): {'' if diff['significant'] else 'not '}significant."

@@ -9,30 +9,21 @@ import pandas as pd
 from blockprune_jax import config_lib
 from blockprune_jax import files
 from blockprune_jax.report import stats
-from blockprune_jax.report.dataframe import ONESHOT_TASKS, PPL, as_frame
+from blockprune_jax.report.dataframe import PPL, as_frame
 
 
 def columns(df: pd.DataFrame) -> list[str]:
-  """The per-run table's columns, in order."""
+  """The per-run table's columns, in order (frame() puts final task scores before one-shot ones)."""
   head = ["run", "role", "method", "allocation", "target", "ratios_per_block"]
   if any(df.get("ratios_per_layer", [])):  # only layer-allocation runs have their own
     head.append("ratios_per_layer")
   head += ["sparsity_overall", "sparsity_per_block"]
   head += [c for p in PPL for c in df.columns if c.startswith(p)]
-  head += task_columns(df)
+  head += [c for c in df.columns if "/" in c]  # task scores: '[oneshot/]<task>/<metric>'
   return head + ["seed", "train_steps", "final_train_loss"]
 
 
-def task_columns(df: pd.DataFrame) -> list[str]:
-  """The task score columns ('<task>/<metric>'): final ones first, then the one-shot ones."""
-  cols = [c for c in df.columns if "/" in c]
-  return ([c for c in cols if not c.startswith(ONESHOT_TASKS)]
-          + [c for c in cols if c.startswith(ONESHOT_TASKS)])
-
-
-def fmt_ppl(x: float | None) -> str:
-  if x is None:
-    return ""
+def fmt_ppl(x: float) -> str:
   if not math.isfinite(x) or abs(x) >= 1e6:
     return f"{x:.2e}"  # the 1e70 perplexities of a broken loss stay one short cell
   return f"{x:.2f}"
@@ -70,10 +61,10 @@ def markdown(head: Sequence[str], cells: Iterable[Sequence[str]], aligned: bool 
       stralign="left" if aligned else None)
 
 
-def markdown_table(rows, cols: Sequence[str] | None = None) -> str:
-  """The per-run table (or `cols` of it) in Markdown."""
+def markdown_table(rows) -> str:
+  """The per-run table in Markdown."""
   df = as_frame(rows)
-  cols = list(cols or columns(df))
+  cols = columns(df)
   return markdown([header(c) for c in cols],
                   ([fmt(c, r.get(c)) for c in cols] for r in df.to_dict("records")))
 
@@ -101,8 +92,8 @@ def keyed(configs: pd.Series, skip: Iterable[str], hide: Iterable[str] = ()) -> 
 
 def metrics(df: pd.DataFrame) -> list[str]:
   """The columns averaged over seeds."""
-  return (["sparsity_overall"] + [c for c in columns(df) if c.startswith(PPL)]
-          + task_columns(df) + ["final_train_loss"])
+  return [c for c in columns(df) if c in ("sparsity_overall", "final_train_loss")
+          or c.startswith(PPL) or "/" in c]
 
 
 def _stat(i: int):
@@ -113,20 +104,21 @@ def _stat(i: int):
   return agg
 
 
+SEED_COLUMNS = ["setting", "method", "allocation", "target", "ratios_per_block", "n", "seeds"]
+
+
 def seed_table(df: pd.DataFrame, min_seeds: int = 2) -> pd.DataFrame:
   """One row per group of runs whose configs differ only in `seed` (`min_seeds` seeds or more),
   with the mean and sample std (n-1) of every metric."""
   runs = df[(df["role"] != "base") & df["_config"].astype(bool)]
   runs = runs.join(keyed(runs["_config"], skip={"seed"}))
   table = runs.groupby("key", sort=False).agg(
-      setting=("setting", "first"), method=("method", "first"),
-      allocation=("allocation", "first"), target=("target", "first"),
-      ratios_per_block=("ratios_per_block", "first"), n=("run", "size"),
+      **{c: (c, "first") for c in SEED_COLUMNS[:5]}, n=("run", "size"),
       seeds=("seed", lambda s: "/".join(str(x) for x in sorted(set(s), key=str))),
+      n_seeds=("seed", lambda s: len(set(s))),
       **{f"{m}_{stat}": (m, fn) for m in metrics(df)
          for stat, fn in (("mean", _stat(0)), ("std", _stat(1)))})
-  table = table[runs.groupby("key", sort=False)["seed"].agg(lambda s: len(set(s)) >= min_seeds)
-                .astype(bool)]
+  table = table[(table.pop("n_seeds") >= min_seeds).astype(bool)]
   return table.reset_index(drop=True).astype(object).replace({np.nan: None})
 
 
@@ -135,16 +127,12 @@ def seed_groups(rows) -> list[dict]:
   return seed_table(as_frame(rows)).to_dict("records")
 
 
-SEED_COLUMNS = ["setting", "method", "allocation", "target", "ratios_per_block", "n", "seeds"]
-
-
 def seed_markdown(seeds: pd.DataFrame, cols: Sequence[str], metric_cols: Sequence[str],
                   console: bool = False) -> str:
   """The seed table's `cols` and `metric_cols` (as mean ± std); for a console, aligned."""
   def cell(g: dict, m: str) -> str:
     mean, std = fmt(m, g[f"{m}_mean"]), fmt(m, g[f"{m}_std"])
     return f"{mean} ± {std}" if mean and std else mean
-
   suffix = "" if console else " (mean ± std)"
   return markdown([header(c) for c in cols] + [header(m) + suffix for m in metric_cols],
                   ([fmt(c, g[c]) for c in cols] + [cell(g, m) for m in metric_cols]

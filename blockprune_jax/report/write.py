@@ -29,24 +29,13 @@ def failed_runs(sources: Sequence[str]) -> list[tuple[str, str]]:
   out = []
   for root in sources:
     path = os.path.join(root, SWEEP_JSON)
-    record = dataframe.load(path) if os.path.isfile(path) else None
-    runs = record.get("runs") if record else None
-    for row in runs if isinstance(runs, list) else []:
-      if isinstance(row, dict) and row.get("status") == "failed":
-        name = str(row.get("name", "?"))
-        if len(sources) > 1:
-          name = os.path.join(os.path.basename(os.path.abspath(root)), name)
-        out.append((name, (str(row.get("error") or "no reason recorded").splitlines()
-                           or [""])[0]))
+    runs = (dataframe.load(path) or {}).get("runs") if os.path.isfile(path) else None
+    prefix = os.path.basename(os.path.abspath(root)) if len(sources) > 1 else ""
+    out += [(os.path.join(prefix, str(row.get("name", "?"))),
+             str(row.get("error") or "no reason recorded").splitlines()[0])
+            for row in (runs if isinstance(runs, list) else [])
+            if isinstance(row, dict) and row.get("status") == "failed"]
   return out
-
-
-def _paired_or_none(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-  try:
-    return paired_lib.paired_comparisons(df)
-  except Exception:  # pylint: disable=broad-except
-    log.exception("report: paired comparison failed")  # an extra must not lose the tables
-    return pd.DataFrame(columns=paired_lib.COLUMNS), []
 
 
 _EXTRA_NOTES = {"oneshot_": " One-shot ppl = right after pruning, before fine-tuning.",
@@ -76,12 +65,8 @@ def _answer(df: pd.DataFrame, sentences: Sequence[str]) -> str:
 
 
 def write_report(out_dir: str, sources: Sequence[str] | None = None) -> Report:
-  """Collects runs under `sources` (default: `out_dir`) and writes the report into `out_dir`.
-
-  Returns {name: path} of the files written: csv, md, seeds_csv (if any seed groups),
-  paired_csv (if any paired comparison) and each plot the runs allow (ppl_vs_sparsity,
-  heatmap_mid<r>..., layer_scan, training_curves, sensitivity).
-  """
+  """The report of the runs under `sources` (default: `out_dir`), written into `out_dir`: {name:
+  path} of csv, md, seeds_csv and paired_csv (where there are such tables) and each plot drawn."""
   sources = list(sources or [out_dir])
   os.makedirs(out_dir, exist_ok=True)
   df = dataframe.frame(sources)
@@ -89,7 +74,11 @@ def write_report(out_dir: str, sources: Sequence[str] | None = None) -> Report:
   written = Report(csv=os.path.join(out_dir, "report.csv"))
   tables.write_csv(written["csv"], df, tables.columns(df))
   seeds = tables.seed_table(df)
-  paired, sentences = _paired_or_none(df)
+  try:
+    paired, sentences = paired_lib.paired_comparisons(df)
+  except Exception:  # pylint: disable=broad-except
+    log.exception("report: paired comparison failed")  # an extra must not lose the tables
+    paired, sentences = pd.DataFrame(columns=paired_lib.COLUMNS), []
   for name, table in (("seeds", seeds), ("paired", paired)):
     if len(table):
       written[f"{name}_csv"] = os.path.join(out_dir, f"report_{name}.csv")
