@@ -19,6 +19,7 @@ import filelock
 from blockprune_jax.errors import NoSpace, UserError, one_line
 
 RESULTS = "results.json"  # a finished run's record, in its workdir
+SWEEP_JSON = "sweep.json"  # a sweep's rows (run, status, error), in the sweep's workdir
 LOCK_FILE = ".lock"  # in the workdir, held while a run uses it
 
 

@@ -117,6 +117,3 @@ def _tensorboard_died(args):
     _TB_NO_SPACE.append(reason)
     return True
   return False
-
-
-quiet_console = quiet.console  # sweep.py's name for it
