@@ -35,15 +35,15 @@ from blockprune_jax.preemption import PreemptionFlag  # pylint: disable=unused-i
 METRIC = 'perplexity'  # the best-keeping metric's name in Orbax (lower is better)
 # Orbax writes it last: a step without it is an interrupted copy, never restored.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
-# {path: [size, crc32]} of a step's files. The meta key of that name says the step has one, so
-# a deleted list is damage, not a step saved before lists existed.
-FILE_LIST = 'files.json'
-CHECKSUM = 'checksum'  # state_checksum(state) in the meta of steps saved before file lists
+FILE_LIST = 'files.json'  # {path: [size, crc32]} of a step's files
+# state_checksum(state) in the meta of steps saved before file lists existed: a step without a
+# list and without this is damaged.
+CHECKSUM = 'checksum'
 META_FILE = os.path.join('meta', 'metadata')  # where Orbax's JsonSave puts the meta dict
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
-class Checkpointer:
+class Checkpointer(contextlib.AbstractContextManager):
   """Saves the training state every `every_steps` steps; keeps the last `keep` plus the best.
   Every process calls every method (Orbax coordinates multi-host writes itself)."""
 
@@ -205,13 +205,12 @@ class Checkpointer:
     metrics = None
     if self.keep_best and metric is not None and math.isfinite(float(metric)):
       metrics = {METRIC: float(metric)}
-    meta = dict(meta or {}, **{FILE_LIST: True})
     with self._writes():
       self._manager.wait_until_finished()  # an earlier step's failed write shows here
       self._writing_step = step
       return self._manager.save(
           step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))),
           metrics=metrics, force=True)
 
   def wait(self):
@@ -243,14 +242,11 @@ class Checkpointer:
     if jax.process_index() == 0:
       remove_partial_steps(self.directory)
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self.close()
 
 
-def _own_keys_removed(meta):
+def _own_keys_removed(meta):  # FILE_LIST: a marker some steps with a list carry
   return {k: v for k, v in meta.items() if k not in (CHECKSUM, FILE_LIST)}
 
 
@@ -271,9 +267,7 @@ def _changed_file(root):
     if listed is None:
       name = META_FILE
       meta = files.load_json(os.path.join(root, META_FILE))
-      if meta is None:
-        return f'{META_FILE} is missing'
-      return f'{FILE_LIST} is missing' if FILE_LIST in meta else None
+      return None if meta is not None and CHECKSUM in meta else f'{FILE_LIST} is missing'
     for name, expected in sorted(listed.items()):
       path = os.path.join(root, name)
       if not os.path.isfile(path):

@@ -45,8 +45,7 @@ def _on_duration(event, duration, **kwargs):
       _totals["compile_s"] += duration
 
 
-def _on_event(event, **kwargs):
-  del kwargs
+def _on_event(event, **_):
   if event == _CACHE_HIT:
     _hit.pending = True
 

@@ -202,11 +202,8 @@ def _same_files(a: str, b: str) -> bool:
 def dir_stamp(path: str) -> tuple:
   """(real path, (name, size, mtime) per file): a cache key that changes with any file."""
   path = os.path.realpath(path)
-  entries = []
-  for name in sorted(os.listdir(path)):
-    st = os.stat(os.path.join(path, name))
-    if os.path.isfile(os.path.join(path, name)):
-      entries.append((name, st.st_size, st.st_mtime_ns))
+  entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                   if e.is_file())
   return path, tuple(entries)
 
 

@@ -2,6 +2,7 @@
 steps), TensorBoard where tensorboardX is installed, and W&B when config.wandb.mode is on (see
 wandb_log.py; a resumed workdir continues the same W&B run). Only process 0 writes.
 """
+import contextlib
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from blockprune_jax import quiet
 from blockprune_jax import wandb_log
 
 
-class RunLog:
+class RunLog(contextlib.AbstractContextManager):
   """Appends events and metrics to the workdir; prints a one-line form of each event. Leaving
   its `with` block by an exception closes the W&B run as failed."""
 
@@ -40,9 +41,6 @@ class RunLog:
           self._tb = SummaryWriter(self._tb_dir)
       except ImportError:  # optional: clu would pull in TensorFlow, tensorboardX does not
         self._tb = None
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, exc_type, exc, tb):
     self.close(exit_code=0 if exc_type is None else 1)

@@ -45,8 +45,7 @@ def _run(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}: every flag takes the form --name=value")
   # pylint: disable=import-outside-toplevel
-  from blockprune_jax import parallel, pipeline, sweep
-  from blockprune_jax import validate as validate_lib
+  from blockprune_jax import parallel, pipeline, sweep, validate as validate_lib
   workdir = _WORKDIR.value
   if not workdir.strip():
     raise UserError("--workdir is empty: give the directory for this run's files")
