@@ -36,9 +36,7 @@ METRIC = 'perplexity'  # the best-keeping metric's name in Orbax (lower is bette
 # Orbax writes it last: a step without it is an interrupted copy, never restored.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 FILE_LIST = 'files.json'  # {path: [size, crc32]} of a step's files
-# state_checksum(state) in the meta of steps saved before file lists existed: a step without a
-# list and without this is damaged.
-CHECKSUM = 'checksum'
+CHECKSUM = 'checksum'  # state_checksum(state), in the meta of steps saved before file lists
 META_FILE = os.path.join('meta', 'metadata')  # where Orbax's JsonSave puts the meta dict
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
@@ -260,7 +258,8 @@ def _crc32(path):
 
 def _changed_file(root):
   """Why the step in `root` is not as saved (a file missing, changed or unreadable), or None.
-  A step saved before file lists existed is left to Orbax and its CHECKSUM."""
+  A step without FILE_LIST is one saved before lists existed only if its meta holds CHECKSUM
+  (then left to Orbax and that)."""
   name = FILE_LIST
   try:
     listed = files.load_json(os.path.join(root, FILE_LIST))
