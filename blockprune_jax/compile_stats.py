@@ -69,10 +69,8 @@ def snapshot() -> dict:
 def since(before: dict) -> dict:
   """What was compiled after `before` (a snapshot)."""
   now = snapshot()
-  names = collections.Counter(now["by_name"])
-  names.subtract(before["by_name"])
-  return dict({k: now[k] - before[k] for k in _totals},
-              by_name={k: v for k, v in names.items() if v})
+  names = collections.Counter(now["by_name"]) - collections.Counter(before["by_name"])
+  return dict({k: now[k] - before[k] for k in _totals}, by_name=dict(names))
 
 
 def add(a: dict, b: dict) -> dict:
