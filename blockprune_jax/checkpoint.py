@@ -82,8 +82,7 @@ class Checkpointer(contextlib.AbstractContextManager):
         os.path.join(self._root, str(step), STEP_METADATA_FILE))}
 
   def latest_step(self):
-    steps = self.all_steps()
-    return steps[-1] if steps else None
+    return max(self.all_steps(), default=None)
 
   def all_steps(self):
     return sorted(set(self._manager.all_steps()) - self._incomplete)
@@ -200,9 +199,8 @@ class Checkpointer(contextlib.AbstractContextManager):
       logging.error('Step %d: parameters hold NaN or Inf; not saving (the last good checkpoint '
                     'is kept).', step)
       return False
-    metrics = None
-    if self.keep_best and metric is not None and math.isfinite(float(metric)):
-      metrics = {METRIC: float(metric)}
+    ranked = self.keep_best and metric is not None and math.isfinite(float(metric))
+    metrics = {METRIC: float(metric)} if ranked else None
     with self._writes():
       self._manager.wait_until_finished()  # an earlier step's failed write shows here
       self._writing_step = step
@@ -287,23 +285,21 @@ def _all_finite(tree):
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def _leaf_checksum(x):
-  """Sum of the bits * odd position weights mod 2**32: the same in any reduction order (any
-  device count), and any single changed bit changes it."""
-  x = jnp.ravel(jnp.asarray(x))
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  else:
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
-  weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
-  return jnp.sum(bits * weights, dtype=jnp.uint32)
-
-
 @jax.jit
 def _checksums(tree):
-  leaves = jax.tree.leaves(tree)
-  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+  """Per leaf, the sum of its bits * odd position weights mod 2**32: the same in any reduction
+  order (any device count), and any single changed bit changes it."""
+  sums = [jnp.zeros(0, jnp.uint32)]
+  for x in jax.tree.leaves(tree):
+    x = jnp.ravel(jnp.asarray(x))
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+      bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
+    weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
+    sums.append(jnp.sum(bits * weights, dtype=jnp.uint32, keepdims=True))
+  return jnp.concatenate(sums)
 
 
 def _host(x):

@@ -244,11 +244,8 @@ def no_space_reason(e: BaseException):
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _NO_SPACE:
-      return _NO_SPACE[e.errno]
-    text = str(e)
-    for reason in _NO_SPACE.values():
-      if reason in text:
+    for code, reason in _NO_SPACE.items():
+      if (isinstance(e, OSError) and e.errno == code) or reason in str(e):
         return reason
     e = e.__cause__ or e.__context__
   return None

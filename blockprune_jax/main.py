@@ -81,9 +81,8 @@ def _exit_for(e, workdir):
   if isinstance(e, UserError) and not isinstance(e, NoSpace):
     _exit(EXIT_USER_ERROR, f"error: {e}")
   path = next((x.filename for x in (e, e.__cause__, e.__context__)
-               if getattr(x, "filename", None)), None)
-  error = e if isinstance(e, NoSpace) else files.as_no_space(e, "the run's files",
-                                                             path or workdir)
+               if getattr(x, "filename", None)), workdir)
+  error = e if isinstance(e, NoSpace) else files.as_no_space(e, "the run's files", path)
   if error is None:
     raise e
   _exit(EXIT_NO_SPACE, f"error: {error}")
