@@ -29,8 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
-EXIT_NO_SPACE = 28  # errno ENOSPC
+EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_NO_SPACE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 28, 130, 143
 
 
 def main(argv):

@@ -41,9 +41,8 @@ class _OrbaxFilter(logging.Filter):
     if self.muted or record.levelno < logging.WARNING:
       return False
     message = record.getMessage()
-    if any(text in message for text in _ORBAX_CHATTER):
-      return False
-    return not (files.no_space_reason(record.exc_info[1] if record.exc_info else None)
+    return not (any(text in message for text in _ORBAX_CHATTER)
+                or files.no_space_reason(record.exc_info[1] if record.exc_info else None)
                 or files.no_space_reason(Exception(message)))
 
 
