@@ -113,17 +113,26 @@ def _warnings(stderr):
   return [l for l in stderr.splitlines() if "does not restore" in l]
 
 
+_KINDS = ("half", "zeros", "delete")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", [
+    "rotate",  # every file once, each kind on a third of them: about 20 reruns
+    pytest.param("all", marks=pytest.mark.skipif(
+        not os.environ.get("BLOCKPRUNE_FULL_FUZZ"),
+        reason="every file x every kind is 60 reruns: set BLOCKPRUNE_FULL_FUZZ=1"))])
 def test_damage_to_any_file_of_the_newest_step_is_one_line_and_a_bitwise_resume(
-    tmp_path, uninterrupted):
-  """Issue 29's fuzz: every file of the newest step x {half, zeros, delete}, one rerun each."""
+    tmp_path, uninterrupted, damage):
+  """Issue 29's fuzz: every file of the newest step x {half, zeros, delete}, one rerun each (the
+  whole cross product also runs in one process: test_storage's fuzz)."""
   reference, _ = uninterrupted(_cmd)
   straight = cli.exported_params(reference)
   newest = reference / "checkpoints" / str(STEPS)
   names = sorted(str(f.relative_to(newest)) for f in newest.rglob("*") if f.is_file())
   table = []
   for i, name in enumerate(names):
-    for kind in ("half", "zeros", "delete"):
+    for kind in _KINDS if damage == "all" else [_KINDS[i % len(_KINDS)]]:
       d = tmp_path / f"{i}-{kind}"
       ckpts = _killed_after_last_checkpoint(reference, d)
       _damage_file(ckpts / str(STEPS) / name, kind)
