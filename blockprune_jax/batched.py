@@ -1,13 +1,10 @@
 """Runs side by side (sweep.batch_runs): K runs of a sweep as one program, around the one-run core.
 
-Runs that differ only in what a program takes as input (masks, pruning ratios and method, seeds,
-learning rates) share a program: every leaf of the state gains a leading run axis and the
-one-run update is mapped over it (`over_runs`), and the group compiles once. Training is
-train.loop with a stacked state, a mapped step and hooks (`Runs`) that fan out to each run's
-train.Run: its log, metrics and checkpoints (the one-run format: a group's run resumes alone,
-and the other way round). A run's results.json times are its own preparation plus its share of
-the group's (`runtime.seconds` add up to the wall time; `runtime.batch` names the group);
-throughputs (`tokens_per_s`) are the program's, all runs' tokens counted.
+Runs that differ only in a program's inputs (masks, ratios, seeds, learning rates) share it: the
+state gains a leading run axis and the one-run update is mapped over it (`over_runs`). Training
+is train.loop with a stacked state and hooks (`Runs`) that fan out to each run's train.Run (its
+log and one-run checkpoints: a group's run resumes alone, and the other way round). A run's
+times are its preparation plus its share of the group's; throughputs count all runs' tokens.
 """
 import dataclasses
 import functools
@@ -30,8 +27,7 @@ from blockprune_jax import train
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 
-# Keys whose values a batched program takes as inputs: runs may differ in them. Every other key
-# (model, data, batch, optimizer structure, step count, evaluation) must agree within a group.
+# Keys whose values a batched program takes as inputs: every other key must agree in a group.
 FREE_KEYS = keys.where(group=True)
 
 
@@ -58,9 +54,8 @@ def _shared(config) -> dict:
 
 
 def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:
-  """(groups of at most `size` run indices that agree on every key outside FREE_KEYS, in run
-  order; for each run alone although size > 1, one line why, naming the most similar other run
-  by `names`, default "run <index + 1>")."""
+  """(groups of at most `size` run indices that agree outside FREE_KEYS, in run order; for each
+  run alone, one line why, naming the most similar other run by `names` or "run <index + 1>")."""
   buckets, why = {}, {}
   for i, config in enumerate(configs):
     reason = alone_reason(config)
@@ -77,18 +72,13 @@ def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[i
     if len(group) == 1 and group[0] not in why and len(shared) > 1:
       i = group[0]
       others = [j for j in shared if j != i]
-      nearest = min(others, key=lambda j: _n_diff(shared[i], shared[j]))
-      differ = sorted(k for k in set(shared[i]) | set(shared[nearest])
-                      if shared[i].get(k) != shared[nearest].get(k))
+      nearest = min(others, key=lambda j: len(train.changed_keys(shared[i], shared[j])))
+      differ = train.changed_keys(shared[i], shared[nearest])
       other = names[nearest] if names else f"run {nearest + 1}"
       why[i] = (f"no other run shares its program ({', '.join(differ[:3])} differ from {other})"
                 if differ else "its group of the same shape was full")
   groups.sort(key=lambda g: g[0])
   return groups, why
-
-
-def _n_diff(a: dict, b: dict) -> int:
-  return sum(a.get(k) != b.get(k) for k in set(a) | set(b))
 
 
 def by_shape(preps) -> list:
@@ -116,11 +106,9 @@ def mode(config) -> str:
 
 
 def over_runs(fn, in_axes, how: str):
-  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
-  shared), as one program. "vmap" fills an accelerator that one small run leaves half idle;
-  "map" (jax.lax.map) runs them one after another inside the program: on a CPU, whose cores one
-  run keeps busy, batched matmuls are slower (README, "Runs side by side"), while one dispatch
-  per step for all runs still saves time."""
+  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0, as one
+  program. "vmap" fills an accelerator one small run leaves idle; "map" (jax.lax.map) runs them
+  one after another: on a CPU batched matmuls are slower, one dispatch per step still helps."""
   if how == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
   if how != "map":
@@ -155,7 +143,6 @@ def make_eval_step(apply_fn, mesh, how: str):
 
 
 def stack(trees_):
-  """K pytrees of one structure -> one pytree with a leading run axis (on the host)."""
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees_)
 
 
@@ -166,8 +153,8 @@ def take(tree, k):
 
 
 def union_masks(masks_list, params) -> list:
-  """Masks of every path any run prunes; a run that does not prune a path gets all-True there
-  (multiplying by 1 is exact), so that every run's state has one structure."""
+  """Each run's masks over every path any run prunes (all-True where it does not: exact), so that
+  every run's state has one structure."""
   paths = []
   for masks in masks_list:
     paths += [p for p in trees.leaf_paths(masks) if p not in paths]
@@ -228,24 +215,18 @@ class Runs:
   def periodic_eval(self, state, step):
     if not self.runs[0].eval_due(step) or self.stopped():
       return None
-    first = self.runs[0]
-    results = eval_lib.periodic_validation(self.config, first.apply_fn, state["params"],
-                                           first.streams, self.mesh, self.eval_step)
+    results = self.runs[0].validation(state["params"], self.eval_step)
     for r, result in zip(self.runs, results):
       r.evaluated(step, result)
     return [result["perplexity"] for result in results]
-
-  def own(self, state, i):
-    one = dict(take(state, i))
-    one["masks"] = own_masks(one["masks"], self.masks[i])
-    return one
 
   def save(self, state, step, *, force, metric=None) -> bool:
     saved = False
     for i, r in enumerate(self.runs):
       if not r.stopped():
-        saved |= r.save(self.own(state, i), step, force=force,
-                        metric=None if metric is None else metric[i])
+        one = dict(take(state, i))
+        one["masks"] = own_masks(one["masks"], self.masks[i])
+        saved |= r.save(one, step, force=force, metric=None if metric is None else metric[i])
     return saved
 
   def preempted(self, preemption, step) -> Exception:
@@ -256,8 +237,7 @@ class Runs:
 
 def fit(preps, *, total, mesh) -> list:
   """train.fit of K prepared runs as one program: per run (params, masks, train summary) or its
-  Diverged error (the others go on). Checkpoints at different steps (a kill between two runs'
-  saves): the runs train one at a time."""
+  Diverged error. Checkpoints at different steps (a kill between two saves): one at a time."""
   first = preps[0]
   sequences = train.train_sequences(first.config, first.streams, mesh)
   ckpts = [train.checkpointer(p.config, p.workdir) for p in preps]
@@ -324,8 +304,7 @@ def complete(preps) -> list:
 
 
 def evaluate(preps, params, mesh, splits, label="") -> list:
-  """[{split: evaluate.evaluate result}] per run, K runs scored as one program (each result
-  holds its share of the time)."""
+  """[{split: evaluate.evaluate result}] per run, K runs scored as one program."""
   if len(preps) <= 1:
     return [lifecycle.evaluate_splits(p, x, mesh, splits=splits, label=label)
             for p, x in zip(preps, params)]
@@ -345,8 +324,8 @@ def evaluate(preps, params, mesh, splits, label="") -> list:
 
 
 def share(i, preps, own, shared_s, shared_compiled) -> dict:
-  """lifecycle.finish's times of run i: its own preparation (`own`: seconds, compilations) plus
-  its share of the group's (whose compilations count in its first run)."""
+  """lifecycle.finish's times of run i: its own (seconds, compilations) plus its share of the
+  group's (whose compilations count in its first run)."""
   own_s, own_compiled = own
   n = len(preps)
   return {"seconds": own_s + shared_s / n,

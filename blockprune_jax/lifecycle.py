@@ -90,8 +90,7 @@ def prepare(config, workdir, log, t_start) -> Prepared:
 
 
 def checkpointed_allocation(config, workdir):
-  """The measured allocation in the run's newest checkpoint, if any: a resumed run prunes with
-  it instead of measuring again."""
+  """The measured allocation in the run's newest checkpoint: a resumed run does not measure again."""
   if config.prune.allocation not in allocation.MEASURED:
     return None
   directory = os.path.join(workdir, "checkpoints")
@@ -102,7 +101,7 @@ def checkpointed_allocation(config, workdir):
 
 
 def wants_oneshot(prep: Prepared) -> bool:
-  """Whether the run evaluates right after pruning, before fine-tuning (eval.oneshot)."""
+  """eval.oneshot: whether the run evaluates right after pruning, before fine-tuning."""
   c = prep.config
   return (prep.plan.active and c.prune.schedule == "oneshot" and not prep.late
           and prep.steps > 0 and c.eval.oneshot)
@@ -128,10 +127,15 @@ def fine_tune(prep: Prepared) -> tuple:
                                        total=prep.steps, mesh=mesh)
   if prep.late:
     params, masks = prune_late(prep, params)
-  if compacts(prep):
-    evals, widths = evaluate_compacted(prep, params, masks, mesh)
-    return params, summary, evals, oneshot, widths
-  return params, summary, evaluate_splits(prep, params, mesh, splits=splits), oneshot, None
+  if not compacts(prep):
+    return params, summary, evaluate_splits(prep, params, mesh, splits=splits), oneshot, None
+  # Structured pruning really shrinks the model: it is evaluated compacted. Results and the
+  # export describe the masked dense parameters (the same outputs).
+  eval_params, widths = pruning.compact_mlp(jax.device_get(params), masks)
+  apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, widths))
+  prep.log.event("compact", f"evaluating with MLP widths {list(widths)}", widths=list(widths))
+  evals = evaluate_splits(prep, eval_params, mesh, apply_fn=apply_fn)
+  return params, summary, evals, oneshot, widths
 
 
 def prune_late(prep: Prepared, params):
@@ -148,15 +152,6 @@ def compacts(prep: Prepared) -> bool:
   """Whether the run is evaluated as a smaller model (a compactable method, prune.compact)."""
   return (prep.plan.active and pruning.criterion(prep.config.prune.method).compactable
           and prep.config.prune.compact)
-
-
-def evaluate_compacted(prep: Prepared, params, masks, mesh):
-  """(evaluations of the compacted MLPs, their widths): structured pruning really shrinks the
-  model. Results and the export describe the masked dense parameters (the same outputs)."""
-  eval_params, widths = pruning.compact_mlp(jax.device_get(params), masks)
-  apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, widths))
-  prep.log.event("compact", f"evaluating with MLP widths {list(widths)}", widths=list(widths))
-  return evaluate_splits(prep, eval_params, mesh, apply_fn=apply_fn), widths
 
 
 def evaluate_splits(prep: Prepared, params, mesh, *, splits=None, label="", apply_fn=None):
@@ -190,14 +185,12 @@ def eval_splits(config):
 def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths=None, *,
            seconds=None, compiled=None, batch=None) -> dict:
   """Writes results.json (and the Hugging Face export) of a run; returns the results dict.
-  seconds / compiled: the run's time and compilations (default: since it started), or its share
-  of a group's, which `batch` (runtime.batch) names."""
+  seconds / compiled: the run's (default: since it started), or its share of a group's (batch)."""
   config, log = prep.config, prep.log
   results_path = os.path.join(prep.workdir, files.RESULTS)
-  # Zero-shot tasks (eval.tasks), like perplexity: final and, for one-shot pruned runs, before
-  # fine-tuning (prep.params are the pruned weights).
   scored = tasks_lib.score_run(prep, params, oneshot=wants_oneshot(prep))
   dev = jax.devices()[0]
+  compiled = compiled or compile_stats.since(prep.compiled_before)
   results = {
       "role": config.role,
       "config": config.to_dict(),
@@ -214,7 +207,9 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                   "processes": jax.process_count(), "device_kind": dev.device_kind,
                   "seconds": time.time() - prep.t_start if seconds is None else seconds,
-                  **_compile_summary(compiled or compile_stats.since(prep.compiled_before))},
+                  "compile_s": round(compiled["compile_s"], 3),
+                  "compilations": compiled["compilations"],
+                  "compile_cache_hits": compiled["cache_hits"], "compiled": compiled["by_name"]},
   }
   results.update(scored)
   if batch is not None:
@@ -237,12 +232,6 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths
   return results
 
 
-def _compile_summary(compiled: dict) -> dict:
-  """results.json runtime fields: XLA compilations this run caused and the seconds they took."""
-  return {"compile_s": round(compiled["compile_s"], 3), "compilations": compiled["compilations"],
-          "compile_cache_hits": compiled["cache_hits"], "compiled": compiled["by_name"]}
-
-
 def load_model(config, ckpt_dir, vocab_size):
   """(GPT2Config, params): ckpt_dir's checkpoint, or a random model.* (model.init=scratch)."""
   m = config.model
@@ -261,12 +250,12 @@ def load_model(config, ckpt_dir, vocab_size):
   return model_cfg, model_lib.init_params(model_cfg, config.seed)
 
 
-_CHECKPOINTS = {}  # files.dir_stamp + overrides -> (GPT2Config, params): the last one read
+_CHECKPOINTS = {}  # (files.dir_stamp, overrides) -> (GPT2Config, params)
 
 
 def _checkpoint(ckpt_dir, overrides):
   """hf_io.load_config + load_params, read once while the files stay the same (a sweep's runs
-  start from one base). One is kept (GPT-2 124M: 0.5 GB), read-only: no run changes another's."""
+  start from one base). The last one is kept, read-only: no run changes another's."""
   key = (files.dir_stamp(ckpt_dir), tuple(sorted(overrides.items())))
   if key not in _CHECKPOINTS:
     _CHECKPOINTS.clear()
