@@ -31,8 +31,6 @@ from blockprune_jax.errors import UserError
 FREE_KEYS = keys.where(group=True)
 
 
-# --- which runs can share a program ------------------------------------------------------
-
 def alone_reason(config) -> str | None:
   """Why this run cannot train side by side with others, or None when it can."""
   p = config.prune
@@ -95,10 +93,7 @@ def by_shape(preps) -> list:
   return [[x] for x in alone] + [same]
 
 
-# --- stacked pytrees and mapped steps ----------------------------------------------------
-
 def mode(config) -> str:
-  """sweep.side_by_side resolved for this backend: auto is map on a CPU, vmap elsewhere."""
   setting = config.sweep.side_by_side
   if setting != "auto":
     return setting
@@ -169,16 +164,6 @@ def union_masks(masks_list, params) -> list:
   return out
 
 
-def own_masks(masks, template) -> dict:
-  """The paths of `template` (a run's own masks) taken from `masks` (the group's structure)."""
-  out = {}
-  for path in trees.leaf_paths(template):
-    trees.set_path(out, path, trees.get_path(masks, path))
-  return out
-
-
-# --- training: train.loop with a stacked state -------------------------------------------
-
 class Runs:
   """train.loop's hooks for K runs as one program: each hook fans out to the runs' train.Run."""
 
@@ -224,8 +209,10 @@ class Runs:
     saved = False
     for i, r in enumerate(self.runs):
       if not r.stopped():
-        one = dict(take(state, i))
-        one["masks"] = own_masks(one["masks"], self.masks[i])
+        one, masks = dict(take(state, i)), {}
+        for path in trees.leaf_paths(self.masks[i]):  # the run's own masks, not the union's
+          trees.set_path(masks, path, trees.get_path(one["masks"], path))
+        one["masks"] = masks
         saved |= r.save(one, step, force=force, metric=None if metric is None else metric[i])
     return saved
 
@@ -251,7 +238,14 @@ def fit(preps, *, total, mesh) -> list:
              "one at a time from each run's own")
       for p in preps:
         p.log.event("batch", why, alone=why)
-      return [_alone(p, total, mesh) for p in preps]
+      out = []
+      for p in preps:
+        try:
+          out.append(train.fit(p.config, p.model_cfg, p.params, p.masks, p.plan, p.streams,
+                               p.workdir, p.log, total=total, mesh=mesh))
+        except train.Diverged as e:
+          out.append(e)
+      return out
     runs = [train.Run(p.config, p.model_cfg, first.streams, sequences, p.workdir, p.log, c,
                       total, mesh, p.plan) for p, c in zip(preps, ckpts)]
     hooks = Runs(runs, [p.masks for p in preps], mesh)
@@ -270,55 +264,43 @@ def fit(preps, *, total, mesh) -> list:
       c.close()  # waits for pending saves
 
 
-def _alone(prep, total, mesh):
-  try:
-    return train.fit(prep.config, prep.model_cfg, prep.params, prep.masks, prep.plan,
-                     prep.streams, prep.workdir, prep.log, total=total, mesh=mesh)
-  except train.Diverged as e:
-    return e
-
-
-# --- the group's phases ------------------------------------------------------------------
-
 def complete(preps) -> list:
   """lifecycle.fine_tune of K prepared runs as one program: per run finish's arguments, or the
   error that ended its training."""
   mesh = parallel.train_mesh(preps[0].config.mesh.fsdp)
   splits = lifecycle.eval_splits(preps[0].config)
-  oneshot = [None] * len(preps)
   # What fine-tuning recovers: the first split's perplexity right after pruning.
-  wants = [i for i, p in enumerate(preps) if lifecycle.wants_oneshot(p)]
-  for i, evals in zip(wants, evaluate([preps[i] for i in wants], [preps[i].params for i in wants],
-                                      mesh, splits[:1], label="one-shot")):
-    oneshot[i] = evals
+  oneshot = evaluate(preps, [p.params if lifecycle.wants_oneshot(p) else None for p in preps],
+                     mesh, splits[:1], label="one-shot")
   trained = [(p.params, p.masks, dict(lifecycle.NO_TRAINING)) for p in preps]
   if preps[0].steps > 0:
     trained = fit(preps, total=preps[0].steps, mesh=mesh)
-  out = list(trained)
-  live = [i for i, t in enumerate(trained) if not isinstance(t, Exception)]
-  for i, evals in zip(live, evaluate([preps[i] for i in live], [trained[i][0] for i in live],
-                                     mesh, splits)):
-    params, _, summary = trained[i]
-    out[i] = (params, summary, evals, oneshot[i], None)
-  return out
+  live = [None if isinstance(t, Exception) else t[0] for t in trained]
+  return [t if isinstance(t, Exception) else (t[0], t[2], evals, before, None)
+          for t, evals, before in zip(trained, evaluate(preps, live, mesh, splits), oneshot)]
 
 
 def evaluate(preps, params, mesh, splits, label="") -> list:
-  """[{split: evaluate.evaluate result}] per run, K runs scored as one program."""
-  if len(preps) <= 1:
-    return [lifecycle.evaluate_splits(p, x, mesh, splits=splits, label=label)
-            for p, x in zip(preps, params)]
-  config, n = preps[0].config, len(preps)
-  apply_fn = model_lib.logits_fn(preps[0].model_cfg)
-  step = make_eval_step(apply_fn, mesh, mode(config))
-  params = stack(params)
-  out = [{} for _ in preps]
+  """[{split: evaluate.evaluate result}] per run (None where its params are None), the runs
+  scored as one program."""
+  some = [i for i, x in enumerate(params) if x is not None]
+  out = [None] * len(preps)
+  if len(some) <= 1:
+    for i in some:
+      out[i] = lifecycle.evaluate_splits(preps[i], params[i], mesh, splits=splits, label=label)
+    return out
+  n, first = len(some), preps[some[0]]
+  apply_fn = model_lib.logits_fn(first.model_cfg)
+  step = make_eval_step(apply_fn, mesh, mode(first.config))
+  stacked = stack([params[i] for i in some])
+  for i in some:
+    out[i] = {}
   for split in splits:
-    results = eval_lib.evaluate(apply_fn, params, preps[0].streams.get(split), mesh=mesh,
-                                desc=split, step_fn=step, **lifecycle.eval_args(config))
-    for evals, prep, r in zip(out, preps, results):
-      evals[split] = r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
-      lifecycle.log_eval(prep.log, split, r, label,
+    results = eval_lib.evaluate(apply_fn, stacked, first.streams.get(split), mesh=mesh,
+                                desc=split, step_fn=step, **lifecycle.eval_args(first.config))
+    for i, r in zip(some, results):
+      out[i][split] = r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
+      lifecycle.log_eval(preps[i].log, split, r, label,
                          beside=f"side by side with {n - 1} other run(s), ")
   return out
 

@@ -55,7 +55,6 @@ def make_eval_step(apply_fn, mesh):
 
 
 def device_eval_step(apply_fn, mesh):
-  """The step on one device: its windows' sums, psum'ed over every device of `mesh`."""
   axes = parallel.batch_axes(mesh)
 
   def eval_step(params, inputs, labels, weights):
@@ -125,7 +124,6 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
 
 
 def _add(result, nll_sum, count):
-  """Adds a step's sums (scalars, or [K]) in float64 on the host."""
   s, c = jax.device_get(result)
   return nll_sum + np.asarray(s, np.float64), count + np.asarray(c, np.float64)
 

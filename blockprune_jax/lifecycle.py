@@ -90,7 +90,7 @@ def prepare(config, workdir, log, t_start) -> Prepared:
 
 
 def checkpointed_allocation(config, workdir):
-  """The measured allocation in the run's newest checkpoint: a resumed run does not measure again."""
+  """The measured allocation in the newest checkpoint: a resumed run does not measure again."""
   if config.prune.allocation not in allocation.MEASURED:
     return None
   directory = os.path.join(workdir, "checkpoints")
@@ -127,7 +127,9 @@ def fine_tune(prep: Prepared) -> tuple:
                                        total=prep.steps, mesh=mesh)
   if prep.late:
     params, masks = prune_late(prep, params)
-  if not compacts(prep):
+  compacts = (prep.plan.active and pruning.criterion(config.prune.method).compactable
+              and config.prune.compact)
+  if not compacts:
     return params, summary, evaluate_splits(prep, params, mesh, splits=splits), oneshot, None
   # Structured pruning really shrinks the model: it is evaluated compacted. Results and the
   # export describe the masked dense parameters (the same outputs).
@@ -146,12 +148,6 @@ def prune_late(prep: Prepared, params):
   params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
   prep.prune_s = time.time() - t_prune
   return params, masks
-
-
-def compacts(prep: Prepared) -> bool:
-  """Whether the run is evaluated as a smaller model (a compactable method, prune.compact)."""
-  return (prep.plan.active and pruning.criterion(prep.config.prune.method).compactable
-          and prep.config.prune.compact)
 
 
 def evaluate_splits(prep: Prepared, params, mesh, *, splits=None, label="", apply_fn=None):
@@ -283,7 +279,6 @@ class Streams:
 
 
 def train_steps(config, streams) -> int:
-  """train.steps if > 0, else epochs over the train split's sequences, else 0."""
   t = config.train
   if t.steps > 0:
     return int(t.steps)

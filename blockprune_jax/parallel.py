@@ -43,7 +43,6 @@ def maybe_initialize_distributed() -> None:
 
 
 def _tasks(*names) -> int:
-  """The first of these environment variables that holds an integer, else 1."""
   for n in names:
     try:
       return int(os.environ[n])
@@ -53,7 +52,6 @@ def _tasks(*names) -> int:
 
 
 def _explicit_cluster() -> dict:
-  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID, where given."""
   kwargs = {}
   for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
     if env in os.environ:
@@ -108,7 +106,6 @@ def workdir_lock(workdir: str):
 
 
 def data_mesh() -> Mesh:
-  """All devices of the job on one 'data' axis."""
   return Mesh(np.array(jax.devices()), (AXIS,))
 
 
@@ -173,8 +170,7 @@ def place_state(tree, mesh: Mesh, donatable=False):
   def put(x, sharding):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return jax.device_put(x, sharding)
-    x = np.array(x, copy=True) if donatable else np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return _from_host(np.array(x, copy=True) if donatable else x, sharding)
   return jax.tree.map(put, tree, state_shardings(mesh, tree))
 
 
@@ -203,11 +199,12 @@ def shard_batch(batch, mesh, axis=0):
   """Host arrays split along their batch `axis` over every device (batch_axes). Every process
   holds the whole global batch (data is cheap to recompute): each device takes its own rows."""
   sharding = NamedSharding(mesh, P(*([None] * axis), batch_axes(mesh)))
+  return jax.tree.map(lambda x: _from_host(x, sharding), batch)
 
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, batch)
+
+def _from_host(x, sharding):
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def sync(name: str):

@@ -187,14 +187,13 @@ def check_base(base, base_dir):
 
 
 def summary_table(results) -> str:
-  lines = []
   pr = results.get("pruning", {})
   sp = results.get("sparsity", {})
-  lines.append(f"method {pr.get('method', 'none')}  allocation {pr.get('allocation', '-')}  "
-               f"ratios/block {_fmt_list(pr.get('ratios_per_block'))}")
-  lines.append(f"sparsity overall {sp.get('overall', 0):.4f}  per block "
-               f"{_fmt_list(sp.get('per_block'))}")
-  lines.append(f"{'split':<12}{'perplexity':>12}{'tokens':>10}{'tokens/s':>12}")
+  lines = [f"method {pr.get('method', 'none')}  allocation {pr.get('allocation', '-')}  "
+           f"ratios/block {_fmt_list(pr.get('ratios_per_block'))}",
+           f"sparsity overall {sp.get('overall', 0):.4f}  per block "
+           f"{_fmt_list(sp.get('per_block'))}",
+           f"{'split':<12}{'perplexity':>12}{'tokens':>10}{'tokens/s':>12}"]
   for split, r in results.get("eval", {}).items():
     lines.append(f"{split:<12}{r['perplexity']:>12.3f}{r['tokens_scored']:>10d}"
                  f"{r['tokens_per_s']:>12,.0f}")

@@ -30,8 +30,6 @@ class Diverged(UserError):
   """The loss became NaN or Inf."""
 
 
-# --- optimizer ---------------------------------------------------------------------------
-
 def learning_rate_schedule(t_cfg, total_steps: int):
   """Linear warmup, then cosine / linear decay to 0 (or constant)."""
   warmup = t_cfg.warmup_steps or max(1, int(0.05 * total_steps))
@@ -131,8 +129,6 @@ def steady_state_guard():
   return jax.transfer_guard_device_to_host("disallow")
 
 
-# --- the update --------------------------------------------------------------------------
-
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
                     temperature=1.0):
@@ -201,8 +197,6 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
 
   return jax.jit(train_step, donate_argnums=0)
 
-
-# --- the loop ----------------------------------------------------------------------------
 
 def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total, mesh):
   """Fine-tunes one run for `total` steps, resuming from workdir/checkpoints. params / masks ({} =
