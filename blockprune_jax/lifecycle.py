@@ -239,8 +239,6 @@ def load_model(config, ckpt_dir, vocab_size):
       raise UserError(f"the tokenizer has {vocab_size} tokens, the model at {ckpt_dir} only "
                       f"{model_cfg.vocab_size}: check data.tokenizer")
     return model_cfg, params
-  if m.n_embd % m.n_head:
-    raise UserError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
   model_cfg = model_lib.GPT2Config(vocab_size=vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                    n_head=m.n_head, n_positions=m.n_positions, **overrides)
   return model_cfg, model_lib.init_params(model_cfg, config.seed)

@@ -46,7 +46,7 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
   """Runs `configs`, each in its workdir, side by side (batched.py); per run its results dict or
   the exception that ended it. Ctrl-C / SIGTERM propagate, every run's step saved."""
   paths = [os.path.join(w, files.RESULTS) for w in workdirs]
-  outcomes = [finished(p, echo=False) for p in paths]
+  outcomes = [finished(p) for p in paths]
   for config, outcome in zip(configs, outcomes):
     if outcome is None:
       validate.validate(config)  # a finished run is not validated again
@@ -59,7 +59,7 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
       if outcomes[k] is None:
         stack.enter_context(parallel.workdir_lock(workdir))  # a second process is refused
         files.check_workdir_layout(workdir)
-        outcomes[k] = finished(paths[k], echo=False)  # the lock's holder may just have finished
+        outcomes[k] = finished(paths[k])  # the lock's holder may just have finished
         todo += [k] if outcomes[k] is None else []
     if todo:
       compile_stats.enable_persistent_cache(
@@ -82,14 +82,9 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
   return outcomes
 
 
-def finished(results_path, echo=True):
-  """A finished run's results (its table printed), else None."""
-  # Before jax.distributed starts, asking jax for the process index would start a backend.
-  primary = not jax.distributed.is_initialized() or jax.process_index() == 0
-  results = files.read_results(results_path, primary=primary)
-  if results is not None and echo:
-    print(summary_table(results))
-  return results
+def finished(results_path):
+  """A finished run's results, else None."""
+  return files.read_results(results_path, primary=parallel.processes()[0] == 0)
 
 
 class _Closing:
