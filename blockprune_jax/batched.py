@@ -265,8 +265,7 @@ def fit(preps, *, total, mesh) -> list:
 
 
 def complete(preps) -> list:
-  """lifecycle.fine_tune of K prepared runs as one program: per run finish's arguments, or the
-  error that ended its training."""
+  """lifecycle.fine_tune of K runs as one program: per run finish's arguments, or its error."""
   mesh = parallel.train_mesh(preps[0].config.mesh.fsdp)
   splits = lifecycle.eval_splits(preps[0].config)
   # What fine-tuning recovers: the first split's perplexity right after pruning.
@@ -287,7 +286,7 @@ def evaluate(preps, params, mesh, splits, label="") -> list:
   out = [None] * len(preps)
   if len(some) <= 1:
     for i in some:
-      out[i] = lifecycle.evaluate_splits(preps[i], params[i], mesh, splits=splits, label=label)
+      out[i] = lifecycle.evaluate_splits(preps[i], params[i], mesh, splits, label=label)
     return out
   n, first = len(some), preps[some[0]]
   apply_fn = model_lib.logits_fn(first.model_cfg)

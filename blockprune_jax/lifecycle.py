@@ -44,7 +44,7 @@ class Prepared:
   masks: dict  # {} = dense
   plan: plan_lib.Plan  # a no-op Plan for prune.method=none (and until late pruning)
   steps: int  # fine-tuning steps
-  late: bool  # prune.when=after_finetune: pruned after fine-tuning (prune_late)
+  late: bool  # prune.when=after_finetune: pruned after fine-tuning
   prune_s: float  # what pruning itself took (calibration, allocation, masks, SparseGPT)
   n_params: int
   compiled_before: dict  # compile_stats.snapshot() once the base was done
@@ -119,43 +119,37 @@ def fine_tune(prep: Prepared) -> tuple:
   # What fine-tuning recovers: the first split's perplexity right after pruning.
   oneshot = None
   if wants_oneshot(prep):
-    oneshot = evaluate_splits(prep, prep.params, mesh, splits=splits[:1], label="one-shot")
+    oneshot = evaluate_splits(prep, prep.params, mesh, splits[:1], label="one-shot")
   params, masks, summary = prep.params, prep.masks, dict(NO_TRAINING)
   if prep.steps > 0:
     params, masks, summary = train.fit(config, prep.model_cfg, prep.params, prep.masks,
                                        prep.plan, prep.streams, prep.workdir, prep.log,
                                        total=prep.steps, mesh=mesh)
-  if prep.late:
-    params, masks = prune_late(prep, params)
+  if prep.late:  # prune.when=after_finetune: a plan of the fine-tuned weights
+    t_prune = time.time()
+    prep.plan = plan_lib.compute(config, prep.model_cfg, jax.device_get(params), prep.streams,
+                                 prep.log)
+    params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
+    prep.prune_s = time.time() - t_prune
   compacts = (prep.plan.active and pruning.criterion(config.prune.method).compactable
               and config.prune.compact)
   if not compacts:
-    return params, summary, evaluate_splits(prep, params, mesh, splits=splits), oneshot, None
+    return params, summary, evaluate_splits(prep, params, mesh, splits), oneshot, None
   # Structured pruning really shrinks the model: it is evaluated compacted. Results and the
   # export describe the masked dense parameters (the same outputs).
   eval_params, widths = pruning.compact_mlp(jax.device_get(params), masks)
   apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, widths))
   prep.log.event("compact", f"evaluating with MLP widths {list(widths)}", widths=list(widths))
-  evals = evaluate_splits(prep, eval_params, mesh, apply_fn=apply_fn)
+  evals = evaluate_splits(prep, eval_params, mesh, splits, apply_fn=apply_fn)
   return params, summary, evals, oneshot, widths
 
 
-def prune_late(prep: Prepared, params):
-  """prune.when=after_finetune: (params, masks) pruned by a plan of the fine-tuned weights."""
-  t_prune = time.time()
-  prep.plan = plan_lib.compute(prep.config, prep.model_cfg, jax.device_get(params),
-                               prep.streams, prep.log)
-  params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
-  prep.prune_s = time.time() - t_prune
-  return params, masks
-
-
-def evaluate_splits(prep: Prepared, params, mesh, *, splits=None, label="", apply_fn=None):
-  """{split: evaluate.evaluate(...) result} of `splits` (default: eval.splits), each logged."""
+def evaluate_splits(prep: Prepared, params, mesh, splits, *, label="", apply_fn=None):
+  """{split: evaluate.evaluate(...) result}, each logged."""
   apply_fn = apply_fn or model_lib.logits_fn(prep.model_cfg)
   step = eval_lib.make_eval_step(apply_fn, mesh)
   out = {}
-  for split in splits or eval_splits(prep.config):
+  for split in splits:
     out[split] = eval_lib.evaluate(apply_fn, params, prep.streams.get(split), mesh=mesh,
                                    desc=split, step_fn=step, **eval_args(prep.config))
     log_eval(prep.log, split, out[split], label)

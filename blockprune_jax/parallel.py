@@ -68,8 +68,7 @@ def _explicit_cluster() -> dict:
 
 
 def processes() -> tuple[int, int]:
-  """(process_index, process_count); (0, 1) unless jax.distributed is up (checked without
-  starting a backend)."""
+  """(process_index, process_count); (0, 1) before jax.distributed is up (no backend started)."""
   if not jax.distributed.is_initialized():
     return 0, 1
   return jax.process_index(), jax.process_count()
