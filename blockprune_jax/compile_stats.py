@@ -1,9 +1,8 @@
 """Compilation: JAX's persistent cache, and a count of what each run compiled.
 
-A sweep's runs share shapes, so after the first run every train and eval step should come from
-a cache: in one process from the step functions kept by `train.make_train_step` and
-`evaluate.make_eval_step`, across processes from JAX's persistent compilation cache. The counter
-makes a recompilation visible in results.json (`runtime.compilations`, `runtime.compile_s`).
+A sweep's runs share shapes, so after the first run every step should come from a cache (the
+kept step functions in one process, JAX's persistent cache across processes); the counter makes
+a recompilation visible in results.json (`runtime.compilations`, `runtime.compile_s`).
 """
 import collections
 import contextlib
@@ -17,6 +16,7 @@ import jax
 from absl import logging
 
 from blockprune_jax import files
+from blockprune_jax import quiet
 
 # Every request for an executable ends with this event (with the jitted function's name), also
 # one the persistent cache answered; such a hit is announced by _CACHE_HIT just before, on the
@@ -73,21 +73,16 @@ def snapshot() -> dict:
 def since(before: dict) -> dict:
   """What was compiled after `before` (a snapshot)."""
   now = snapshot()
-  names = {k: v - before["by_name"].get(k, 0) for k, v in now["by_name"].items()}
-  return {"compilations": now["compilations"] - before["compilations"],
-          "compile_s": now["compile_s"] - before["compile_s"],
-          "cache_hits": now["cache_hits"] - before["cache_hits"],
-          "by_name": {k: v for k, v in names.items() if v}}
+  names = collections.Counter(now["by_name"])
+  names.subtract(before["by_name"])
+  return dict({k: now[k] - before[k] for k in _totals},
+              by_name={k: v for k, v in names.items() if v})
 
 
 def add(a: dict, b: dict) -> dict:
   """Two `since` results as one (e.g. a run's own compilations and its group's)."""
-  names = dict(a["by_name"])
-  for k, v in b["by_name"].items():
-    names[k] = names.get(k, 0) + v
-  return {"compilations": a["compilations"] + b["compilations"],
-          "compile_s": a["compile_s"] + b["compile_s"],
-          "cache_hits": a["cache_hits"] + b["cache_hits"], "by_name": names}
+  names = collections.Counter(a["by_name"]) + collections.Counter(b["by_name"])
+  return dict({k: a[k] + b[k] for k in _totals}, by_name=dict(names))
 
 
 @contextlib.contextmanager
@@ -102,12 +97,9 @@ def counting():
 
 
 def enable_persistent_cache(directory: str) -> str:
-  """Turns on JAX's persistent compilation cache in `directory` ("off": leave it off).
-
-  Every program is cached, however quick to compile: on a CPU the small steps of a sweep are
-  exactly what a second process would otherwise compile again. Returns the directory used.
-  JAX opens its cache once per process: the first run's choice holds for the rest of a sweep.
-  """
+  """Turns on JAX's persistent compilation cache in `directory` ("off": leave it off) for every
+  program, however quick to compile (a second process would compile a CPU sweep's small steps
+  again). JAX opens its cache once per process. Returns the directory used."""
   if directory == "off":
     return ""
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -122,7 +114,7 @@ def enable_persistent_cache(directory: str) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     logging.info("JAX compilation cache: %s", directory)
-  _warn_once_when_writes_fail(directory)
+  quiet.chain(warnings, "showwarning", _cache_write_failed)
   return directory
 
 
@@ -130,41 +122,28 @@ _WRITE_FAILED = "Error writing persistent compilation cache entry"
 _NO_MORE_WRITES = 2**62  # jax_persistent_cache_min_entry_size_bytes no program reaches
 
 
-def _warn_once_when_writes_fail(directory):
-  """One warning line the first time JAX cannot write a cache entry (a full disk, a read-only
-  directory), then no more writes in this process.
-
-  JAX itself only warns, but once per program (dozens of lines), and leaves the entry it was
-  writing cut short, which every later process would fail to read (a warning each time). That
-  entry is the newest file in the cache; it is removed (a cache entry is safe to remove).
-  """
-  previous = warnings.showwarning
-  if getattr(previous, "_blockprune_cache", False):
-    return
-
-  def show(message, category, filename, lineno, file=None, line=None):
-    text = str(message)
-    if not text.startswith(_WRITE_FAILED):
-      previous(message, category, filename, lineno, file, line)
-      return
-    cache_dir = jax.config.jax_compilation_cache_dir or directory
-    if jax.config.jax_persistent_cache_min_entry_size_bytes == _NO_MORE_WRITES:
-      return  # warned already
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", _NO_MORE_WRITES)
-    _remove_newest_entry(cache_dir)
-    reason = files.no_space_reason(Exception(text)) or text.split("': ", 1)[-1]
-    logging.warning("JAX compilation cache %s cannot be written (%s; %s free): compiling on "
-                    "without caching new programs in this process", cache_dir, reason,
-                    files.human_bytes(files.free_space(cache_dir)))
-  show._blockprune_cache = True  # pylint: disable=protected-access
-  warnings.showwarning = show
+def _cache_write_failed(message, category, filename, lineno, file=None, line=None):
+  """JAX's failed cache writes: one warning line, then no more writes in this process. JAX warns
+  once per program and leaves the entry cut short (a later process would warn reading it)."""
+  del category, filename, lineno, file, line
+  text = str(message)
+  if not text.startswith(_WRITE_FAILED):
+    return False
+  if jax.config.jax_persistent_cache_min_entry_size_bytes == _NO_MORE_WRITES:
+    return True  # warned already
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", _NO_MORE_WRITES)
+  cache_dir = jax.config.jax_compilation_cache_dir
+  _remove_newest_entry(cache_dir)
+  reason = files.no_space_reason(Exception(text)) or text.split("': ", 1)[-1]
+  logging.warning("JAX compilation cache %s cannot be written (%s; %s free): compiling on "
+                  "without caching new programs in this process", cache_dir, reason,
+                  files.human_bytes(files.free_space(cache_dir)))
+  return True
 
 
 def _remove_newest_entry(directory, within_s=60.0):
   entries = [p for p in glob.glob(os.path.join(directory, "*-cache"))
              if time.time() - os.path.getmtime(p) < within_s]
   if entries:
-    try:
+    with contextlib.suppress(OSError):  # another process's, removed meanwhile
       os.remove(max(entries, key=os.path.getmtime))
-    except OSError:
-      pass  # another process's, removed meanwhile

@@ -1,16 +1,10 @@
-"""Files a run writes: atomically (a killed process never leaves half a file), as plain JSON;
-files a run reads back (results.json) checked, and a workdir locked while a run uses it.
-
-Nothing here deletes a user's file: an unreadable results.json or a replaced export is moved
-aside under a new name (`<name>.unreadable-<time>`, `<name>.replaced-<time>`), never removed.
-
-A full disk (or spent quota) is one place's business: `writing(what, path)` turns it, however a
-library wrapped it, into one NoSpace line naming what was written where and the space left
-(`no_space_error`); every writer here goes through it, and so do the checkpoints and logs.
+"""Files a run writes (atomically: a killed process never leaves half a file), reads back
+(checked) and locks. Nothing here deletes a user's file: an unreadable results.json or a
+replaced export is moved aside under a new name. A full disk is one place's business:
+`as_no_space` / `writing` turn it, however a library wrapped it, into one NoSpace line.
 """
 import contextlib
 import errno
-import fcntl
 import filecmp
 import json
 import os
@@ -20,21 +14,19 @@ import tempfile
 import time
 
 from absl import logging
+import filelock
 
 from blockprune_jax.errors import NoSpace, UserError, one_line
 
 RESULTS = "results.json"  # a finished run's record, in its workdir
-LOCK_FILE = ".lock"  # in the workdir, held (flock) while a run uses it
+SWEEP_JSON = "sweep.json"  # a sweep's rows (run, status, error), in the sweep's workdir
+LOCK_FILE = ".lock"  # in the workdir, held while a run uses it
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, what: str = ""):
-  """Yields a temporary path beside `path`; on success it is renamed onto `path` in one step.
-
-  The temporary file sits in the same directory (a rename across filesystems is not atomic)
-  and is removed if the body raises, so `path` holds either the old or the new content. A full
-  disk is one NoSpace line naming `what` (default: the file's name) and the free space.
-  """
+  """Yields a temporary path beside `path` (a rename across filesystems is not atomic), renamed
+  onto `path` on success and removed if the body raises. A full disk: one line naming `what`."""
   directory = os.path.dirname(os.path.abspath(path))
   with writing(what or os.path.basename(path), path):
     os.makedirs(directory, exist_ok=True)
@@ -65,7 +57,7 @@ def plain(value):
 
 
 def write_json(path: str, obj, indent: int = 2, what: str = "") -> None:
-  """JSON to `path`, atomically (a full disk: one NoSpace line naming `what`)."""
+  """JSON to `path`, atomically."""
   with atomic_path(path, what) as tmp:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=indent, default=to_jsonable)
@@ -75,8 +67,8 @@ def write_json(path: str, obj, indent: int = 2, what: str = "") -> None:
 # --- reading back what a run wrote ------------------------------------------------------
 
 def load_json(path: str):
-  """The JSON object in `path`; None when there is no file. Raises ValueError (with the reason)
-  when the file exists but is not a readable JSON object."""
+  """The JSON object in `path`; None when there is no file; ValueError (the reason) when it is
+  not a readable JSON object."""
   if not os.path.lexists(path):
     return None
   if os.path.isdir(path):
@@ -100,12 +92,8 @@ def readable_json(path: str) -> bool:
 
 
 def read_results(path: str, primary: bool = True):
-  """A finished run's results.json, or None when the run has to (re)run.
-
-  An unreadable file (truncated by a full disk, hand-edited, ...) is not a finished run: it is
-  moved aside (by the primary process) with a one-line warning and the run goes again, which
-  resumes from its checkpoints. Nothing is deleted.
-  """
+  """A finished run's results.json, or None when the run has to (re)run: an unreadable one is
+  moved aside (by the primary process) with a one-line warning."""
   try:
     return load_json(path)
   except ValueError as e:
@@ -145,7 +133,7 @@ def check_file(path: str, name: str) -> None:
     raise UserError(f"{name}={path!r} is not readable: check its permissions")
 
 
-# What a workdir holds and of which kind; a wrong kind would only fail after all the work.
+# What a workdir holds and of which kind: a wrong kind would only fail after all the work.
 _WORKDIR_LAYOUT = {RESULTS: "file", "log.jsonl": "file", "metrics.jsonl": "file",
                    "checkpoints": "directory", "export": "directory"}
 
@@ -160,56 +148,37 @@ def check_workdir_layout(workdir: str) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, name: str = "--workdir"):
-  """Holds an exclusive lock on `<workdir>/.lock` for the body; UserError if another process
-  holds it.
-
-  flock locks belong to the open file, so the kernel releases one whose process died (even by
-  SIGKILL): a killed run never leaves its workdir stuck. The file itself stays (removing it
-  would race with a process that has just opened it); it holds the last holder's pid and host.
-  """
+  """Holds `<workdir>/.lock` for the body; UserError if another process holds it. The kernel
+  drops the lock when its process dies (even by SIGKILL); the file names its last holder."""
   check_directory(workdir, name)
   path = os.path.join(workdir, LOCK_FILE)
+  lock = filelock.FileLock(path, timeout=0)
   try:
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock.acquire()
+  except filelock.Timeout:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      holder = f.read(200).strip() or "pid unknown"
+    raise UserError(f"{workdir} is in use by another run ({holder}; lock {path}): wait for it "
+                    "to finish, or use another --workdir") from None
   except OSError as e:
     raise UserError(f"{name}={workdir!r}: cannot write there ({one_line(e)}): choose a "
                     "writable directory") from None
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise UserError(f"{name}={workdir!r}: cannot lock {path} ({one_line(e)})") from None
-      holder = _read_holder(fd)
-      raise UserError(f"{workdir} is in use by another run ({holder}; lock {path}): wait for "
-                      "it to finish, or use another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     yield path
   finally:
-    os.close(fd)  # releases the lock
-
-
-def _read_holder(fd) -> str:
-  try:
-    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
-  except OSError:
-    return "pid unknown"
+    lock.release()
 
 
 # --- whole directories --------------------------------------------------------------------
 
 @contextlib.contextmanager
 def atomic_directory(path: str, what: str = ""):
-  """Yields a temporary directory beside `path`; on success it becomes `path`.
-
-  If `path` already exists with the same files (same names, same bytes) it is kept as it is;
-  if it differs it is moved aside to `<path>.replaced-<time>` (one warning line) before the new
-  one takes its place, so an earlier export is never overwritten. The temporary directory is
-  removed if the body raises; a full disk is one NoSpace line naming `what` (default: the
-  directory's name).
-  """
+  """Yields a temporary directory beside `path`, which becomes `path` on success. An existing
+  `path` with the same files is kept; a different one is moved aside (one warning line), so an
+  earlier export is never overwritten."""
   parent = os.path.dirname(os.path.abspath(path))
   with writing(what or os.path.basename(path), path):
     os.makedirs(parent, exist_ok=True)
@@ -230,7 +199,7 @@ def atomic_directory(path: str, what: str = ""):
 
 
 def same_files(a: str, b: str) -> bool:
-  """Whether directories `a` and `b` hold the same file names with the same bytes (flat)."""
+  """Whether directories `a` and `b` hold the same names with the same bytes (flat)."""
   names = sorted(os.listdir(a))
   if names != sorted(os.listdir(b)):
     return False
@@ -239,8 +208,7 @@ def same_files(a: str, b: str) -> bool:
 
 
 def dir_stamp(path: str) -> tuple:
-  """(real path, (name, size, mtime) of every file in it): changes whenever a file does, so a
-  cache keyed by it never serves a checkpoint or tokenizer that was rewritten since."""
+  """(real path, (name, size, mtime) per file): a cache key that changes with any file."""
   path = os.path.realpath(path)
   entries = []
   for name in sorted(os.listdir(path)):
@@ -260,8 +228,8 @@ def emit_json_line(record: dict, path: str = "") -> dict:
 
 
 def append_line(path: str, line: str, what: str = "") -> None:
-  """Appends `line` and a newline to `path` (a log); a full disk is one NoSpace line, and the
-  part of `line` that was written is cut off again (a resumed run appends whole lines)."""
+  """Appends `line` to `path`; on a full disk the part written is cut off again (a resumed run
+  appends whole lines)."""
   with writing(what or os.path.basename(path), path):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -279,15 +247,13 @@ def append_line(path: str, line: str, what: str = "") -> None:
 
 # --- a full disk ----------------------------------------------------------------------------
 
-# ENOSPC: the filesystem is full; EDQUOT: the user's quota on it is spent. C++ writers
-# (TensorStore under Orbax) report them inside their own exception types, by these texts.
+# C++ writers (TensorStore under Orbax) report these inside their own exceptions, by text.
 _NO_SPACE = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 
 
 def no_space_reason(e: BaseException):
-  """"No space left on device" / "Disk quota exceeded" when `e`, or an exception it was raised
-  from or during, is one (an OSError, or a library's wrapper such as TensorStore's `ValueError:
-  RESOURCE_EXHAUSTED: ... No space left on device`); else None."""
+  """The reason ("No space left on device", "Disk quota exceeded") when `e` or its cause or
+  context is one, also wrapped by a library; else None."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -301,14 +267,8 @@ def no_space_reason(e: BaseException):
   return None
 
 
-def _full(path) -> bool:
-  free = free_space(path)
-  return free is not None and free < 64 * 1024
-
-
 def free_space(path: str):
-  """Free bytes (for this user) on the filesystem that holds `path`, or of its nearest existing
-  parent when `path` is not there yet; None when it cannot be asked."""
+  """Free bytes for this user where `path` (or its nearest existing parent) is; None if unknown."""
   path = os.path.abspath(path)
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
@@ -335,24 +295,29 @@ def no_space_error(what: str, path: str, reason: str = _NO_SPACE[errno.ENOSPC]) 
                  "free space and run the same command again to resume")
 
 
+def as_no_space(e: BaseException, what, path: str, cleanup=None):
+  """The NoSpace line for `e` if it is a full disk, else None. `what` is a text or a function
+  giving it; `cleanup()` runs first (a partial write removed: the free space named is a rerun's)."""
+  reason, free = no_space_reason(e), free_space(path)
+  if reason is None and isinstance(e, (OSError, ValueError)) and free is not None and free < 2**16:
+    # On a full disk a library may first report a consequence (a directory not made).
+    reason = _NO_SPACE[errno.ENOSPC]
+  if reason is None:
+    return None
+  if cleanup is not None:
+    cleanup()
+  return no_space_error(what() if callable(what) else what, path, reason)
+
+
 @contextlib.contextmanager
 def writing(what, path: str, cleanup=None):
-  """Turns a full disk inside the body into one NoSpace line (see no_space_error); other
-  errors pass unchanged. `what` is a text or a function giving it (asked only on failure);
-  `cleanup()` runs first, e.g. to remove a partial write so that the free space named is what
-  a rerun will have."""
+  """A full disk in the body raised as its NoSpace line; other errors pass unchanged."""
   try:
     yield
   except NoSpace:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    reason = no_space_reason(e)
-    if reason is None and isinstance(e, (OSError, ValueError)) and _full(path):
-      # On a full disk the first error a library reports may be a consequence (a file missing
-      # because its directory could not be made), not the ENOSPC itself.
-      reason = _NO_SPACE[errno.ENOSPC]
-    if reason is None:
+    error = as_no_space(e, what, path, cleanup)
+    if error is None:
       raise
-    if cleanup is not None:
-      cleanup()
-    raise no_space_error(what() if callable(what) else what, path, reason) from e
+    raise error from e

@@ -1,10 +1,6 @@
-"""What a run says: JSON lines in the workdir (and TensorBoard where tensorboardX is installed,
-and Weights & Biases when config.wandb.mode is online or offline).
-
-`log.jsonl` records events (start, devices, config, phases, results); `metrics.jsonl` records
-numbers over steps ({"step", "split", "loss", ...}). Only process 0 writes. W&B (see
-blockprune_jax/wandb_log.py) gets the config, the metrics, the final results as its summary and
-any plots; its run id is kept in `wandb_id`, so a resumed workdir continues the same W&B run.
+"""What a run says: JSON lines in the workdir (`log.jsonl` events, `metrics.jsonl` numbers over
+steps), TensorBoard where tensorboardX is installed, and W&B when config.wandb.mode is on (see
+wandb_log.py; a resumed workdir continues the same W&B run). Only process 0 writes.
 """
 import json
 import os
@@ -16,14 +12,13 @@ import traceback
 import jax
 
 from blockprune_jax import files
+from blockprune_jax import quiet
 from blockprune_jax import wandb_log
 
 
 class RunLog:
-  """Appends events and metrics to the workdir; prints a one-line form of each event.
-
-  Also a context manager: leaving the block by an exception closes the W&B run as failed.
-  """
+  """Appends events and metrics to the workdir; prints a one-line form of each event. Leaving
+  its `with` block by an exception closes the W&B run as failed."""
 
   def __init__(self, workdir: str, echo: bool = True, config=None):
     self.workdir = workdir
@@ -40,7 +35,7 @@ class RunLog:
       self._wandb = wandb_log.start(config, workdir)  # None unless wandb.mode is on
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        _watch_tensorboard_thread()
+        quiet.chain(threading, "excepthook", _tensorboard_died)
         with files.writing("TensorBoard events", self._tb_dir):
           self._tb = SummaryWriter(self._tb_dir)
       except ImportError:  # optional: clu would pull in TensorFlow, tensorboardX does not
@@ -100,48 +95,25 @@ class RunLog:
       self._wandb = None
 
   def _check_tensorboard(self):
-    """NoSpace once tensorboardX's writer thread died of a full disk: its queue would fill and
-    block the run for good."""
+    """NoSpace once tensorboardX's writer thread died of a full disk (its queue would block)."""
     if _TB_NO_SPACE:
       self._tb = None
       raise files.no_space_error("TensorBoard events", self._tb_dir, _TB_NO_SPACE[0])
 
   def _append(self, name, record):
-    files.append_line(os.path.join(self.workdir, name), json.dumps(record, default=_jsonable))
+    files.append_line(os.path.join(self.workdir, name),
+                      json.dumps(record, default=files.to_jsonable))
 
 
 _TB_NO_SPACE = []  # the reason tensorboardX's writer thread died of, if it did
 
 
-def _watch_tensorboard_thread():
-  """tensorboardX writes events from a thread; a full disk kills it with a traceback on stderr
-  ('Exception in thread ...'). That thread's no-space error is kept quiet and recorded here
-  instead (RunLog then ends the run in one line); any other thread error prints as before."""
-  previous = threading.excepthook
-  if getattr(previous, "_blockprune_tb", False):
-    return
-
-  def hook(args):
-    reason = files.no_space_reason(args.exc_value)
-    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
-    if reason and any("tensorboardX" in frame.filename for frame in frames):
-      _TB_NO_SPACE.append(reason)
-      return
-    previous(args)
-  hook._blockprune_tb = True  # pylint: disable=protected-access
-  threading.excepthook = hook
-
-
-def _jsonable(x):
-  if hasattr(x, "tolist"):
-    return x.tolist()
-  return str(x)
-
-
-def quiet_console():
-  """Warnings and our own lines only: no INFO chatter from absl / JAX (e.g. JAX probing for a
-  TPU on every start) unless --verbosity asks for it. The run's log files hold everything."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+def _tensorboard_died(args):
+  """tensorboardX's writer thread died of a full disk: recorded, not printed (RunLog then ends
+  the run in one line)."""
+  reason = files.no_space_reason(args.exc_value)
+  frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+  if reason and any("tensorboardX" in frame.filename for frame in frames):
+    _TB_NO_SPACE.append(reason)
+    return True
+  return False

@@ -3,14 +3,12 @@
     python -m blockprune_jax.main --config=configs/eval.py --workdir=runs/zero_shot \
         --config.model.name_or_path=gpt2
 
-A config file that defines get_sweep() (hpml_grid, hpml_ramps, layer_scan, quickstart) runs as a
-sweep: one workdir per run under --workdir, finished runs skipped, a report at the end.
+A config file that defines get_sweep() runs as a sweep: one workdir per run under --workdir.
 
-Exit codes: 0 done; 1 a sweep finished with failed runs (each named, with its error); 2 a user
-error (bad flag, config value or file: one `error: ...` line); 28 (ENOSPC) a write found the
-disk full or the quota spent (one `error: No space left on device writing ...` line; the last
-complete checkpoint is kept); 130 stopped by Ctrl-C (SIGINT); 143 stopped by SIGTERM. After 28
-(once space is freed), 130 or 143 the same command resumes from its last checkpoint.
+Exit codes: 0 done; 1 a sweep finished with failed runs (each named); 2 a user error (one
+`error: ...` line); 28 (ENOSPC) the disk is full or the quota spent (one `error: No space left
+on device writing ...` line); 130 stopped by Ctrl-C; 143 by SIGTERM. After 28 (once space is
+freed), 130 or 143 the same command resumes from its last checkpoint.
 """
 import os
 import re
@@ -21,8 +19,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from blockprune_jax import logs
-from blockprune_jax.errors import NoSpace, Preempted, UserError
+from blockprune_jax import quiet
+from blockprune_jax.errors import NoSpace, Preempted, UserError, one_line
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).",
                                           lock_config=True)
@@ -34,60 +32,61 @@ EXIT_NO_SPACE = 28  # errno ENOSPC
 
 
 def main(argv):
-  logs.quiet_console()
+  quiet.console()
   try:
-    if len(argv) > 1:
-      raise UserError(f"unexpected arguments {argv[1:]}: every flag takes the form --name=value")
-    # pylint: disable=import-outside-toplevel
-    from blockprune_jax import config_lib, files, parallel, pipeline, sweep
-    from blockprune_jax import validate as validate_lib
-    workdir = _WORKDIR.value
-    if not workdir.strip():
-      raise UserError("--workdir is empty: give the directory for this run's files")
-    files.check_directory(workdir, "--workdir")
-    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    config = _load_config(config_path)
-    runs = sweep.load_get_sweep(config_path)
-    if runs is None:
-      parallel.maybe_initialize_distributed()
-      pipeline.run(config, workdir)  # validates the config unless the run is finished
-      return
-    runs = sweep.expand_sweep(config, None, runs)
-    for run in runs:  # every unfinished run's settings checked before the first one starts
-      name = sweep.run_name(run)
-      if not files.readable_json(os.path.join(workdir, name, sweep.RESULTS)):
-        try:
-          validate_lib.validate(config_lib.apply_overrides(config, run))
-        except UserError as e:
-          raise UserError(f"sweep run {name}: {e}") from None
+    _run(argv)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    _exit_for(e, _WORKDIR.value)
+
+
+def _run(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}: every flag takes the form --name=value")
+  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import config_lib, files, parallel, pipeline, sweep
+  from blockprune_jax import validate as validate_lib
+  workdir = _WORKDIR.value
+  if not workdir.strip():
+    raise UserError("--workdir is empty: give the directory for this run's files")
+  files.check_directory(workdir, "--workdir")
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  config = _load_config(config_path)
+  runs = sweep.load_get_sweep(config_path)
+  if runs is None:
     parallel.maybe_initialize_distributed()
-    rows = sweep.run_sweep(config, workdir, runs)
-    _report_failed_runs(rows)
-  except NoSpace as e:
-    _exit(EXIT_NO_SPACE, f"error: {e}")
-  except UserError as e:
-    _exit(EXIT_USER_ERROR, f"error: {e}")
-  except Preempted as e:
-    code = getattr(e, "exit_code", EXIT_SIGTERM)
-    _exit(code, f"{'interrupted' if code == EXIT_SIGINT else 'preempted'}: {e}")
-  except KeyboardInterrupt:
+    pipeline.run(config, workdir)  # validates the config unless the run is finished
+    return
+  runs = sweep.expand_sweep(config, None, runs)
+  for run in runs:  # every unfinished run's settings checked before the first one starts
+    name = sweep.run_name(run)
+    if not files.readable_json(os.path.join(workdir, name, files.RESULTS)):
+      try:
+        validate_lib.validate(config_lib.apply_overrides(config, run))
+      except UserError as e:
+        raise UserError(f"sweep run {name}: {e}") from None
+  parallel.maybe_initialize_distributed()
+  _report_failed_runs(sweep.run_sweep(config, workdir, runs))
+
+
+def _exit_for(e, workdir):
+  """Exits with `e`'s code and one line (a full disk too where no writer said so); re-raises
+  what is no user's to fix."""
+  from blockprune_jax import files  # pylint: disable=import-outside-toplevel
+  if isinstance(e, KeyboardInterrupt):
     _exit(EXIT_SIGINT, "interrupted: stopped at once (Ctrl-C); the last saved checkpoint is "
           "kept, run the same command to resume")
-  except Exception as e:  # pylint: disable=broad-except
-    _exit_if_no_space(e, _WORKDIR.value)
-    raise
-
-
-def _exit_if_no_space(e, workdir):
-  """A full disk met by a writer that does not say so itself: still one line, and exit 28."""
-  # pylint: disable=import-outside-toplevel
-  from blockprune_jax import files
-  reason = files.no_space_reason(e)
-  if reason:
-    path = next((getattr(x, "filename", None) for x in (e, e.__cause__, e.__context__)
-                 if getattr(x, "filename", None)), None)
-    error = files.no_space_error("the run's files", path or workdir, reason)
-    _exit(EXIT_NO_SPACE, f"error: {error}")
+  if isinstance(e, Preempted):
+    code = getattr(e, "exit_code", EXIT_SIGTERM)
+    _exit(code, f"{'interrupted' if code == EXIT_SIGINT else 'preempted'}: {e}")
+  if isinstance(e, UserError) and not isinstance(e, NoSpace):
+    _exit(EXIT_USER_ERROR, f"error: {e}")
+  path = next((x.filename for x in (e, e.__cause__, e.__context__)
+               if getattr(x, "filename", None)), None)
+  error = e if isinstance(e, NoSpace) else files.as_no_space(e, "the run's files",
+                                                             path or workdir)
+  if error is None:
+    raise e
+  _exit(EXIT_NO_SPACE, f"error: {error}")
 
 
 def _report_failed_runs(rows):
@@ -103,9 +102,7 @@ def _report_failed_runs(rows):
 def _load_config(config_path):
   """The config with its --config.* overrides; one UserError line for a missing or broken file,
   an unknown key or a value of the wrong type."""
-  # pylint: disable=import-outside-toplevel
-  from blockprune_jax import files
-  from blockprune_jax.errors import one_line
+  from blockprune_jax import files  # pylint: disable=import-outside-toplevel
   files.check_file(config_path.partition(":")[0], "--config")
   try:
     return _CONFIG.value
@@ -119,9 +116,7 @@ def _load_config(config_path):
 
 def _check_override_keys(config_path):
   """UserError (with a near miss) for an override naming no key of the config file."""
-  # pylint: disable=import-outside-toplevel
-  from blockprune_jax import config_lib
-  from blockprune_jax.errors import one_line
+  from blockprune_jax import config_lib  # pylint: disable=import-outside-toplevel
   path, _, arg = config_path.partition(":")
   try:
     module = config_lib.load_file(path, "_blockprune_check_config")
@@ -149,8 +144,7 @@ def _parse_flags(argv):
         _check_override_keys(config_path)
     except UserError as bad:
       _exit(EXIT_USER_ERROR, f"error: {bad}")
-    _exit(EXIT_USER_ERROR, f"error: --config={config_path}: could not load it "
-          f"({type(e).__name__}: {_first_line(str(e))})")
+    _exit(EXIT_USER_ERROR, f"error: --config={config_path}: could not load it ({one_line(e)})")
 
 
 def _first_line(text):
@@ -159,8 +153,7 @@ def _first_line(text):
 
 
 def _exit(code, line):
-  # A writer stopped mid-save (Orbax's async serialisation on a full disk or a signal) leaves
-  # coroutines never awaited; Python would report each at exit, under the one line.
+  # A writer stopped mid-save leaves coroutines never awaited, each reported at exit.
   warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                           category=RuntimeWarning)
   print(line, file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ Parameters are float32; `dtype` is the compute dtype of the matrix multiplies.
 """
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Optional, Tuple
 
@@ -92,25 +93,40 @@ def _sow_inputs(module: nn.Module, name: str, x):
     module.sow("hessian", name, jnp.dot(flat.T, flat, precision=jax.lax.Precision.HIGHEST))
 
 
-@functools.lru_cache(maxsize=None)
-def _cudnn_ok() -> bool:
-  return jax.default_backend() == "gpu"
+def _dot_attention(q, k, v, impl):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def _cudnn_or_xla(q, k, v):
+  try:  # raises while tracing where cuDNN is missing or cannot take these shapes
+    return _dot_attention(q, k, v, "cudnn")
+  except Exception as e:  # pylint: disable=broad-except
+    if cuda_plugin_installed():
+      _warn_xla_fallback(type(e).__name__)
+    return _dot_attention(q, k, v, "xla")
 
 
 def attention(q, k, v, cfg: GPT2Config):
-  """Causal attention. q, k, v: [batch, time, heads, head_dim]."""
-  impl = cfg.attention
-  if impl == "auto":
-    # cuDNN's fused kernel is ~2x XLA's on H100 (README, "Speed") but wants half precision.
-    impl = "cudnn" if _cudnn_ok() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  if impl == "cudnn":
-    try:
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    except Exception as e:  # pylint: disable=broad-except
-      if cfg.attention == "cudnn":
-        raise
-      _warn_xla_fallback(type(e).__name__)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  """Causal attention. q, k, v: [batch, time, heads, head_dim].
+
+  auto: cuDNN's fused kernel (~2x XLA's on H100, README "Speed"; half precision only) where the
+  step is lowered for CUDA devices, else XLA's. Chosen by lax.platform_dependent at lowering,
+  from the devices the step is compiled for, so a fit check from a CPU host (bench aot) and a
+  run on the GPU compile the same program."""
+  if cfg.attention != "auto":
+    return _dot_attention(q, k, v, cfg.attention)
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return _dot_attention(q, k, v, "xla")
+  return jax.lax.platform_dependent(q, k, v, cuda=_cudnn_or_xla,
+                                    default=functools.partial(_dot_attention, impl="xla"))
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_plugin_installed() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ImportError:  # no jax_plugins namespace at all
+    return False
 
 
 @functools.lru_cache(maxsize=None)  # once per reason, not at every trace

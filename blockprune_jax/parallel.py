@@ -90,8 +90,8 @@ def all_ok(ok: bool) -> bool:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-  """files.workdir_lock for the whole job: process 0 holds the lock (the workdir is shared), and
-  every process raises the same UserError when it is refused, so none waits for the others."""
+  """files.workdir_lock for the whole job: process 0 holds it (the workdir is shared); refused,
+  every process raises, so none waits for the others."""
   with contextlib.ExitStack() as stack:
     error = None
     if jax.process_index() == 0:

@@ -26,8 +26,6 @@ from blockprune_jax.errors import NoSpace, Preempted, UserError
 
 log = logging.getLogger(__name__)
 
-RESULTS = files.RESULTS  # main.py reads sweep.RESULTS; once it reads files.RESULTS this goes
-SWEEP_JSON = "sweep.json"
 OVERRIDES_JSON = "overrides.json"
 MAX_NAME_LEN = 120  # keeps paths well below filesystem limits (255 per component)
 
@@ -282,7 +280,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
 
   def save():
     if primary:
-      files.write_json(os.path.join(workdir, SWEEP_JSON), {
+      files.write_json(os.path.join(workdir, files.SWEEP_JSON), {
           "workdir": workdir, "n_runs": len(rows),
           "counts": {s: sum(r["status"] == s for r in rows)
                      for s in ("done", "failed", "interrupted", "running", "pending")},
@@ -302,10 +300,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Sequence[di
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from blockprune_jax import logs  # pylint: disable=g-import-not-at-top
+  from blockprune_jax import quiet  # pylint: disable=g-import-not-at-top
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  logs.quiet_console()
+  quiet.console()
   try:
     parallel.maybe_initialize_distributed()
     fn_list = None if FLAGS.sweep else load_get_sweep(

@@ -17,7 +17,6 @@ from blockprune_jax.errors import NoSpace, UserError, one_line
 MODES = ("disabled", "online", "offline")
 ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run continues
 REPORT_ID_FILE = "wandb_report_id"  # in a sweep's workdir: the id of its "report" run
-SWEEP_JSON = "sweep.json"  # what blockprune_jax.sweep writes into a sweep's workdir
 MIN_VERSION = (0, 19, 10)  # reinit="create_new": a base run nested in a run needs two live runs
 _INSTALL = f"pip install 'wandb>={'.'.join(map(str, MIN_VERSION))}'"
 
@@ -58,7 +57,7 @@ def group_for(config, workdir: str):
   parent = os.path.dirname(os.path.abspath(workdir))
   # A sweep writes sweep.json before its first run, so its runs (and the shared base model in
   # <sweep>/base) land in one group named like log_report()'s, without the sweep passing it on.
-  return os.path.basename(parent) if os.path.isfile(os.path.join(parent, SWEEP_JSON)) else None
+  return os.path.basename(parent) if os.path.isfile(os.path.join(parent, files.SWEEP_JSON)) else None
 
 
 def read_id(path: str):

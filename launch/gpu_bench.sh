@@ -6,7 +6,9 @@
 #
 # Writes OUTDIR/figures.jsonl (one JSON line per figure: a meta record, check_logits and
 # check_perplexity with pass, eval / eval_compact / compact_speedup / train / train_masked /
-# mask_overhead from `blockprune_jax.bench all`, side_by_side (per-run step cost of 3 runs as
+# mask_overhead from `blockprune_jax.bench all` (with mfu: model FLOPs / the GPU's peak, flops.py;
+# aot: the same steps compiled ahead of time for BENCH_AOT_TOPOLOGY, h100:1 by default, whose
+# total_bytes compare with program_memory_gb), side_by_side (per-run step cost of 3 runs as
 # one program) and sweep (with batch_runs=3: the side-by-side ratio of a real sweep) from
 # `blockprune_jax.bench`, torch_eval / torch_train from
 # `blockprune_jax.bench.torch_ref` without and with torch.compile, a step_time per step, and
@@ -143,6 +145,10 @@ step check "$T_CHECK" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
   "$PY" -m blockprune_jax.bench.torch_ref check --json="$FIG"
 # Ours: one process, JAX and the dense figures shared by mask and compact.
 step jax_all "$T_JAX" "$PY" -m blockprune_jax.bench all "${SHAPE[@]}" "${STEPS[@]}" --json="$FIG"
+# bench aot's memory figure of the same steps, for the AOT-vs-real comparison (not with --tiny:
+# the CPU test has no CUDA plugin).
+[[ $TINY == 1 ]] || step aot 120 "$PY" -m blockprune_jax.bench aot \
+  --topology="${BENCH_AOT_TOPOLOGY:-h100:1}" "${SHAPE[@]}" --json="$FIG"
 # One train / eval step of 3 runs side by side (vmap and lax.map) against one run alone.
 step side_by_side "$T_SIDE" "$PY" -m blockprune_jax.bench side_by_side "${SHAPE[@]}" "${STEPS[@]}" \
   --runs=3 --json="$FIG"

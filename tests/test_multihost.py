@@ -220,3 +220,31 @@ def test_ctrl_c_on_one_process_stops_both_at_one_step(tmp_path):
   assert _saved_step(lines[0]) == _saved_step(lines[1])
   assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == _saved_step(lines[0])
 
+
+
+def test_two_processes_fall_back_alike_from_a_damaged_step(tmp_path):
+  """Issue 29 on two processes: the newest step's largest file cut in half; both processes set
+  it aside with one line each, resume from the same step and end bitwise as uninterrupted."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  flags = ["--config.train.steps=6", "--config.checkpoint.every_steps=2",
+           "--config.export.hf=true"]
+  reference = tmp_path / "reference"
+  with _two_processes(tmp_path, reference, flags, "ref") as procs:
+    assert _wait(procs, tmp_path, "ref") == [0, 0], _stderr(tmp_path, "ref", 0)[-2000:]
+  workdir = tmp_path / "damaged"
+  shutil.copytree(reference, workdir)
+  (workdir / "results.json").unlink()  # as if killed right after its last checkpoint
+  largest = max((f for f in (workdir / "checkpoints" / "6").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  with _two_processes(tmp_path, workdir, flags, "again") as procs:
+    codes = _wait(procs, tmp_path, "again")
+  assert codes == [0, 0], _stderr(tmp_path, "again", 0)[-2000:]
+  for i in range(2):
+    text = _stderr(tmp_path, "again", i)
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    warned = [l for l in text.splitlines() if "does not restore" in l]
+    assert len(warned) == 1 and "Checkpoint step 6 " in warned[0], warned
+  resumed = [json.loads(l) for l in open(workdir / "log.jsonl") if '"resume"' in l]
+  assert [e["step"] for e in resumed] == [4]
+  cli.assert_same_params(cli.exported_params(workdir), cli.exported_params(reference))

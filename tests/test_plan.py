@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from blockprune_jax import model as model_lib
+from blockprune_jax.prune import allocation
 from blockprune_jax.prune import plan as plan_lib
 from conftest import tiny_config
 
@@ -79,7 +80,8 @@ def test_a_resumed_run_reuses_the_measured_allocation_of_its_checkpoint(tmp_path
 
   def measure_again(*args, **kwargs):
     raise AssertionError("the resumed run measured its allocation again")
-  monkeypatch.setattr(plan_lib.Plan, "_measure_allocation", measure_again)
+  monkeypatch.setitem(allocation.ALLOCATIONS, "sensitivity", dataclasses.replace(
+      allocation.ALLOCATIONS["sensitivity"], ratios=measure_again))
   again = pipeline.run(config, str(tmp_path), echo=False)
   assert again["pruning"]["ratios_per_block"] == first["pruning"]["ratios_per_block"]
   assert again["pruning"]["sensitivity"] == first["pruning"]["sensitivity"]

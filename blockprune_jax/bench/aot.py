@@ -1,19 +1,24 @@
-"""Will it fit? The real train and eval steps compiled for a TPU slice, on any host.
+"""Will it fit? The real train and eval steps compiled for a TPU slice or GPUs, on any host.
 
     python -m blockprune_jax.bench aot --topology=v5e:2x4 --preset=gpt2-xl --seq_len=1024 \
         --batch=32 --dtype=bfloat16 --fsdp=8 --remat=block
+    python -m blockprune_jax.bench aot --topology=h100:8 ...  # GPU kind:count (gpu_targets/)
 
 As MaxText's train_compile.py: `jax.experimental.topologies` describes the slice's chips without
 any of them present, the steps are lowered for a mesh over those devices from shapes alone
-(jax.ShapeDtypeStruct with shardings, nothing allocated) and compiled by libtpu, and XLA's
-memory_analysis() says what one chip needs. The train step is the one a run uses
+(jax.ShapeDtypeStruct with shardings, nothing allocated) and compiled by libtpu or JAX's CUDA
+plugin (a GPU described by our target config in gpu_targets/), and XLA's memory_analysis() says
+what one chip needs. The train step is the one a run uses
 (train.make_train_step: masked AdamW fine-tuning with the masks of a 50 % MLP pruning run,
 dropout on, the state donated, sharded as mesh.fsdp=--fsdp lays it out); the eval step is
 evaluate.make_eval_step's. `--batch` is the global batch (sequences per chip = batch / chips).
 
 One JSON line per step on stdout (bytes per chip); one line a person reads per step on stderr.
 A program that does not fit in HBM is a result (fits: false, with what XLA says it needs),
-not a traceback. Needs libtpu, the TPU compiler: `pip install -r requirements-aot.txt`.
+not a traceback. Needs libtpu, the TPU compiler: `pip install -r requirements-aot.txt`; for
+GPUs the CUDA plugin and cuDNN: requirements-gpu-aot.txt, in a separate environment (the plugin
+logs CUDA warnings in every CPU run). A GPU program may use JAX's preallocated share of the
+GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default): that is its hbm_bytes.
 """
 import dataclasses
 import importlib.util
@@ -34,6 +39,7 @@ from blockprune_jax import train
 from blockprune_jax.errors import UserError
 
 GIB = 2**30
+GPU_TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")
 MLP_SPARSITY = 0.5  # only the masks' shapes matter: a 50 % MLP pruning run's masks
 
 
@@ -51,6 +57,31 @@ def tpu_devices(topology: str):
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise UserError(f"--topology={topology!r} is no TPU slice JAX knows ({first}): use names "
                     "like v4:2x2x1, v5e:2x4, v6e:2x4") from None
+
+
+def gpu_devices(topology: str):
+  """(compile-only devices, usable bytes per GPU) of a GPU target "h100:8" (kind:count)."""
+  kind, _, count = topology.partition(":")
+  known = sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS) if f.endswith(".txtpb"))
+  if kind not in known or not count.isdigit() or int(count) < 1:
+    raise UserError(f"--topology={topology!r} is no GPU target (kind:count, kinds: "
+                    f"{', '.join(known)}) nor a TPU slice (like v5e:2x4)")
+  if not model_lib.cuda_plugin_installed():
+    raise UserError(f"compiling for {kind} needs JAX's CUDA plugin, which is not installed: pip "
+                    f"install \"jax[cuda12]=={jax.__version__}\" (requirements-gpu-aot.txt)")
+  path = os.path.join(GPU_TARGETS, f"{kind}.txtpb")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    devices = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                           target_config=text).devices
+  except Exception as e:  # pylint: disable=broad-except  # a field this jaxlib does not know
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"{path}: jaxlib {jax.__version__} cannot read this GPU target ({first}): "
+                    "a field newer than this jaxlib?") from None
+  memory = int(re.search(r"device_memory_size: (\d+)", text).group(1))
+  return devices, int(memory * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)))
 
 
 def available_hbm(mesh) -> int:
@@ -127,10 +158,12 @@ def _needed_bytes(message: str):
 
 
 def compile_memory(step, args, hbm: int) -> dict:
-  """Compiles step(*args); the per-chip memory record (fits: False on RESOURCE_EXHAUSTED)."""
+  """Compiles step(*args); the per-chip memory record (fits: False on RESOURCE_EXHAUSTED) and
+  whether the program calls cuDNN's fused attention."""
   t0 = time.perf_counter()
   try:
-    m = step.lower(*args).compile().memory_analysis()
+    compiled = step.lower(*args).compile()
+    m = compiled.memory_analysis()
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
     message = str(e)
     if "RESOURCE_EXHAUSTED" not in message:
@@ -140,13 +173,14 @@ def compile_memory(step, args, hbm: int) -> dict:
     return {"argument_bytes": arg, "output_bytes": None, "alias_bytes": None,
             "temp_bytes": temp, "total_bytes": arg + temp if temp is not None else None,
             "hbm_bytes": hbm, "fits": False, "compile_s": round(time.perf_counter() - t0, 1),
-            "error": message.strip().splitlines()[0][:400]}
+            "fused_attention": None, "error": message.strip().splitlines()[0][:400]}
   total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
            - m.alias_size_in_bytes)
   return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
           "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
           "total_bytes": total, "hbm_bytes": hbm, "fits": total <= hbm,
-          "compile_s": round(time.perf_counter() - t0, 1)}
+          "compile_s": round(time.perf_counter() - t0, 1),
+          "fused_attention": "__cudnn$fmha" in compiled.as_text()}
 
 
 def human_line(record: dict) -> str:
@@ -161,8 +195,9 @@ def human_line(record: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """One model on one TPU slice, ready to compile its steps at any batch."""
+  """One model on one TPU slice or GPU target, ready to compile its steps at any batch."""
   topology: str
+  platform: str  # tpu | cuda
   preset: str
   devices: tuple
   mesh: object
@@ -176,11 +211,13 @@ def prepare(*, topology: str, preset: str, seq_len: int, dtype: str, fsdp: int, 
             scan_layers: bool = False) -> Slice:
   if preset not in model_lib.PRESETS:
     raise UserError(f"--preset={preset}: expected one of {', '.join(model_lib.PRESETS)}")
-  devices = tpu_devices(topology)
+  gpu = re.fullmatch(r"[^:]+:\d+", topology)
+  devices, hbm = gpu_devices(topology) if gpu else (tpu_devices(topology), None)
   mesh = parallel.train_mesh(fsdp, devices=devices)
   cfg = model_lib.preset(preset, dtype=dtype, n_positions=max(1024, seq_len), remat=remat,
                          scan_layers=scan_layers)
-  return Slice(topology, preset, tuple(devices), mesh, available_hbm(mesh), cfg, seq_len, fsdp)
+  return Slice(topology, "cuda" if gpu else "tpu", preset, tuple(devices), mesh,
+               hbm or available_hbm(mesh), cfg, seq_len, fsdp)
 
 
 def compile_step(s: Slice, what: str, batch: int) -> dict:
@@ -194,13 +231,14 @@ def compile_step(s: Slice, what: str, batch: int) -> dict:
   build = train_args if train_step else eval_args
   step, args = build(s.cfg if train_step else dataclasses.replace(s.cfg, remat="none"),
                      s.mesh, batch, s.seq_len)
-  return {"bench": "aot", "step": what, "topology": s.topology, "preset": s.preset,
-          "chips": n, "tpu_kind": s.devices[0].device_kind, "seq_len": s.seq_len,
+  kind = "gpu_kind" if s.platform == "cuda" else "tpu_kind"
+  return {"bench": "aot", "step": what, "topology": s.topology, "platform": s.platform,
+          "preset": s.preset, "chips": n, kind: s.devices[0].device_kind, "seq_len": s.seq_len,
           "batch": batch, "per_chip_batch": batch // n, "dtype": s.cfg.dtype,
           "fsdp": parallel.fsdp_size(s.fsdp, n) if train_step else 1,
           "remat": s.cfg.remat if train_step else "none",
           "scan_layers": s.cfg.scan_layers and train_step,
-          **compile_memory(step, args, s.hbm), "libtpu": _libtpu_version()}
+          **compile_memory(step, args, s.hbm), **_compiler_version(s.platform)}
 
 
 def run(*, batch: int, eval_batch: int, steps=("train", "eval"), **slice_flags):
@@ -258,17 +296,18 @@ def fit_table(*, presets, topologies, cap: int = 64, emit=None, **slice_flags) -
   return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def _libtpu_version():
+def _compiler_version(platform: str) -> dict:
+  name = "libtpu" if platform == "tpu" else "jax-cuda12-plugin"
   try:
     from importlib import metadata  # pylint: disable=import-outside-toplevel
-    return metadata.version("libtpu")
+    return {name: metadata.version(name)}
   except Exception:  # pylint: disable=broad-except
-    return None
+    return {name: None}
 
 
 def _reporter(emit):
-  """emit plus a human line on stderr, for records compiled with libtpu only: the host's own
-  backend is the CPU, so a TPU VM's chips (or their absence elsewhere) play no part."""
+  """emit plus a human line on stderr, for records compiled for the target only: the host's own
+  backend is the CPU, so a TPU VM's chips or a GPU host's GPUs (or their absence) play no part."""
   jax.config.update("jax_platforms", "cpu")
 
   def report(record):

@@ -136,12 +136,6 @@ def build_model(args, device):
   return model.to(device)
 
 
-def matmul_params(model) -> int:
-  """N of PaLM's count, as bench.py takes it: every parameter but the position table (the tied
-  LM head is the token table, counted once: named_parameters skips shared tensors)."""
-  return sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
-
-
 def make_loss(model, vocab: int, reduction: str):
   """(ids, labels) -> cross entropy of float32 logits, like our steps' token_nll."""
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
@@ -191,7 +185,7 @@ def bench_eval(args, device, compiled):
   def one():
     with torch.inference_mode(), autocast(device, args.dtype):
       return loss(ids, ids)
-  return _measure("torch_eval", one, model, batch, device, args, compiled, train=False)
+  return _measure("torch_eval", one, batch, device, args, compiled, train=False)
 
 
 def bench_train(args, device, compiled):
@@ -217,19 +211,20 @@ def bench_train(args, device, compiled):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return value
-  return _measure("torch_train", one, model, args.batch, device, args, compiled, train=True)
+  return _measure("torch_train", one, args.batch, device, args, compiled, train=True)
 
 
-def _measure(what, fn, model, batch, device, args, compiled, train):
+def _measure(what, fn, batch, device, args, compiled, train):
   import torch  # pylint: disable=import-outside-toplevel
-  from blockprune_jax import bench  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import flops  # pylint: disable=import-outside-toplevel
+  from blockprune_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
   sec, first = time_calls(fn, device, args.steps, args.warmup)
   tok_s = batch * args.seq_len / sec
-  f = bench.matmul_flops_per_token(matmul_params(model), model.config.n_layer,
-                                   model.config.n_embd, args.seq_len, train)
-  peak = bench.peak_flops_for(device_kind(device)) if device.type == "cuda" else None
+  f = flops.flops_per_token(model_lib.preset(args.preset, vocab_size=args.vocab_size),
+                            args.seq_len, train)  # the same shape as ours: the same count
+  peak = flops.peak_flops_for(device_kind(device)) if device.type == "cuda" else None
   mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
   return emit({"bench": what, "impl": "sdpa+compile" if compiled else "sdpa",
                "compile_backend": args.compile_backend if compiled else None,

@@ -1,67 +1,161 @@
-"""How much to prune where: layer blocks and per-block / per-layer sparsity ratios.
+"""How much to prune where: the allocation registry, from `prune.allocation` to ratios.
 
-Pure numbers (numpy, no JAX): the allocation reads the `prune.*` config keys and the
-parameter counts of the targeted matrices, and returns one ratio per layer and per block.
-Every generated allocation is solved so the parameter-weighted mean ratio equals
-`prune.target` (README, "What is computed, exactly"); the weights are the blocks' (or layers')
-parameter counts, so blocks of unequal size (12 layers in 5 blocks) still average to S.
-
-    layer_sizes ─┐
-    prune.* ─────┼─> allocate() ─> (ratios_per_layer [n_layer], ratios_per_block [n_blocks])
-    owl outliers ┘
+An allocation is registered by name with one signature, `ratios(Inputs) -> Ratios` (one ratio
+per layer and per block); `Allocation` says what it needs beyond the config and the layer
+sizes: OWL's outlier ratios, or a calibration loss to measure on the model (sensitivity,
+search). Every generated allocation hits `prune.target` as a parameter-weighted mean (solve.py),
+so blocks of unequal size still average to it. The config's allowed `prune.allocation` values
+are this registry's names.
 """
-from typing import Optional, Sequence
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from blockprune_jax.errors import UserError
-
-MAX_RATIO = 0.99  # generated ratios stay in [0, MAX_RATIO]: a fully pruned block kills the model
-# Measured on the model (plan.Plan solves them from calibration losses, then uses them as
-# explicit block ratios): sensitivity (per-block loss curves) and search (a budgeted search).
-MEASURED = ("sensitivity", "search")
-ALLOCATIONS = ("explicit", "layer", "uniform", "linear", "exponential", "owl") + MEASURED
+from blockprune_jax.prune import solve
+from blockprune_jax.prune.solve import MAX_RATIO, redistribute_clipped, weighted_mean
 
 
 def block_layers(n_layer: int, n_blocks: int) -> list[list[int]]:
-  """Contiguous layer blocks exactly as numpy.array_split splits range(n_layer).
-
-  12 layers, 3 blocks -> [[0..3], [4..7], [8..11]]; 12 layers, 5 blocks -> 3,3,2,2,2 layers.
-  """
+  """Contiguous layer blocks as numpy.array_split splits range(n_layer) (12 in 5: 3,3,2,2,2)."""
   if not 1 <= n_blocks <= n_layer:
     raise UserError(f"prune.blocks={n_blocks} must be between 1 and the model's n_layer="
                     f"{n_layer}: set --config.prune.blocks to a value in that range")
   return [[int(i) for i in part] for part in np.array_split(np.arange(n_layer), n_blocks)]
 
 
-def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
-  """sum(w * v) / sum(w): the overall sparsity of parts of sizes `weights`."""
-  w = np.asarray(weights, np.float64)
-  return float(np.dot(np.asarray(values, np.float64), w) / w.sum())
+def expand_to_layers(block_ratios, blocks) -> list[float]:
+  """Per-block ratios -> per-layer ratios (every layer of a block gets the block's ratio)."""
+  return [float(block_ratios[b]) for b, layers in enumerate(blocks) for _ in layers]
 
 
-# --- the allocation rules --------------------------------------------------------
+class Ratios(NamedTuple):
+  per_layer: list
+  per_block: list
+  measured: dict  # a measured allocation's results.json "pruning" entries
+
+
+def _no_event(*args, **fields):
+  del args, fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What an allocation may use."""
+  p: Any  # the prune.* keys
+  sizes: Sequence[int]  # [n_layer] targeted parameters of each layer: the weights of every mean
+  outliers: Optional[Sequence[float]] = None  # OWL's per-layer outlier ratios
+  loss: Optional[Callable] = None  # block ratios -> calibration loss (Allocation.measured)
+  seed: int = 0
+  event: Callable = _no_event  # the run's log.event, for what a measured allocation found
+
+  @property
+  def blocks(self) -> list[list[int]]:
+    return block_layers(len(self.sizes), int(self.p.blocks))
+
+  @property
+  def block_sizes(self) -> list[int]:
+    return [sum(self.sizes[l] for l in b) for b in self.blocks]
+
+  def per_block(self, ratios, measured=None) -> Ratios:
+    ratios = [float(r) for r in ratios]
+    return Ratios(expand_to_layers(ratios, self.blocks), ratios, measured or {})
+
+  def per_layer(self, ratios) -> Ratios:
+    means = [weighted_mean([ratios[i] for i in b], [self.sizes[i] for i in b])
+             for b in self.blocks]
+    return Ratios(list(ratios), means, {})
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+  name: str
+  ratios: Callable[[Inputs], Ratios]
+  outliers: bool = False  # needs OWL's outlier ratios (calibration statistics)
+  measured: bool = False  # scored on the model (Inputs.loss); a checkpoint keeps the result
+
+
+ALLOCATIONS: dict[str, Allocation] = {}
+
+
+def register(allocation: Allocation) -> Allocation:
+  ALLOCATIONS[allocation.name] = allocation
+  return allocation
+
+
+def get(name: str) -> Allocation:
+  if name not in ALLOCATIONS:
+    raise UserError(f"prune.allocation={name!r}: expected one of {', '.join(ALLOCATIONS)}")
+  return ALLOCATIONS[name]
+
+
+def allocate(prune, layer_sizes: Sequence[int],
+             outlier_ratios: Optional[Sequence[float]] = None) -> tuple[list[float], list[float]]:
+  """(ratios_per_layer, ratios_per_block) of a generated or given allocation, from prune.*."""
+  found = get(prune.allocation).ratios(Inputs(prune, layer_sizes, outlier_ratios))
+  return found.per_layer, found.per_block
+
+
+# --- given ratios ------------------------------------------------------------------------
+
+
+def _given(inputs: Inputs, per: str) -> list[float]:
+  want = len(inputs.sizes) if per == "layer" else len(inputs.blocks)
+  ratios = [float(r) for r in (inputs.p.ratios or ())]
+  if len(ratios) != want:
+    raise UserError(f"prune.ratios has {len(ratios)} values; allocation "
+                    f"{'layer' if per == 'layer' else 'explicit'} expects {want} (one per {per}): "
+                    f"set --config.prune.ratios to a tuple of {want} ratios")
+  for r in ratios:
+    if not 0.0 <= r < 1.0:
+      raise UserError(f"prune.ratios contains {r}: every ratio must be in [0, 1)")
+  return ratios
+
+
+def explicit(inputs: Inputs) -> Ratios:
+  return inputs.per_block(_given(inputs, "block"))
+
+
+def layer(inputs: Inputs) -> Ratios:
+  return inputs.per_layer(_given(inputs, "layer"))
+
+
+# --- generated from prune.target ---------------------------------------------------------
+
+
+def _target(inputs: Inputs) -> float:
+  target = float(inputs.p.target)
+  if not 0.0 <= target <= MAX_RATIO:
+    raise UserError(f"prune.target={target} is unreachable: a generated allocation needs a "
+                    f"target in [0, {MAX_RATIO}]")
+  return target
+
+
+def _ramp(solve_shape: Callable[[Any, float, list], list[float]]) -> Callable[[Inputs], Ratios]:
+  """An allocation whose ratios grow block to block (prune.direction=decreasing reverses them):
+  solved front to back on the weights in the order the ratios grow."""
+  def ratios(inputs: Inputs) -> Ratios:
+    direction = inputs.p.direction
+    if direction not in ("increasing", "decreasing"):
+      raise UserError(f"prune.direction={direction!r}: expected increasing or decreasing")
+    weights = inputs.block_sizes
+    if direction == "decreasing":
+      return inputs.per_block(solve_shape(inputs.p, _target(inputs), weights[::-1])[::-1])
+    return inputs.per_block(solve_shape(inputs.p, _target(inputs), weights))
+  return ratios
 
 
 def solve_linear_ratios(target: float, spread: float, weights: Sequence[float]) -> list[float]:
-  """Evenly spaced ratios, last minus first = `spread`, weighted mean = `target`.
-
-  r_b = a + spread * b / (B - 1) with a solved in closed form; then clipped to
-  [0, MAX_RATIO] with the excess shifted onto the unclipped blocks (spacing kept among them).
-  """
-  n = len(weights)
-  steps = np.arange(n) / max(n - 1, 1)
-  offsets = spread * steps
+  """Evenly spaced ratios, last minus first = `spread`, weighted mean = `target` (the spacing
+  kept among the unclipped blocks)."""
+  offsets = spread * (np.arange(len(weights)) / max(len(weights) - 1, 1))
   ratios = target - weighted_mean(offsets, weights) + offsets
   return redistribute_clipped(ratios, weights, target, mode="shift")
 
 
 def solve_exponential_ratios(target: float, growth: float, weights: Sequence[float]) -> list[float]:
-  """Ratios with a constant factor `growth` between consecutive blocks, weighted mean = `target`.
-
-  r_b = a * growth**b with a solved in closed form; then clipped to [0, MAX_RATIO] with the
-  excess rescaled onto the unclipped blocks (constant factor kept among them).
-  """
+  """A constant factor `growth` between consecutive blocks, weighted mean = `target`."""
   if growth <= 0:
     raise UserError(f"prune.growth={growth} must be > 0 (the factor between consecutive blocks)")
   shape = growth ** np.arange(len(weights), dtype=np.float64)
@@ -73,11 +167,9 @@ def owl_ratios(target: float, lam: float, outlier_ratios: Sequence[float],
                weights: Sequence[float]) -> list[float]:
   """OWL (Yin et al. 2023): layers with more outliers get lower sparsity, within target ± lam.
 
-  OWL min-max normalises the outlier ratios D to [0, 2λ] and sets sparsity
-  S - (D_norm - mean(D_norm)). That can leave the band [S-λ, S+λ] when D is skewed (one outlier
-  layer), so we centre D_norm on its parameter-weighted mean and scale the deviations by the
-  largest factor <= 2λ that keeps every layer inside the band: identical to OWL when OWL's
-  ratios already fit, and the mean stays exactly S either way.
+  OWL's min-max normalisation can leave the band [S-λ, S+λ] when one layer stands out, so the
+  deviations are centred on their weighted mean and scaled by the largest factor <= 2λ that
+  keeps every layer inside it: OWL itself when its ratios fit, and the mean stays exactly S.
   """
   d = np.asarray(outlier_ratios, np.float64)
   if d.max() - d.min() < 1e-12:  # no layer stands out: nothing to redistribute
@@ -89,11 +181,8 @@ def owl_ratios(target: float, lam: float, outlier_ratios: Sequence[float],
 
 
 def outlier_ratios(layer_scores, threshold: float) -> list[float]:
-  """OWL's layerwise outlier ratio D_l: per layer, the fraction of its targeted weights whose
-  Wanda score |W_ij| * ||X_i|| exceeds `threshold` (M) times the layer's mean score.
-
-  layer_scores: [n_layer] lists of score arrays (pruning.layer_scores('wanda', ...)).
-  """
+  """OWL's D_l: per layer, the fraction of its targeted weights whose Wanda score exceeds
+  `threshold` times the layer's mean score (layer_scores from pruning.layer_scores)."""
   out = []
   for scores in layer_scores:
     scores = [np.asarray(s, np.float64) for s in scores]
@@ -103,119 +192,58 @@ def outlier_ratios(layer_scores, threshold: float) -> list[float]:
   return out
 
 
-def redistribute_clipped(ratios: Sequence[float], weights: Sequence[float], target: float, *,
-                         mode: str, lo: float = 0.0, hi: float = MAX_RATIO) -> list[float]:
-  """Clips ratios to [lo, hi] and moves the clipped-off sparsity onto the other blocks.
-
-  The shape is kept: `shift` adds one constant c to every ratio (linear spacing survives),
-  `scale` multiplies every ratio by one factor c (a constant growth factor survives); c is the
-  value for which the weighted mean of clip(shape ∘ c) is `target`. That mean is monotone in c,
-  so bisection finds it; if no c reaches the target the allocation is unreachable.
-  """
-  r0 = np.asarray(ratios, np.float64)
-  w = np.asarray(weights, np.float64)
-  if np.all((r0 >= lo) & (r0 <= hi)):
-    return [float(x) for x in r0]
-
-  if mode == "shift":
-    apply = lambda c: np.clip(r0 + c, lo, hi)
-    c_lo, c_hi = lo - r0.max() - 1.0, hi - r0.min() + 1.0
-  elif mode == "scale":
-    apply = lambda c: np.clip(r0 * c, lo, hi)
-    positive = r0[r0 > 0]
-    c_lo, c_hi = 0.0, (hi / positive.min() + 1.0) if positive.size else 1.0
-  else:
-    raise ValueError(f"mode={mode!r}: expected shift or scale")
-  mean = lambda c: weighted_mean(apply(c), w)
-  if not mean(c_lo) - 1e-9 <= target <= mean(c_hi) + 1e-9:
-    raise UserError(f"prune.target={target} is unreachable with every ratio in [{lo}, {hi}] "
-                    f"for this allocation shape ({mode} of {np.round(r0, 4).tolist()}): "
-                    "lower prune.target or change prune.spread / prune.growth")
-  for _ in range(200):  # bisection; the mean is continuous and non-decreasing in c
-    mid = 0.5 * (c_lo + c_hi)
-    if mean(mid) < target:
-      c_lo = mid
-    else:
-      c_hi = mid
-  return [float(x) for x in apply(0.5 * (c_lo + c_hi))]
+def owl(inputs: Inputs) -> Ratios:
+  if inputs.outliers is None:
+    raise ValueError("allocation owl needs outlier_ratios (allocation.outlier_ratios)")
+  p = inputs.p
+  return inputs.per_layer(owl_ratios(_target(inputs), float(p.owl_lambda), inputs.outliers,
+                                     inputs.sizes))
 
 
-# --- from the config ---------------------------------------------------------------
+# --- measured on the model ---------------------------------------------------------------
 
 
-def allocate(prune, layer_sizes: Sequence[int],
-             outlier_ratios: Optional[Sequence[float]] = None) -> tuple[list[float], list[float]]:
-  """Per-layer and per-block sparsity ratios from the `prune.*` config keys.
-
-  Args:
-    prune: the config's prune section (allocation, blocks, ratios, target, spread, growth,
-      direction, owl_lambda).
-    layer_sizes: [n_layer] parameter count of the targeted matrices of each layer (the weights
-      of every mean).
-    outlier_ratios: [n_layer] OWL outlier fractions (see outlier_ratios); owl only.
-  Returns:
-    (ratios_per_layer [n_layer], ratios_per_block [n_blocks]); a block's ratio is the weighted
-    mean of its layers' (equal to each of them unless the allocation is per layer).
-  """
-  n_layer = len(layer_sizes)
-  blocks = block_layers(n_layer, int(prune.blocks))
-  block_sizes = [sum(layer_sizes[i] for i in b) for b in blocks]
-  kind = prune.allocation
-  if kind not in ALLOCATIONS:
-    raise UserError(f"prune.allocation={kind!r}: expected one of {', '.join(ALLOCATIONS)}")
-  if kind in MEASURED:
-    raise ValueError(f"allocation {kind} is measured on the model: plan.Plan solves it")
-
-  if kind in ("explicit", "layer"):
-    per_layer = kind == "layer"
-    want = n_layer if per_layer else len(blocks)
-    ratios = _checked_ratios(prune.ratios, want, "layer" if per_layer else "block")
-    if per_layer:
-      return ratios, _block_means(ratios, layer_sizes, blocks)
-    return expand_to_layers(ratios, blocks), ratios
-
-  target = float(prune.target)
-  if not 0.0 <= target <= MAX_RATIO:
-    raise UserError(f"prune.target={target} is unreachable: a generated allocation needs a "
-                    f"target in [0, {MAX_RATIO}]")
-  if kind == "owl":
-    if outlier_ratios is None:
-      raise ValueError("allocation owl needs outlier_ratios (allocation.outlier_ratios)")
-    ratios = owl_ratios(target, float(prune.owl_lambda), outlier_ratios, layer_sizes)
-    return ratios, _block_means(ratios, layer_sizes, blocks)
-
-  direction = prune.direction
-  if direction not in ("increasing", "decreasing"):
-    raise UserError(f"prune.direction={direction!r}: expected increasing or decreasing")
-  # Solve front-to-back on the weights in the order the ratios grow, then put them back.
-  weights = block_sizes if direction == "increasing" else block_sizes[::-1]
-  if kind == "uniform":
-    ratios = [target] * len(blocks)
-  elif kind == "linear":
-    ratios = solve_linear_ratios(target, float(prune.spread), weights)
-  else:
-    ratios = solve_exponential_ratios(target, float(prune.growth), weights)
-  if direction == "decreasing":
-    ratios = ratios[::-1]
-  return expand_to_layers(ratios, blocks), ratios
+def sensitivity(inputs: Inputs) -> Ratios:
+  """The calibration-loss increase of each block pruned alone, solved at the budget and refined
+  (solve.sensitivity_allocation)."""
+  p = inputs.p
+  if inputs.loss is None:
+    raise ValueError(f"allocation {p.allocation} is measured on the model: plan.compute solves it")
+  found = solve.sensitivity_allocation(inputs.loss, p.sensitivity_ratios, inputs.block_sizes,
+                                       float(p.target), int(p.sensitivity_rounds))
+  inputs.event("sensitivity", f"sensitivity: loss {found['loss']:.4f} after {found['evals']} "
+               f"calibration evaluations; ratios {[round(r, 4) for r in found['ratios']]}",
+               evals=found["evals"], loss=found["loss"])
+  return inputs.per_block(found["ratios"], {"sensitivity": found})
 
 
-def _checked_ratios(ratios, want: int, per: str) -> list[float]:
-  ratios = [float(r) for r in (ratios or ())]
-  if len(ratios) != want:
-    raise UserError(f"prune.ratios has {len(ratios)} values; allocation "
-                    f"{'layer' if per == 'layer' else 'explicit'} expects {want} (one per {per}): "
-                    f"set --config.prune.ratios to a tuple of {want} ratios")
-  for r in ratios:
-    if not 0.0 <= r < 1.0:
-      raise UserError(f"prune.ratios contains {r}: every ratio must be in [0, 1)")
-  return ratios
+def search(inputs: Inputs) -> Ratios:
+  """A budgeted search (solve.search_allocation) from sensitivity's answer and the ramps."""
+  sens = sensitivity(inputs)
+  starts = {"sensitivity": sens.per_block}
+  for name in ("uniform", "linear", "exponential", "owl"):
+    starts[name] = ALLOCATIONS[name].ratios(inputs).per_block
+  found = solve.search_allocation(inputs.loss, starts, inputs.block_sizes, float(inputs.p.target),
+                                  int(inputs.p.search_evals), seed=inputs.seed)
+  ratios = [float(r) for r in found["ratios"]]
+  best = {"evals": len(found["history"]), "score": found["score"],
+          "base_loss": sens.measured["sensitivity"]["base_loss"],
+          "best_start": found["start_name"], "start_scores": found["start_scores"],
+          "ratios": ratios}
+  inputs.event("search", f"search: loss {found['score']:.4f} (best start {found['start_name']} "
+               f"{min(found['start_scores'].values()):.4f}); ratios "
+               f"{[round(r, 4) for r in ratios]}", **best)
+  return inputs.per_block(ratios, {**sens.measured, "search": best})
 
 
-def expand_to_layers(block_ratios, blocks) -> list[float]:
-  """Per-block ratios -> per-layer ratios (every layer of a block gets the block's ratio)."""
-  return [float(block_ratios[b]) for b, layers in enumerate(blocks) for _ in layers]
-
-
-def _block_means(layer_ratios, layer_sizes, blocks) -> list[float]:
-  return [weighted_mean([layer_ratios[i] for i in b], [layer_sizes[i] for i in b]) for b in blocks]
+register(Allocation("explicit", explicit))
+register(Allocation("layer", layer))
+register(Allocation("uniform", _ramp(lambda p, target, weights: [target] * len(weights))))
+register(Allocation("linear", _ramp(
+    lambda p, target, weights: solve_linear_ratios(target, float(p.spread), weights))))
+register(Allocation("exponential", _ramp(
+    lambda p, target, weights: solve_exponential_ratios(target, float(p.growth), weights))))
+register(Allocation("owl", owl, outliers=True))
+register(Allocation("sensitivity", sensitivity, measured=True))
+register(Allocation("search", search, outliers=True, measured=True))
+MEASURED = tuple(name for name, a in ALLOCATIONS.items() if a.measured)  # validate.py, pipeline.py

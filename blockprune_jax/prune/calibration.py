@@ -46,10 +46,8 @@ def calibration_sequences(config, streams, purpose: int = STATS, with_labels: bo
 
 
 def loss_function(model_cfg: model_lib.GPT2Config, seqs, mesh, batch_size: int):
-  """params -> mean next-token NLL over `seqs` [n, T + 1], one compiled program for all calls.
-
-  What measured allocations are scored by: hundreds of calls with other masks, never a retrace.
-  """
+  """params -> mean next-token NLL over `seqs` [n, T + 1]: measured allocations call it hundreds
+  of times with other masks, so it is one compiled program, never retraced."""
   step = eval_lib.make_eval_step(model_lib.logits_fn(model_cfg), mesh)
   n_dev = mesh.devices.size
   batch = parallel.round_up(max(1, min(batch_size, len(seqs))), n_dev)
@@ -73,11 +71,8 @@ def _summed(tree):
 
 
 def collect_stats(cfg: model_lib.GPT2Config, params, batches) -> dict:
-  """Sums over all tokens of x**2 per input feature of every matrix (the 'stats' collection).
-
-  batches: iterable of int token arrays [batch, time]. Returns e.g.
-  {'h_0': {'mlp': {'c_fc_in': [D], 'c_proj_in': [F]}, 'attn': {...}}, ...}.
-  """
+  """Sums over all tokens of x**2 per input of every matrix ({'h_0': {'mlp': {'c_fc_in': [D],
+  ...}}}) over batches of token ids [batch, time]."""
   model = model_lib.GPT2(cfg)
 
   @jax.jit
@@ -96,10 +91,8 @@ def collect_stats(cfg: model_lib.GPT2Config, params, batches) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _block_fns(cfg: model_lib.GPT2Config, layer: int, collection: str):
-  """Jitted (statistics of a block's matrix inputs, block output) for one block.
-
-  Blocks of equal MLP width share one Block module (layer 0's), so they share one compilation.
-  """
+  """Jitted (statistics of a block's matrix inputs, block output); blocks of equal MLP width
+  share layer 0's Block module, so they share one compilation."""
   block = model_lib.Block(cfg, layer if cfg.mlp_widths else 0)
 
   @jax.jit
@@ -120,13 +113,9 @@ def sequential_prune(cfg: model_lib.GPT2Config, params, seqs, *, collection: str
   Layer l's statistics come from its inputs as the already pruned layers < l compute them, and
   all matrices of a layer take their inputs from the same forward pass.
 
-  Args:
-    seqs: [n, T] calibration token ids.
-    collection: 'stats' (sums of x**2 [in]) or 'hessian' (H = 2/N sum x x^T [in, in], N tokens).
-    prune_layer: (params, layer, calib) -> (params, masks of that layer); calib is
-      {'attn': {'c_attn_in': ..., 'c_proj_in': ...}, 'mlp': {'c_fc_in': ..., 'c_proj_in': ...}}.
-  Returns:
-    (pruned params, masks of every layer).
+  collection: 'stats' (sums of x**2 [in]) or 'hessian' (H = 2/N sum x x^T [in, in]);
+  prune_layer: (params, layer, calib) -> (params, that layer's masks). Returns (pruned params,
+  every layer's masks).
   """
   embed = jax.jit(model_lib.embed)
   xs = [embed(params, jnp.asarray(seqs[i:i + batch_size]))

@@ -2,9 +2,8 @@
 
     s(t) = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))**3   on [t0, t1]
 
-masks recomputed every `every` steps from t0 to t1 (t1 included), kept after t1. The plan turns
-the `prune.start / end / every` keys into steps (`schedule_steps`) and asks `is_update_step` and
-`ratios_at` at each step; the masks themselves come from pruning.compute_masks(previous=...).
+masks recomputed every `every` steps from t0 to t1 (t1 included), kept after t1; the masks
+themselves come from pruning.compute_masks(previous=...), so they only grow.
 """
 from typing import Sequence
 
@@ -13,10 +12,7 @@ from blockprune_jax.errors import UserError
 
 
 def gmp_sparsity(step: int, *, s_init: float, s_final: float, start: int, end: int) -> float:
-  """Cubic schedule: s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))**3 on [t0, t1].
-
-  s_init before `start`, s_final from `end` on (masks are kept after the end).
-  """
+  """The cubic schedule above: s_init before `start`, s_final from `end` on."""
   if step < start:
     return float(s_init)
   if step >= end:
@@ -36,16 +32,13 @@ def gmp_update_steps(start: int, end: int, every: int) -> list[int]:
 
 
 def is_gmp_update_step(step: int, *, start: int, end: int, every: int) -> bool:
-  """Whether masks are recomputed at `step` (see gmp_update_steps)."""
+  """Whether `step` is one of gmp_update_steps."""
   return start <= step <= end and ((step - start) % every == 0 or step == end)
 
 
 def scale_ratios(ratios_per_layer: Sequence[float], sparsity: float,
                  layer_sizes: Sequence[int]) -> list[float]:
-  """The allocation's shape at overall sparsity `sparsity`: ratios * s / S.
-
-  S is the parameter-weighted mean of ratios_per_layer (the final target of the schedule).
-  """
+  """The allocation's shape at overall sparsity s: ratios * s / S, S their weighted mean."""
   s_final = allocation.weighted_mean(ratios_per_layer, layer_sizes)
   if s_final <= 0:
     return [0.0] * len(ratios_per_layer)

@@ -1,9 +1,8 @@
 """The pruning plan of one run: which ratio for which layer, how, and when masks are computed.
 
-Glue between the `prune.*` config keys and the pure functions of `allocation`, `pruning`,
-`calibration` and `gmp`. A Plan holds values only; `compute` makes the run's (calibration,
-measured allocation, log line), and with `prune.method=none` returns the no-op plan (`none`:
-prunes nothing, reports zeros), so callers never branch on the method.
+Glue between the `prune.*` keys and the pure functions of `allocation`, `pruning`,
+`calibration` and `gmp`. A Plan holds values only; with `prune.method=none` it is the no-op
+plan (prunes nothing, reports zeros), so callers never branch on the method.
 """
 import dataclasses
 import json
@@ -18,15 +17,13 @@ from blockprune_jax.prune import calibration
 from blockprune_jax.prune import gmp
 from blockprune_jax import parallel
 from blockprune_jax.prune import pruning
-from blockprune_jax.prune import solve
 
 SCHEDULES = ("oneshot", "gradual")
 
 
 @dataclasses.dataclass
 class Plan:
-  """Ratios per block / layer for this model, and how to prune with them: values only, made by
-  `compute` (calibration, allocation) or `none` (prunes nothing, reports zeros)."""
+  """Ratios per block / layer for this model and how to prune with them (`compute`, `none`)."""
   p: ml_collections.ConfigDict  # the run's prune.* keys
   model_cfg: object
   block_layers: list  # layer indices of each block
@@ -43,68 +40,12 @@ class Plan:
   measured: dict = dataclasses.field(default_factory=dict)  # sensitivity / search details
 
   @property
-  def target(self) -> float:
-    """The parameter-weighted mean ratio."""
+  def target(self) -> float:  # the parameter-weighted mean ratio
     return float(np.average(self.ratios_per_layer, weights=self.sizes)) if self.active else 0.0
 
   @property
-  def gradual(self) -> bool:
-    """Whether masks change while training (prune.schedule=gradual)."""
+  def gradual(self) -> bool:  # masks change while training
     return self.active and self.p.schedule == "gradual"
-
-  def _outliers(self, params):
-    """OWL's per-layer outlier ratios (None unless some allocation needs them)."""
-    if self.stats is None or self.p.allocation not in ("owl", "search"):
-      return None
-    scores = pruning.layer_scores("wanda", params, self.stats, self.p.targets)
-    return allocation.outlier_ratios(scores, float(self.p.owl_threshold))
-
-  def _measure_allocation(self, config, params, streams, log) -> list[float]:
-    """Per-block ratios measured on this model with this run's own criterion.
-
-    sensitivity: the calibration-loss increase when one block alone is pruned at each of
-    prune.sensitivity_ratios, then the exact solve of solve.solve_sensitivity, refined by
-    trust-region rounds around it (solve.measure_sensitivity). search: that
-    solution and the generated allocations are the starts of solve.search_allocation, which
-    scores candidates by calibration loss (no fine-tuning) in prune.search_evals calls. The
-    loss is taken on calibration sequences other than those the criteria's statistics use.
-    """
-    p = self.p
-    blocks, target = self.block_layers, float(p.target)
-    block_sizes = [sum(self.sizes[l] for l in b) for b in blocks]
-    seqs = calibration.calibration_sequences(config, streams, calibration.SCORE,
-                                              with_labels=True)
-    loss = calibration.loss_function(self.model_cfg, seqs, parallel.data_mesh(),
-                                     config.eval.batch_size)
-
-    def pruned_loss(block_ratios):
-      pruned, _ = self.prune(params, allocation.expand_to_layers(block_ratios, blocks))
-      return loss(pruned)
-    found = solve.measure_sensitivity(pruned_loss, p.sensitivity_ratios, block_sizes, target,
-                                      int(p.sensitivity_rounds))
-    ratios, base = found["ratios"], found["base_loss"]
-    self.measured["sensitivity"] = found
-    log.event("sensitivity", f"sensitivity: loss {found['loss']:.4f} after {found['evals']} "
-              f"calibration evaluations; ratios {[round(r, 4) for r in ratios]}",
-              evals=found["evals"], loss=found["loss"])
-    if p.allocation == "search":
-      starts = {"sensitivity": ratios}
-      outliers = self._outliers(params)
-      for kind in ("uniform", "linear", "exponential", "owl"):
-        q = ml_collections.ConfigDict(p.to_dict())
-        q.allocation = kind
-        starts[kind] = allocation.allocate(q, self.sizes, outliers)[1]
-      found = solve.search_allocation(pruned_loss, starts, block_sizes, target,
-                                      int(p.search_evals), seed=config.seed)
-      ratios = [float(r) for r in found["ratios"]]
-      self.measured["search"] = {
-          "evals": len(found["history"]), "score": found["score"], "base_loss": base,
-          "best_start": found["start_name"], "start_scores": found["start_scores"],
-          "ratios": ratios}
-      log.event("search", f"search: loss {found['score']:.4f} (best start {found['start_name']} "
-                f"{min(found['start_scores'].values()):.4f}); ratios "
-                f"{[round(r, 4) for r in ratios]}", **self.measured["search"])
-    return ratios
 
   def prune(self, params, ratios_per_layer, old_masks=None):
     """(params with the pruned weights at 0.0, keep-masks). Masks only grow from old_masks."""
@@ -179,42 +120,46 @@ def none(config, model_cfg) -> Plan:
 
 def compute(config, model_cfg, params, streams, log, stored=None) -> Plan:
   """The run's plan: calibration data and statistics where the criterion or the allocation needs
-  them, then the ratios (measured on the model for sensitivity / search); logged. The no-op
-  plan when prune.method is none.
+  them, then the ratios (allocation.ALLOCATIONS); logged. The no-op plan for prune.method=none.
 
-  stored: the measured allocation a checkpoint of this run holds (written by `stored_allocation`,
-  read back by lifecycle.checkpointed_allocation), reused instead of measuring again when the
-  run resumes."""
+  stored: a measured allocation kept with this run's checkpoint (`stored_allocation`), reused on
+  resume instead of measuring again."""
   p = config.prune
   if p.method == "none":
     return none(config, model_cfg)
   sizes = pruning.targeted_sizes(params, p.targets)
   criterion = pruning.criterion(p.method)
+  alloc = allocation.get(p.allocation)
   sequential = criterion.sequential_only or bool(p.sequential)
   # Impossible combinations (sequential without data, one-shot methods on a schedule, free
   # ratios with N:M) were refused by validate.py before any work started.
-  needs_data = criterion.calibration or p.allocation in ("owl", "search")
+  needs_data = criterion.calibration or alloc.outliers
   calib_seqs = calibration.calibration_sequences(config, streams) if needs_data else None
   stats = None
-  if (criterion.calibration == "norms" and not sequential) or p.allocation in ("owl", "search"):
+  if (criterion.calibration == "norms" and not sequential) or alloc.outliers:
     stats = calibration.collect_stats(model_cfg, params, [s[None] for s in calib_seqs])
-  plan = Plan(p=p, model_cfg=model_cfg, block_layers=allocation.block_layers(len(sizes), int(p.blocks)),
-              ratios_per_block=[], ratios_per_layer=[], sizes=sizes, criterion=criterion,
+  blocks = allocation.block_layers(len(sizes), int(p.blocks))
+  plan = Plan(p=p, model_cfg=model_cfg, block_layers=blocks, ratios_per_block=[],
+              ratios_per_layer=[], sizes=sizes, criterion=criterion,
               pattern=pruning.parse_pattern(p.pattern), sequential=sequential,
               calib_seqs=calib_seqs, stats=stats, key=jax.random.PRNGKey(config.seed + 2))
-  if p.allocation in allocation.MEASURED and stored:
+  if alloc.measured and stored:
     per_block = stored["ratios_per_block"]
-    plan = dataclasses.replace(plan, measured=dict(stored["measured"]))
+    found = allocation.Ratios(allocation.expand_to_layers(per_block, plan.block_layers),
+                              per_block, dict(stored["measured"]))
     log.event("allocation", "reusing the measured allocation stored with the checkpoint",
               reused=True)
-    per_layer = allocation.expand_to_layers(per_block, plan.block_layers)
-  elif p.allocation in allocation.MEASURED:  # pruned and scored with this plan's own criterion
-    per_block = plan._measure_allocation(config, params, streams, log)  # pylint: disable=protected-access
-    per_layer = allocation.expand_to_layers(per_block, plan.block_layers)
   else:
-    per_layer, per_block = allocation.allocate(p, sizes, plan._outliers(params))  # pylint: disable=protected-access
-  plan = dataclasses.replace(plan, ratios_per_block=[float(r) for r in per_block],
-                             ratios_per_layer=[float(r) for r in per_layer])
+    outliers = None
+    if alloc.outliers:
+      scores = pruning.layer_scores("wanda", params, stats, p.targets)
+      outliers = allocation.outlier_ratios(scores, float(p.owl_threshold))
+    loss = _pruned_loss(plan, config, params, streams) if alloc.measured else None
+    found = alloc.ratios(allocation.Inputs(p, sizes, outliers, loss, seed=config.seed,
+                                           event=log.event))
+  plan = dataclasses.replace(plan, ratios_per_block=[float(r) for r in found.per_block],
+                             ratios_per_layer=[float(r) for r in found.per_layer],
+                             measured=found.measured)
   pruning.check_method(p.method, targets=p.targets, scope=p.scope, pattern=plan.pattern,
                        ratios=plan.ratios_per_layer)
   log.event("plan", f"prune {p.method} {p.targets} ({p.allocation}, {p.schedule}"
@@ -223,10 +168,23 @@ def compute(config, model_cfg, params, streams, log, stored=None) -> Plan:
   return plan
 
 
+def _pruned_loss(plan: Plan, config, params, streams):
+  """block ratios -> calibration loss of params pruned with this plan's own criterion, on
+  sequences other than those the criteria's statistics use."""
+  seqs = calibration.calibration_sequences(config, streams, calibration.SCORE, with_labels=True)
+  loss = calibration.loss_function(plan.model_cfg, seqs, parallel.data_mesh(),
+                                   config.eval.batch_size)
+
+  def pruned_loss(block_ratios):
+    pruned, _ = plan.prune(params, allocation.expand_to_layers(block_ratios, plan.block_layers))
+    return loss(pruned)
+  return pruned_loss
+
+
 def stored_allocation(plan: Plan) -> dict | None:
   """What a checkpoint keeps of a measured allocation, so that a resumed run need not measure
   again (compute's `stored`); None for the other allocations, which cost nothing to redo."""
-  if not plan.active or plan.p.allocation not in allocation.MEASURED:
+  if not plan.active or not allocation.get(plan.p.allocation).measured:
     return None
   stored = {"ratios_per_block": list(plan.ratios_per_block), "measured": plan.measured}
   return json.loads(json.dumps(stored, default=files.to_jsonable))  # Orbax's JSON: no numpy
@@ -234,5 +192,5 @@ def stored_allocation(plan: Plan) -> dict | None:
 
 def measure(params, model_cfg, plan) -> dict:
   """The results.json "sparsity" section, counted from the final parameters."""
-  return pruning.measure_sparsity(jax.device_get(params), model_cfg.n_layer,
+  return pruning.sparsity(jax.device_get(params), model_cfg.n_layer,
                                   len(plan.block_layers), plan.p.targets)

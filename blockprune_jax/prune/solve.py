@@ -1,19 +1,62 @@
-"""Per-block pruning ratios chosen from measurements, at an exact parameter budget.
+"""Per-block ratios at an exact parameter budget: the numbers behind every allocation.
 
-Pure numbers (numpy, no JAX). Every function here returns ratios r_b in [0, hi] whose
-parameter-weighted mean sum(w_b r_b) / sum(w_b) equals `target` (the same contract as the
-generated allocations in allocation.py), so a searched or solved allocation is compared with
-uniform / linear / owl at exactly the same sparsity.
+Pure numpy. Every function returns ratios r_b in [0, hi] whose parameter-weighted mean
+sum(w_b r_b) / sum(w_b) equals `target`, so allocations are compared at exactly the same
+sparsity (README, "What is computed, exactly").
 
     sensitivity curves [B, R] ─> solve_sensitivity() ─> ratios [B]   (one exact solve)
+    loss_fn ───────────────────> sensitivity_allocation() ─> ratios [B]   (probes, refined)
     score_fn + starts ─────────> search_allocation() ─> ratios [B]   (`evals` score calls)
 """
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from blockprune_jax.prune.allocation import MAX_RATIO, redistribute_clipped, weighted_mean
 from blockprune_jax.errors import UserError
+
+MAX_RATIO = 0.99  # generated ratios stay in [0, MAX_RATIO]: a fully pruned block kills the model
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+  """sum(w * v) / sum(w): the overall sparsity of parts of sizes `weights`."""
+  w = np.asarray(weights, np.float64)
+  return float(np.dot(np.asarray(values, np.float64), w) / w.sum())
+
+
+def redistribute_clipped(ratios: Sequence[float], weights: Sequence[float], target: float, *,
+                         mode: str, lo: float = 0.0, hi: float = MAX_RATIO) -> list[float]:
+  """Clips ratios to [lo, hi] and moves the clipped-off sparsity onto the other blocks.
+
+  The shape is kept: `shift` adds one constant c to every ratio (linear spacing survives),
+  `scale` multiplies every ratio by one c (a constant growth factor survives); the mean is
+  monotone in c, so bisection finds the c whose clipped mean is `target`.
+  """
+  r0 = np.asarray(ratios, np.float64)
+  w = np.asarray(weights, np.float64)
+  if np.all((r0 >= lo) & (r0 <= hi)):
+    return [float(x) for x in r0]
+
+  if mode == "shift":
+    apply = lambda c: np.clip(r0 + c, lo, hi)
+    c_lo, c_hi = lo - r0.max() - 1.0, hi - r0.min() + 1.0
+  elif mode == "scale":
+    apply = lambda c: np.clip(r0 * c, lo, hi)
+    positive = r0[r0 > 0]
+    c_lo, c_hi = 0.0, (hi / positive.min() + 1.0) if positive.size else 1.0
+  else:
+    raise ValueError(f"mode={mode!r}: expected shift or scale")
+  mean = lambda c: weighted_mean(apply(c), w)
+  if not mean(c_lo) - 1e-9 <= target <= mean(c_hi) + 1e-9:
+    raise UserError(f"prune.target={target} is unreachable with every ratio in [{lo}, {hi}] "
+                    f"for this allocation shape ({mode} of {np.round(r0, 4).tolist()}): "
+                    "lower prune.target or change prune.spread / prune.growth")
+  for _ in range(200):
+    mid = 0.5 * (c_lo + c_hi)
+    if mean(mid) < target:
+      c_lo = mid
+    else:
+      c_hi = mid
+  return [float(x) for x in apply(0.5 * (c_lo + c_hi))]
 
 
 def _check_target(target: float, hi: float) -> float:
@@ -36,19 +79,10 @@ def _check_weights(weights: Sequence[float], n: int) -> np.ndarray:
 
 def project_to_budget(ratios: Sequence[float], weights: Sequence[float], target: float,
                       hi: float = MAX_RATIO) -> list[float]:
-  """The nearest ratios (in the w-weighted norm) with weighted mean `target` and each in [0, hi].
+  """The nearest ratios (w-weighted norm) with weighted mean `target`, each in [0, hi].
 
-  Minimising sum_b w_b (r_b - x_b)^2 under sum_b w_b r_b = target * sum_b w_b and the box gives
-  r_b = clip(x_b + c, 0, hi) for one constant c: a shift, which allocation.redistribute_clipped
-  finds by bisection. We shift to the exact mean first because redistribute_clipped returns
-  in-bounds ratios untouched, whatever their mean.
-
-  Args:
-    ratios: [B] any real numbers.
-    weights: [B] parameter counts (> 0).
-    target: the weighted mean wanted, in [0, hi].
-  Returns:
-    [B] ratios on the budget.
+  The minimiser is r_b = clip(x_b + c, 0, hi) for one constant c. We shift to the exact mean
+  first because redistribute_clipped returns in-bounds ratios untouched, whatever their mean.
   """
   target = _check_target(target, hi)
   x = np.asarray(ratios, np.float64)
@@ -62,17 +96,11 @@ def project_to_budget(ratios: Sequence[float], weights: Sequence[float], target:
 
 def sensitivity_curve(grid: Sequence[float], losses_b: Sequence[float],
                       hi: float = MAX_RATIO) -> tuple[np.ndarray, np.ndarray]:
-  """The knots (x [K], y [K]) of one block's predicted loss increase f_b on [0, hi].
+  """The knots (x [K], y [K]), x[-1] == hi, of one block's predicted loss increase f_b.
 
-  f_b is the piecewise-linear interpolation of the measurements, with f_b(0) = 0 added when the
-  grid lacks 0. Past the last measured ratio it continues with the last segment's slope,
-  clamped at >= 0: a predicted loss that falls as more is pruned would only be noise, and the
-  flat continuation is the most conservative guess we can make without a measurement. Knots
-  beyond hi are replaced by the value at hi, so x[-1] == hi always.
-
-  Args:
-    grid: [R] strictly ascending ratios in [0, 1).
-    losses_b: [R] measured loss increase at each grid ratio.
+  f_b interpolates the measurements (grid [R], losses_b [R]) with f_b(0) = 0 added. Past the
+  last measured ratio it keeps the last slope, clamped at >= 0: a loss that falls as more is
+  pruned would only be noise, and flat is the most conservative guess without a measurement.
   """
   x = np.asarray(grid, np.float64)
   y = np.asarray(losses_b, np.float64)
@@ -87,10 +115,7 @@ def sensitivity_curve(grid: Sequence[float], losses_b: Sequence[float],
 
 def predicted_loss(grid: Sequence[float], losses: Sequence[Sequence[float]],
                    ratios: Sequence[float], hi: float = MAX_RATIO) -> float:
-  """sum_b f_b(r_b): the objective solve_sensitivity minimises (the raw curves, not hulls).
-
-  Args: grid [R], losses [B, R], ratios [B] in [0, hi].
-  """
+  """sum_b f_b(r_b): the objective solve_sensitivity minimises (the raw curves, not hulls)."""
   total = 0.0
   for losses_b, r in zip(np.asarray(losses, np.float64), ratios):
     x, y = sensitivity_curve(grid, losses_b, hi)
@@ -99,11 +124,7 @@ def predicted_loss(grid: Sequence[float], losses: Sequence[Sequence[float]],
 
 
 def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Knots of the lower convex hull of the points (x [K], y [K]), x ascending.
-
-  Andrew's monotone chain: a knot is dropped when it lies on or above the chord of its
-  neighbours, so consecutive hull slopes strictly increase.
-  """
+  """Knots of the lower convex hull of (x [K], y [K]), x ascending (Andrew's monotone chain)."""
   hx, hy = [x[0]], [y[0]]
   for px, py in zip(x[1:], y[1:]):
     while len(hx) >= 2 and ((hx[-1] - hx[-2]) * (py - hy[-2])
@@ -138,24 +159,11 @@ def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
                       hi: float = MAX_RATIO) -> list[float]:
   """Ratios minimising the predicted loss sum_b f_b(r_b) at the exact budget.
 
-  Exact for convex curves: with f_b convex the problem is a fractional knapsack over the
-  curves' linear segments. A segment of block b with slope s (loss per unit ratio) and length
-  dx buys w_b * dx budget units at s / w_b loss per unit, so filling segments in increasing
-  order of s / w_b, the last one partially, is optimal; convexity guarantees a block's
-  segments are taken in their own left-to-right order. Measured curves are nearly convex and
-  their non-convex dips are measurement noise, so each f_b is replaced by its lower convex hull
-  first: the answer is then exactly optimal for the hulls (a lower bound on the measured
-  curves, equal to them at every hull knot). Segments whose s / w_b tie are filled together in
-  proportion, so identical blocks get identical ratios.
-
-  Args:
-    grid: [R] strictly ascending ratios at which each block was probed (prune.sensitivity_ratios;
-      0 with loss 0 is implied when absent).
-    losses: [B, R] loss increase measured with block b alone pruned at grid[j].
-    weights: [B] targeted parameter count of each block.
-    target: the parameter-weighted mean ratio wanted, in [0, hi].
-  Returns:
-    [B] ratios in [0, hi] with weighted_mean(ratios, weights) == target (to rounding).
+  losses [B, R]: the loss increase with block b alone pruned at grid[j]. For convex curves this
+  is a fractional knapsack over the curves' segments, filled cheapest loss per budget unit
+  first. Measured curves are nearly convex, their dips noise, so each is replaced by its lower
+  convex hull: exactly optimal for the hulls. Tied segments fill in proportion, so identical
+  blocks get identical ratios.
   """
   target = _check_target(target, hi)
   g, curves = _check_grid(grid, losses, hi)
@@ -164,13 +172,8 @@ def solve_sensitivity(grid: Sequence[float], losses: Sequence[Sequence[float]],
 
 
 def solve_curves(knots: Sequence[tuple], weights: Sequence[float], target: float) -> list[float]:
-  """The fractional-knapsack solve of solve_sensitivity on each block's own piecewise-linear
-  curve: knots[b] = (x [K], y [K]) with x ascending, block b's ratio confined to [x[0], x[-1]].
-
-  Every block starts at its lowest knot and the rest of the budget is filled segment by segment
-  of the lower convex hulls, cheapest loss per budget unit first. The budget must be reachable:
-  sum_b w_b x_b[0] <= target * sum_b w_b <= sum_b w_b x_b[-1].
-  """
+  """solve_sensitivity's knapsack on each block's own curve knots[b] = (x [K], y [K]), block b's
+  ratio confined to [x[0], x[-1]]; every block starts at its lowest knot."""
   w = np.asarray(weights, np.float64)
   blocks, starts, lengths, costs = [], [], [], []
   for b, (x, y) in enumerate(knots):
@@ -204,35 +207,24 @@ def solve_curves(knots: Sequence[tuple], weights: Sequence[float], target: float
   return [float(r) for r in np.clip(ratios, [x[0] for x, _ in knots], [x[-1] for x, _ in knots])]
 
 
-# --- sensitivity measured on the model, refined around its solution -----------------
+# --- allocations measured on the model ----------------------------------------------
 
 
-def measure_sensitivity(loss_fn: Callable[[list[float]], float], grid: Sequence[float],
+def sensitivity_allocation(loss_fn: Callable[[list[float]], float], grid: Sequence[float],
                         weights: Sequence[float], target: float, rounds: int,
                         starts: Mapping[str, Sequence[float]] | None = None,
                         hi: float = MAX_RATIO, step: float = 0.1) -> dict:
-  """Per-block ratios from loss curves measured on the model, at the exact budget.
+  """Per-block ratios from loss curves measured on the model (loss_fn: block ratios -> loss).
 
-  Round 1 probes each block alone at every grid ratio (the others dense) and solves those
-  curves (solve_sensitivity). Alone-curves miss how blocks interact: at 80 % every other block
-  is pruned too, and pruning one block alone barely moves the loss of a small model, so the
-  global solve is only a first guess. Each later round is a trust-region step around the
-  incumbent r: block b is probed at r_b - step and r_b + step with the others at r (2 calls per
-  block), those local curves are solved at the budget (solve_curves, each block within its
-  step), and the candidate replaces r if its real loss is lower; else the step halves. A step
-  that moves nothing (the local curves already balance) halves it as well.
+  Round 1 probes each block alone at every grid ratio and solves those curves. Alone-curves
+  miss how blocks interact (at 80 % every other block is pruned too), so that solve is only a
+  first guess: each later round is a trust-region step, block b probed at r_b +- step with the
+  others at r, the local curves solved, the candidate kept if its real loss is lower, else the
+  step halves. `starts` (name -> ratios) are scored once and the best of them and the solve is
+  refined, so the result is never worse than any of them by loss_fn.
 
-  Args:
-    loss_fn: block ratios [B] -> calibration loss of the model pruned so (lower is better).
-    grid: [R] the round-1 probe ratios (prune.sensitivity_ratios).
-    weights, target: as in solve_sensitivity.
-    rounds: 1 = the global solve alone; each further round costs 2 B + 1 calls at most.
-    starts: other allocations (name -> [B] ratios) scored once; the refinement starts from the
-      best of them and the solve, so it never ends worse than any of them by loss_fn.
-    step: the first trust-region radius, in ratio units.
-  Returns:
-    dict(ratios [B], loss, base_loss, grid, loss_increase [B, R] (round 1), start_losses
-    {name: loss}, rounds [one dict(ratios, loss, step, accepted) per later round], evals).
+  Returns dict(ratios, loss, base_loss, grid, loss_increase [B, R] (round 1), start_losses,
+  rounds [dict(ratios, loss, step, accepted) per later round], evals).
   """
   target = _check_target(target, hi)
   g = np.asarray(sorted(float(r) for r in grid), np.float64)
@@ -299,29 +291,16 @@ def search_allocation(score_fn: Callable[[list[float]], float],
                       starts: Mapping[str, Sequence[float]], weights: Sequence[float],
                       target: float, evals: int, seed: int = 0, hi: float = MAX_RATIO,
                       sigma0: float = 0.05) -> dict:
-  """Searches ratio vectors on the budget for the lowest score_fn, in at most `evals` calls.
+  """The lowest-scoring ratios on the budget found in at most `evals` score_fn calls.
 
-  Every start is projected onto the budget (project_to_budget) and scored first; starts that
-  project to the same vector are scored once. The rest of the calls run a (1+1) evolution
-  strategy from the best start: a Gaussian step of size sigma in the budget's tangent plane
-  (zero weighted mean, so only clipping moves the mean), projected back onto the budget; it
-  replaces the incumbent when it scores strictly lower. sigma follows Rechenberg's 1/5 success
-  rule (x1.5 on success, x1.5^-1/4 on failure: unchanged at a 1/5 success rate), which needs no
-  tuning and suits the few dozen expensive calls (each a calibration-loss evaluation of a
-  pruned model) we can afford. The result is the best point ever scored, so it is never worse
-  than the best start by score_fn's own measure.
+  The starts (name -> ratios), projected onto the budget, are scored first (duplicates once);
+  the rest run a (1+1) evolution strategy from the best: a Gaussian step in the budget's
+  tangent plane, projected back, kept when strictly better. Rechenberg's 1/5 rule sets the step
+  size: no tuning, and it suits the few dozen expensive calls (a calibration loss each) we can
+  afford. The best point ever scored is returned, so never worse than the best start.
 
-  Args:
-    score_fn: ratios [B] (list of floats) -> score, lower is better; NaN counts as +inf.
-    starts: name -> [B] ratios (uniform, linear, owl, sensitivity, ...).
-    weights: [B] targeted parameter count of each block.
-    target: the weighted mean ratio, in [0, hi].
-    evals: the most score_fn calls in total, starts included (prune.search_evals).
-    seed: seeds the steps; the search is deterministic given it (and a deterministic score_fn).
-    sigma0: the first step size, in ratio units.
-  Returns:
-    dict(ratios [B], score, start_name (the start the search went on from), start_scores
-    {name: score}, history [one dict(name, ratios, score, sigma) per score_fn call, in order]).
+  Returns dict(ratios, score, start_name, start_scores {name: score},
+  history [dict(name, ratios, score, sigma) per score_fn call]).
   """
   target = _check_target(target, hi)
   if not starts:

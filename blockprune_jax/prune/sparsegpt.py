@@ -26,6 +26,7 @@ import math
 from typing import Optional, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +37,6 @@ from blockprune_jax.rules import POSITIVE, RATE, Option
 OPTIONS = (Option("damp", 0.01, RATE, "sparsegpt: dampening, a fraction of mean(diag H)"),
            Option("blocksize", 128, POSITIVE, "sparsegpt: columns whose mask is chosen together"))
 _DEFAULT = {o.name: o.default for o in OPTIONS}
-from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 / bf16 passes: the updates compound block to block
 
@@ -109,22 +109,15 @@ def nm_keep(scores, n: int, m: int):
 
 
 def block_prune_counts(ratio: float, n_out: int, n_in: int, blocksize: int) -> np.ndarray:
-  """[n_blocks] int32 entries to prune per block of `blocksize` inputs (last may be shorter).
-
-  k_b = round(r * (out * i2)) - round(r * (out * i1)): cumulative rounding, so the counts add
-  up to exactly round(r * out * in) -- the count pruning.py gives a matrix -- and every block
-  is within one entry of ratio r. Host-side Python so the rounding is exact float64.
-  """
+  """[n_blocks] entries to prune per block of `blocksize` inputs, rounded cumulatively so they
+  add up to exactly round(r * out * in), pruning.py's count (host-side: exact float64)."""
   ends = list(range(0, n_in, blocksize)) + [n_in]
   totals = [round(ratio * (n_out * e)) for e in ends]
   return np.diff(np.asarray(totals, np.int64)).astype(np.int32)
 
 
 def _smallest_flat(scores, k):
-  """scores [out, count] -> bool [out, count]: the k smallest (ties: lower flat index) True.
-
-  k may be traced.
-  """
+  """scores [out, count] -> bool: the k smallest True (ties: lower flat index); k may be traced."""
   order = jnp.argsort(scores.reshape(-1), stable=True)
   ranks = jnp.zeros(scores.size, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
   return (ranks < k).reshape(scores.shape)
@@ -225,25 +218,13 @@ def _sparsegpt(w, h, counts, damp, *, blocksize: int, nm):
 
 def sparsegpt_prune(w, h, ratio: Optional[float], *, blocksize: int = _DEFAULT["blocksize"],
                     damp: float = _DEFAULT["damp"], nm: Optional[Sequence[int]] = None):
-  """SparseGPT pruning of one kernel with optimal (OBS) updates of the remaining weights.
+  """(w_new [in, out], keep [in, out]): one kernel pruned with optimal (OBS) updates of the rest.
 
-  Args:
-    w: [in, out] kernel (our layout; the reference's W is w.T).
-    h: [in, in] calibration Hessian 2/n sum_t x_t x_t^T (see hessian_sum / finalize_hessian).
-    ratio: fraction of w to prune (unstructured); a Python / NumPy number, turned into exact
-      per-block counts on the host (block_prune_counts), so one compilation serves every ratio.
-      With nm it may be None or must equal n / m.
-    blocksize: inputs processed per block (the reference's default 128; last may be shorter).
-    damp: lambda = damp * mean(diag H) is added to the diagonal of H.
-    nm: (n, m) prunes the n lowest-scored of every m consecutive inputs per output, choosing
-      each group just before its first column is pruned (with the weights updated so far).
-      Needs blocksize % m == 0 and in % m == 0.
-
-  Returns:
-    (w_new [in, out], keep [in, out] bool): pruned entries are exactly 0.0 in w_new; w_new has
-    the float type of the inputs (at least float32). Exactly round(ratio * in * out) entries
-    are pruned (unstructured), or n of every group (N:M). Inputs with H_ii == 0 are zeroed
-    (not counted as pruned), as in the reference.
+  h: the calibration Hessian [in, in] (hessian_sum / finalize_hessian). ratio becomes exact
+  per-block counts on the host (block_prune_counts), so one compilation serves every ratio;
+  with nm=(n, m) it is None or n / m, and each group is chosen just before its first column is
+  pruned, from the weights updated so far. Inputs with H_ii == 0 are zeroed but not counted as
+  pruned, as in the reference.
   """
   if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"need w [in, out] and h [in, in], got {w.shape} and {h.shape}")

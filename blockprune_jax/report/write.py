@@ -14,7 +14,6 @@ from blockprune_jax.report import tables
 
 log = logging.getLogger(__name__)
 
-SWEEP_JSON = "sweep.json"  # written by blockprune_jax.sweep; its failed runs have no results.json
 
 
 class Report(dict):
@@ -28,7 +27,7 @@ def failed_runs(sources: Sequence[str]) -> list[tuple[str, str]]:
   """(run, first line of its error) for every run that sweep.json under `sources` says failed."""
   out = []
   for root in sources:
-    path = os.path.join(root, SWEEP_JSON)
+    path = os.path.join(root, files.SWEEP_JSON)
     runs = (dataframe.load(path) or {}).get("runs") if os.path.isfile(path) else None
     prefix = os.path.basename(os.path.abspath(root)) if len(sources) > 1 else ""
     out += [(os.path.join(prefix, str(row.get("name", "?"))),
