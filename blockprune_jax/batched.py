@@ -283,7 +283,7 @@ def evaluate(preps, params, mesh, splits, label="") -> list:
   """[{split: evaluate.evaluate result}] per run (None where its params are None), the runs
   scored as one program."""
   some = [i for i, x in enumerate(params) if x is not None]
-  out = [None] * len(preps)
+  out = [None if x is None else {} for x in params]
   if len(some) <= 1:
     for i in some:
       out[i] = lifecycle.evaluate_splits(preps[i], params[i], mesh, splits, label=label)
@@ -292,8 +292,6 @@ def evaluate(preps, params, mesh, splits, label="") -> list:
   apply_fn = model_lib.logits_fn(first.model_cfg)
   step = make_eval_step(apply_fn, mesh, mode(first.config))
   stacked = stack([params[i] for i in some])
-  for i in some:
-    out[i] = {}
   for split in splits:
     results = eval_lib.evaluate(apply_fn, stacked, first.streams.get(split), mesh=mesh,
                                 desc=split, step_fn=step, **lifecycle.eval_args(first.config))

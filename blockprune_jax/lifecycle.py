@@ -117,9 +117,8 @@ def fine_tune(prep: Prepared) -> tuple:
   mesh = parallel.train_mesh(config.mesh.fsdp)  # 'data', plus 'fsdp' where mesh.fsdp != 1
   splits = eval_splits(config)
   # What fine-tuning recovers: the first split's perplexity right after pruning.
-  oneshot = None
-  if wants_oneshot(prep):
-    oneshot = evaluate_splits(prep, prep.params, mesh, splits[:1], label="one-shot")
+  oneshot = (evaluate_splits(prep, prep.params, mesh, splits[:1], label="one-shot")
+             if wants_oneshot(prep) else None)
   params, masks, summary = prep.params, prep.masks, dict(NO_TRAINING)
   if prep.steps > 0:
     params, masks, summary = train.fit(config, prep.model_cfg, prep.params, prep.masks,
