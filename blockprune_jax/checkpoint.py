@@ -1,13 +1,11 @@
 """Checkpoints of the whole training state with Orbax: a run killed at any moment restarts
-from its latest checkpoint and continues exactly. Orbax renames a step into place only once
-every process has written it, and deletes old steps only after a new one is committed.
+from its latest checkpoint and continues exactly (Orbax renames a step into place only once every
+process has written it, and deletes old steps only after a new one is committed).
 
-Damage after the write (a bad copy, a file truncated by hand) is ours to catch: each step holds
-a list of its files with their CRC32s (FILE_LIST, written just before the rename), checked
-before Orbax opens any file (a damaged file Orbax reads leaves its abandoned reads to print
-tracebacks long after), and a checksum of the state. A newest step that fails is moved aside
-to `<directory>.unreadable/<step>-<time>` with one warning line, and the next newest is tried.
-A full disk while writing a step is one NoSpace line; the previous steps are kept.
+Damage after the write is ours to catch: each step lists its files with their CRC32s
+(FILE_LIST), checked before Orbax opens any (a damaged file Orbax reads leaves abandoned reads
+that print tracebacks long after). A newest step that fails is moved aside to
+`<directory>.unreadable/<step>-<time>` with one warning line, and the next newest is tried.
 """
 
 import contextlib
@@ -32,29 +30,22 @@ from blockprune_jax import files
 from blockprune_jax import parallel
 from blockprune_jax import quiet
 from blockprune_jax.errors import UserError, one_line
-# train.py's name for it
-from blockprune_jax.preemption import PreemptionFlag  # pylint: disable=unused-import
+from blockprune_jax.preemption import PreemptionFlag  # pylint: disable=unused-import  (train's)
 
 METRIC = 'perplexity'  # the best-keeping metric's name in Orbax (lower is better)
 # Orbax writes it last: a step without it is an interrupted copy, never restored.
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
-CHECKSUM = 'checksum'  # the meta key holding state_checksum(state)
-# {path: [size, crc32]} of a step's files. The meta key of that name says the step has one, so
-# a deleted list is damage, not a step saved before lists existed.
-FILE_LIST = 'files.json'
+FILE_LIST = 'files.json'  # {path: [size, crc32]} of a step's files
+CHECKSUM = 'checksum'  # state_checksum(state), in the meta of steps saved before file lists
 META_FILE = os.path.join('meta', 'metadata')  # where Orbax's JsonSave puts the meta dict
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
-class Checkpointer:
+class Checkpointer(contextlib.AbstractContextManager):
   """Saves the training state every `every_steps` steps; keeps the last `keep` plus the best.
   Every process calls every method (Orbax coordinates multi-host writes itself)."""
 
   def __init__(self, directory, keep=2, every_steps=500, keep_best=True):
-    if keep < 1:
-      raise ValueError(f'keep must be >= 1 so the latest checkpoint survives, got {keep}')
-    if every_steps < 1:
-      raise ValueError(f'every_steps must be >= 1, got {every_steps}')
     quiet.orbax()
     best_fn = lambda metrics: metrics[METRIC]
     # `max_to_keep` with `best_fn` keeps the N *best* steps, which could delete the latest one:
@@ -91,8 +82,7 @@ class Checkpointer:
         os.path.join(self._root, str(step), STEP_METADATA_FILE))}
 
   def latest_step(self):
-    steps = self.all_steps()
-    return steps[-1] if steps else None
+    return max(self.all_steps(), default=None)
 
   def all_steps(self):
     return sorted(set(self._manager.all_steps()) - self._incomplete)
@@ -123,17 +113,17 @@ class Checkpointer:
 
   def latest_meta(self) -> dict | None:
     """The newest step's meta dict; None without a step or when it does not read."""
-    path = os.path.join(self._root, str(self.latest_step()), META_FILE)
+    if self.latest_step() is None:
+      return None
     try:
-      meta = files.load_json(path) if self.latest_step() is not None else None
+      meta = files.load_json(os.path.join(self._root, str(self.latest_step()), META_FILE))
     except ValueError:
       return None
     return None if meta is None else _own_keys_removed(meta)
 
   def _try_restore(self, target_state, step):
     """(state, meta, None) if `step`'s files are as saved and it restores, else (.., reason)."""
-    error = _changed_file(os.path.join(self._root, str(step)))
-    if error:
+    if error := _changed_file(os.path.join(self._root, str(step))):
       return None, None, error
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
@@ -141,8 +131,7 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
       state, meta = restored['state'], dict(restored['meta'] or {})
-      saved = meta.get(CHECKSUM)
-      if saved is not None and list(saved) != state_checksum(state):
+      if CHECKSUM in meta and list(meta[CHECKSUM]) != state_checksum(state):
         return None, None, 'its checksum does not match: a file changed after it was written'
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
       return None, None, _short_reason(e)
@@ -163,8 +152,7 @@ class Checkpointer:
                     'falling back to the previous step.', step, self.directory, reason, aside)
 
   def _list_files(self):
-    """Writes FILE_LIST: Orbax calls this on process 0 once every process has written the step,
-    before the step is renamed into place."""
+    """Writes FILE_LIST (Orbax calls this on process 0 before it renames the step into place)."""
     tmp = sorted(glob.glob(os.path.join(self._root, f'{self._writing_step}{TMP_MARKER}*')),
                  key=os.path.getmtime)
     root = tmp[-1] if tmp else os.path.join(self._root, str(self._writing_step))
@@ -211,16 +199,14 @@ class Checkpointer:
       logging.error('Step %d: parameters hold NaN or Inf; not saving (the last good checkpoint '
                     'is kept).', step)
       return False
-    metrics = None
-    if self.keep_best and metric is not None and math.isfinite(float(metric)):
-      metrics = {METRIC: float(metric)}
-    meta = dict(meta or {}, **{CHECKSUM: state_checksum(state), FILE_LIST: True})
+    ranked = self.keep_best and metric is not None and math.isfinite(float(metric))
+    metrics = {METRIC: float(metric)} if ranked else None
     with self._writes():
       self._manager.wait_until_finished()  # an earlier step's failed write shows here
       self._writing_step = step
       return self._manager.save(
           step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))),
           metrics=metrics, force=True)
 
   def wait(self):
@@ -228,14 +214,14 @@ class Checkpointer:
       self._manager.wait_until_finished()
 
   def close(self):
-    if self._failed:  # Orbax would raise the reported failure again
-      with contextlib.suppress(Exception):
+    if not self._failed:
+      with self._writes():
         self._manager.close()
-      if jax.process_index() == 0:
-        remove_partial_steps(self.directory, quiet_s=1.0)  # what late writers left
       return
-    with self._writes():
+    with contextlib.suppress(Exception):  # Orbax would raise the reported failure again
       self._manager.close()
+    if jax.process_index() == 0:
+      remove_partial_steps(self.directory, quiet_s=1.0)  # what late writers left
 
   def _writes(self):
     """A full disk while Orbax writes (seen at a later call): one NoSpace line, after the
@@ -252,14 +238,11 @@ class Checkpointer:
     if jax.process_index() == 0:
       remove_partial_steps(self.directory)
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self.close()
 
 
-def _own_keys_removed(meta):
+def _own_keys_removed(meta):  # FILE_LIST: a marker some steps with a list carry
   return {k: v for k, v in meta.items() if k not in (CHECKSUM, FILE_LIST)}
 
 
@@ -273,16 +256,15 @@ def _crc32(path):
 
 def _changed_file(root):
   """Why the step in `root` is not as saved (a file missing, changed or unreadable), or None.
-  A step saved before file lists existed is left to Orbax and the state's checksum."""
+  A step without FILE_LIST is one saved before lists existed only if its meta holds CHECKSUM
+  (then left to Orbax and that)."""
   name = FILE_LIST
   try:
     listed = files.load_json(os.path.join(root, FILE_LIST))
     if listed is None:
       name = META_FILE
       meta = files.load_json(os.path.join(root, META_FILE))
-      if meta is None or FILE_LIST in meta:
-        return f'{name if meta is None else FILE_LIST} is missing'
-      return None
+      return None if meta is not None and CHECKSUM in meta else f'{FILE_LIST} is missing'
     for name, expected in sorted(listed.items()):
       path = os.path.join(root, name)
       if not os.path.isfile(path):
@@ -303,23 +285,21 @@ def _all_finite(tree):
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def _leaf_checksum(x):
-  """Sum of the bits * odd position weights mod 2**32: the same in any reduction order (any
-  device count), and any single changed bit changes it."""
-  x = jnp.ravel(jnp.asarray(x))
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  else:
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
-  weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
-  return jnp.sum(bits * weights, dtype=jnp.uint32)
-
-
 @jax.jit
 def _checksums(tree):
-  leaves = jax.tree.leaves(tree)
-  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+  """Per leaf, the sum of its bits * odd position weights mod 2**32: the same in any reduction
+  order (any device count), and any single changed bit changes it."""
+  sums = [jnp.zeros(0, jnp.uint32)]
+  for x in jax.tree.leaves(tree):
+    x = jnp.ravel(jnp.asarray(x))
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+      bits = jnp.ravel(jax.lax.bitcast_convert_type(x, width)).astype(jnp.uint32)
+    weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
+    sums.append(jnp.sum(bits * weights, dtype=jnp.uint32, keepdims=True))
+  return jnp.concatenate(sums)
 
 
 def _host(x):
@@ -329,8 +309,8 @@ def _host(x):
 
 
 def state_checksum(state) -> list:
-  """[uint32 per leaf] of `state` as JSON-able ints, computed where the state lives; leaves on
-  different devices (as Orbax restores them) go via the host."""
+  """[uint32 per leaf] of `state`, computed where it lives (leaves on different devices, as Orbax
+  restores them, via the host)."""
   try:
     out = _checksums(state)
   except ValueError:  # jit refuses arguments committed to different devices
@@ -347,21 +327,18 @@ def params_are_finite(state):
   return bool(_all_finite(params))
 
 
-def remove_partial_steps(directory, quiet_s=0.0, limit_s=10.0):
+def remove_partial_steps(directory, quiet_s=0.0):
   """Removes the temporary directories of unfinished saves; with `quiet_s`, until none has been
-  seen for that long (at most `limit_s`): after a failed save Orbax's other writers may still
-  re-make one."""
-  deadline = time.monotonic() + limit_s
+  seen for that long (at most 10 s): after a failed save Orbax's other writers may re-make one."""
+  deadline = time.monotonic() + 10
   last_seen = time.monotonic()
   while True:
-    names = [n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
-             if TMP_MARKER in n]
-    for name in names:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    now = time.monotonic()
-    if names:
-      last_seen = now
-    if now - last_seen >= quiet_s or now > deadline:
+    partial = glob.glob(os.path.join(glob.escape(os.fspath(directory)), f'*{TMP_MARKER}*'))
+    for path in partial:
+      shutil.rmtree(path, ignore_errors=True)
+    if partial:
+      last_seen = time.monotonic()
+    if time.monotonic() - last_seen >= quiet_s or time.monotonic() > deadline:
       return
     time.sleep(0.05)
 

@@ -1,8 +1,6 @@
-"""Compilation: JAX's persistent cache, and a count of what each run compiled.
-
-A sweep's runs share shapes, so after the first run every step should come from a cache (the
-kept step functions in one process, JAX's persistent cache across processes); the counter makes
-a recompilation visible in results.json (`runtime.compilations`, `runtime.compile_s`).
+"""Compilation: JAX's persistent cache, and a count of what each run compiled. After a sweep's
+first run every step should come from a cache; the count shows a recompilation in results.json
+(`runtime.compilations`, `runtime.compile_s`).
 """
 import collections
 import contextlib
@@ -47,8 +45,7 @@ def _on_duration(event, duration, **kwargs):
       _totals["compile_s"] += duration
 
 
-def _on_event(event, **kwargs):
-  del kwargs
+def _on_event(event, **_):
   if event == _CACHE_HIT:
     _hit.pending = True
 
@@ -57,11 +54,10 @@ def install():
   """Starts counting (once per process)."""
   global _installed
   with _lock:
-    if _installed:
-      return
-    _installed = True
-  jax.monitoring.register_event_duration_secs_listener(_on_duration)
-  jax.monitoring.register_event_listener(_on_event)
+    if not _installed:
+      _installed = True
+      jax.monitoring.register_event_duration_secs_listener(_on_duration)
+      jax.monitoring.register_event_listener(_on_event)
 
 
 def snapshot() -> dict:
@@ -73,10 +69,8 @@ def snapshot() -> dict:
 def since(before: dict) -> dict:
   """What was compiled after `before` (a snapshot)."""
   now = snapshot()
-  names = collections.Counter(now["by_name"])
-  names.subtract(before["by_name"])
-  return dict({k: now[k] - before[k] for k in _totals},
-              by_name={k: v for k, v in names.items() if v})
+  names = collections.Counter(now["by_name"]) - collections.Counter(before["by_name"])
+  return dict({k: now[k] - before[k] for k in _totals}, by_name=dict(names))
 
 
 def add(a: dict, b: dict) -> dict:
@@ -98,8 +92,8 @@ def counting():
 
 def enable_persistent_cache(directory: str) -> str:
   """Turns on JAX's persistent compilation cache in `directory` ("off": leave it off) for every
-  program, however quick to compile (a second process would compile a CPU sweep's small steps
-  again). JAX opens its cache once per process. Returns the directory used."""
+  program, however quick to compile (a CPU sweep's steps are); JAX opens it once per process.
+  Returns the directory used."""
   if directory == "off":
     return ""
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -122,10 +116,10 @@ _WRITE_FAILED = "Error writing persistent compilation cache entry"
 _NO_MORE_WRITES = 2**62  # jax_persistent_cache_min_entry_size_bytes no program reaches
 
 
-def _cache_write_failed(message, category, filename, lineno, file=None, line=None):
-  """JAX's failed cache writes: one warning line, then no more writes in this process. JAX warns
-  once per program and leaves the entry cut short (a later process would warn reading it)."""
-  del category, filename, lineno, file, line
+def _cache_write_failed(message, *_, **__):
+  """JAX's failed cache writes (`warnings.showwarning`): one warning line, then no more writes in
+  this process. JAX warns once per program and leaves the entry cut short, which a later process
+  would warn reading: it goes."""
   text = str(message)
   if not text.startswith(_WRITE_FAILED):
     return False
@@ -133,17 +127,14 @@ def _cache_write_failed(message, category, filename, lineno, file=None, line=Non
     return True  # warned already
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", _NO_MORE_WRITES)
   cache_dir = jax.config.jax_compilation_cache_dir
-  _remove_newest_entry(cache_dir)
+  recent = [p for p in glob.glob(os.path.join(cache_dir, "*-cache"))
+            if time.time() - os.path.getmtime(p) < 60]
+  if recent:
+    with contextlib.suppress(OSError):  # another process's, removed meanwhile
+      os.remove(max(recent, key=os.path.getmtime))
   reason = files.no_space_reason(Exception(text)) or text.split("': ", 1)[-1]
   logging.warning("JAX compilation cache %s cannot be written (%s; %s free): compiling on "
                   "without caching new programs in this process", cache_dir, reason,
                   files.human_bytes(files.free_space(cache_dir)))
   return True
 
-
-def _remove_newest_entry(directory, within_s=60.0):
-  entries = [p for p in glob.glob(os.path.join(directory, "*-cache"))
-             if time.time() - os.path.getmtime(p) < within_s]
-  if entries:
-    with contextlib.suppress(OSError):  # another process's, removed meanwhile
-      os.remove(max(entries, key=os.path.getmtime))

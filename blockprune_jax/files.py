@@ -1,7 +1,7 @@
 """Files a run writes (atomically: a killed process never leaves half a file), reads back
 (checked) and locks. Nothing here deletes a user's file: an unreadable results.json or a
-replaced export is moved aside under a new name. A full disk is one place's business:
-`as_no_space` / `writing` turn it, however a library wrapped it, into one NoSpace line.
+replaced export is moved aside. A full disk, however a library wrapped it, becomes one NoSpace
+line here (`writing` / `as_no_space`).
 """
 import contextlib
 import errno
@@ -56,15 +56,11 @@ def plain(value):
   return value
 
 
-def write_json(path: str, obj, indent: int = 2, what: str = "") -> None:
-  """JSON to `path`, atomically."""
-  with atomic_path(path, what) as tmp:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=indent, default=to_jsonable)
-      f.write("\n")
+def write_json(path: str, obj) -> None:
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=to_jsonable)
+    f.write("\n")
 
-
-# --- reading back what a run wrote ------------------------------------------------------
 
 def load_json(path: str):
   """The JSON object in `path`; None when there is no file; ValueError (the reason) when it is
@@ -114,8 +110,6 @@ def move_aside(path: str, why: str) -> str:
   raise UserError(f"cannot move {path} aside: too many {path}.{why}-* already; remove old ones")
 
 
-# --- paths a user gives -----------------------------------------------------------------
-
 def check_directory(path: str, name: str) -> None:
   """UserError unless `path` is a directory or does not exist yet (it will be created)."""
   if os.path.lexists(path) and not os.path.isdir(path):
@@ -147,10 +141,10 @@ def check_workdir_layout(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, name: str = "--workdir"):
+def workdir_lock(workdir: str):
   """Holds `<workdir>/.lock` for the body; UserError if another process holds it. The kernel
   drops the lock when its process dies (even by SIGKILL); the file names its last holder."""
-  check_directory(workdir, name)
+  check_directory(workdir, "--workdir")
   path = os.path.join(workdir, LOCK_FILE)
   lock = filelock.FileLock(path, timeout=0)
   try:
@@ -162,7 +156,7 @@ def workdir_lock(workdir: str, name: str = "--workdir"):
     raise UserError(f"{workdir} is in use by another run ({holder}; lock {path}): wait for it "
                     "to finish, or use another --workdir") from None
   except OSError as e:
-    raise UserError(f"{name}={workdir!r}: cannot write there ({one_line(e)}): choose a "
+    raise UserError(f"--workdir={workdir!r}: cannot write there ({one_line(e)}): choose a "
                     "writable directory") from None
   try:
     with open(path, "w", encoding="utf-8") as f:
@@ -172,21 +166,19 @@ def workdir_lock(workdir: str, name: str = "--workdir"):
     lock.release()
 
 
-# --- whole directories --------------------------------------------------------------------
-
 @contextlib.contextmanager
-def atomic_directory(path: str, what: str = ""):
+def atomic_directory(path: str):
   """Yields a temporary directory beside `path`, which becomes `path` on success. An existing
   `path` with the same files is kept; a different one is moved aside (one warning line), so an
   earlier export is never overwritten."""
   parent = os.path.dirname(os.path.abspath(path))
-  with writing(what or os.path.basename(path), path):
+  with writing(os.path.basename(path), path):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
     try:
       yield tmp
       os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
-      if os.path.isdir(path) and same_files(tmp, path):
+      if os.path.isdir(path) and _same_files(tmp, path):
         shutil.rmtree(tmp)
         return
       if os.path.lexists(path):
@@ -198,7 +190,7 @@ def atomic_directory(path: str, what: str = ""):
       raise
 
 
-def same_files(a: str, b: str) -> bool:
+def _same_files(a: str, b: str) -> bool:
   """Whether directories `a` and `b` hold the same names with the same bytes (flat)."""
   names = sorted(os.listdir(a))
   if names != sorted(os.listdir(b)):
@@ -210,11 +202,8 @@ def same_files(a: str, b: str) -> bool:
 def dir_stamp(path: str) -> tuple:
   """(real path, (name, size, mtime) per file): a cache key that changes with any file."""
   path = os.path.realpath(path)
-  entries = []
-  for name in sorted(os.listdir(path)):
-    st = os.stat(os.path.join(path, name))
-    if os.path.isfile(os.path.join(path, name)):
-      entries.append((name, st.st_size, st.st_mtime_ns))
+  entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                   if e.is_file())
   return path, tuple(entries)
 
 
@@ -227,10 +216,10 @@ def emit_json_line(record: dict, path: str = "") -> dict:
   return record
 
 
-def append_line(path: str, line: str, what: str = "") -> None:
+def append_line(path: str, line: str) -> None:
   """Appends `line` to `path`; on a full disk the part written is cut off again (a resumed run
   appends whole lines)."""
-  with writing(what or os.path.basename(path), path):
+  with writing(os.path.basename(path), path):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
       end = os.lseek(fd, 0, os.SEEK_END)
@@ -245,8 +234,6 @@ def append_line(path: str, line: str, what: str = "") -> None:
       os.close(fd)
 
 
-# --- a full disk ----------------------------------------------------------------------------
-
 # C++ writers (TensorStore under Orbax) report these inside their own exceptions, by text.
 _NO_SPACE = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 
@@ -257,11 +244,8 @@ def no_space_reason(e: BaseException):
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _NO_SPACE:
-      return _NO_SPACE[e.errno]
-    text = str(e)
-    for reason in _NO_SPACE.values():
-      if reason in text:
+    for code, reason in _NO_SPACE.items():
+      if (isinstance(e, OSError) and e.errno == code) or reason in str(e):
         return reason
     e = e.__cause__ or e.__context__
   return None
@@ -282,11 +266,11 @@ def human_bytes(n) -> str:
   """1536 -> '1.5 KiB', 1234567 -> '1.18 MiB'."""
   if n is None:
     return "unknown"
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if abs(n) < 1024 or unit == "TiB":
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024:
       return f"{n} B" if unit == "B" else f"{n:.3g} {unit}"
     n /= 1024
-  return ""  # not reached
+  return f"{n:.3g} TiB"
 
 
 def no_space_error(what: str, path: str, reason: str = _NO_SPACE[errno.ENOSPC]) -> NoSpace:

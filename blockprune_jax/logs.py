@@ -2,6 +2,7 @@
 steps), TensorBoard where tensorboardX is installed, and W&B when config.wandb.mode is on (see
 wandb_log.py; a resumed workdir continues the same W&B run). Only process 0 writes.
 """
+import contextlib
 import json
 import os
 import sys
@@ -16,16 +17,16 @@ from blockprune_jax import quiet
 from blockprune_jax import wandb_log
 
 
-class RunLog:
+class RunLog(contextlib.AbstractContextManager):
   """Appends events and metrics to the workdir; prints a one-line form of each event. Leaving
   its `with` block by an exception closes the W&B run as failed."""
 
   def __init__(self, workdir: str, echo: bool = True, config=None):
     self.workdir = workdir
-    self.config = config
     self.echo = echo
     self.active = jax.process_index() == 0
     self._tb = None
+    self._tb_dir = os.path.join(workdir, "tb")
     self._wandb = None
     if config is not None:
       wandb_log.check_mode(config)  # every process fails alike on a bad wandb.mode
@@ -40,13 +41,6 @@ class RunLog:
           self._tb = SummaryWriter(self._tb_dir)
       except ImportError:  # optional: clu would pull in TensorFlow, tensorboardX does not
         self._tb = None
-
-  @property
-  def _tb_dir(self):
-    return os.path.join(self.workdir, "tb")
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, exc_type, exc, tb):
     self.close(exit_code=0 if exc_type is None else 1)
@@ -65,7 +59,9 @@ class RunLog:
       return
     self._append("metrics.jsonl", {"step": int(step), "split": split, **values})
     if self._tb is not None:
-      self._check_tensorboard()
+      if _TB_NO_SPACE:  # tensorboardX's writer thread died of a full disk: its queue would block
+        self._tb = None
+        raise files.no_space_error("TensorBoard events", self._tb_dir, _TB_NO_SPACE[0])
       for k, v in values.items():
         if isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -77,12 +73,8 @@ class RunLog:
     plot files to attach to the W&B run."""
     if self._wandb is not None:
       self._wandb.summarize(results)
-    self.log_images(images)
-
-  def log_images(self, paths):
-    """Attaches image files (e.g. a report's PNGs) to the W&B run as plots/<file stem>."""
-    if self._wandb is not None and paths:
-      self._wandb.images(list(paths))
+      if images:
+        self._wandb.images(list(images))
 
   def close(self, exit_code: int = 0):
     """Closes TensorBoard and finishes the W&B run (exit_code != 0: marked failed)."""
@@ -93,12 +85,6 @@ class RunLog:
     if self._wandb is not None:
       self._wandb.close(exit_code=exit_code)
       self._wandb = None
-
-  def _check_tensorboard(self):
-    """NoSpace once tensorboardX's writer thread died of a full disk (its queue would block)."""
-    if _TB_NO_SPACE:
-      self._tb = None
-      raise files.no_space_error("TensorBoard events", self._tb_dir, _TB_NO_SPACE[0])
 
   def _append(self, name, record):
     files.append_line(os.path.join(self.workdir, name),
@@ -112,7 +98,7 @@ def _tensorboard_died(args):
   """tensorboardX's writer thread died of a full disk: recorded, not printed (RunLog then ends
   the run in one line)."""
   reason = files.no_space_reason(args.exc_value)
-  frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+  frames = traceback.extract_tb(args.exc_traceback)
   if reason and any("tensorboardX" in frame.filename for frame in frames):
     _TB_NO_SPACE.append(reason)
     return True

@@ -19,6 +19,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from blockprune_jax import config_lib
+from blockprune_jax import files
 from blockprune_jax import quiet
 from blockprune_jax.errors import NoSpace, Preempted, UserError, one_line
 
@@ -27,8 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
-EXIT_NO_SPACE = 28  # errno ENOSPC
+EXIT_FAILED_RUNS, EXIT_USER_ERROR, EXIT_NO_SPACE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 28, 130, 143
 
 
 def main(argv):
@@ -43,8 +44,7 @@ def _run(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}: every flag takes the form --name=value")
   # pylint: disable=import-outside-toplevel
-  from blockprune_jax import config_lib, files, parallel, pipeline, sweep
-  from blockprune_jax import validate as validate_lib
+  from blockprune_jax import parallel, pipeline, sweep, validate as validate_lib
   workdir = _WORKDIR.value
   if not workdir.strip():
     raise UserError("--workdir is empty: give the directory for this run's files")
@@ -71,7 +71,6 @@ def _run(argv):
 def _exit_for(e, workdir):
   """Exits with `e`'s code and one line (a full disk too where no writer said so); re-raises
   what is no user's to fix."""
-  from blockprune_jax import files  # pylint: disable=import-outside-toplevel
   if isinstance(e, KeyboardInterrupt):
     _exit(EXIT_SIGINT, "interrupted: stopped at once (Ctrl-C); the last saved checkpoint is "
           "kept, run the same command to resume")
@@ -81,9 +80,8 @@ def _exit_for(e, workdir):
   if isinstance(e, UserError) and not isinstance(e, NoSpace):
     _exit(EXIT_USER_ERROR, f"error: {e}")
   path = next((x.filename for x in (e, e.__cause__, e.__context__)
-               if getattr(x, "filename", None)), None)
-  error = e if isinstance(e, NoSpace) else files.as_no_space(e, "the run's files",
-                                                             path or workdir)
+               if getattr(x, "filename", None)), workdir)
+  error = e if isinstance(e, NoSpace) else files.as_no_space(e, "the run's files", path)
   if error is None:
     raise e
   _exit(EXIT_NO_SPACE, f"error: {error}")
@@ -102,31 +100,31 @@ def _report_failed_runs(rows):
 def _load_config(config_path):
   """The config with its --config.* overrides; one UserError line for a missing or broken file,
   an unknown key or a value of the wrong type."""
-  from blockprune_jax import files  # pylint: disable=import-outside-toplevel
   files.check_file(config_path.partition(":")[0], "--config")
   try:
     return _CONFIG.value
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    # ml_collections raises AttributeError / KeyError / TypeError / whatever the file raised.
-    _check_override_keys(config_path)
-    raise UserError(f"--config={config_path}: could not load it ({one_line(e)})") from None
+    raise _config_error(config_path, e) from None
 
 
-def _check_override_keys(config_path):
-  """UserError (with a near miss) for an override naming no key of the config file."""
-  from blockprune_jax import config_lib  # pylint: disable=import-outside-toplevel
+def _config_error(config_path, e) -> UserError:
+  """What `e`, raised loading the config, means: an override naming no key of the file (raised,
+  with a near miss), or the file itself failing (ml_collections raises whatever it raised)."""
   path, _, arg = config_path.partition(":")
-  try:
-    module = config_lib.load_file(path, "_blockprune_check_config")
-    base = module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"--config={config_path}: could not load it ({one_line(e)})") from None
-  for arg_text in sys.argv[1:]:
-    m = re.match(r"--?(?:no)?config\.([^=]+)", arg_text)
-    if m:
-      config_lib.lookup(base, m.group(1))
+  if path:
+    try:
+      module = config_lib.load_file(path, "_blockprune_check_config")
+      base = module.get_config(arg) if arg else module.get_config()
+    except Exception as load_error:  # pylint: disable=broad-except
+      e = load_error
+    else:
+      for text in sys.argv[1:]:
+        m = re.match(r"--?(?:no)?config\.([^=]+)", text)
+        if m:
+          config_lib.lookup(base, m.group(1))
+  return UserError(f"--config={config_path}: could not load it ({one_line(e)})")
 
 
 def _parse_flags(argv):
@@ -136,15 +134,13 @@ def _parse_flags(argv):
   except flags.Error as e:
     _exit(EXIT_USER_ERROR, f"error: {_first_line(str(e))}")
   except Exception as e:  # pylint: disable=broad-except
-    # A config file that fails while the flags are parsed (ml_collections loads it there), or
-    # an override naming no key of it.
+    # ml_collections loads the config file while the flags are parsed.
     config_path = next((a.split("=", 1)[1] for a in argv if re.match(r"--?config=", a)), "")
     try:
-      if config_path:
-        _check_override_keys(config_path)
+      error = _config_error(config_path, e)
     except UserError as bad:
-      _exit(EXIT_USER_ERROR, f"error: {bad}")
-    _exit(EXIT_USER_ERROR, f"error: --config={config_path}: could not load it ({one_line(e)})")
+      error = bad
+    _exit(EXIT_USER_ERROR, f"error: {error}")
 
 
 def _first_line(text):

@@ -6,6 +6,7 @@ import threading
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 from blockprune_jax.errors import Preempted
 
@@ -19,31 +20,27 @@ class PreemptionFlag:
   becomes a SIGTERM to this process. `error()` is what the loop raises (exit code 128 + signum).
   """
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+  def __init__(self):
     self.requested = False
     self.signum = None
-    self._signals = tuple(signals)
     self._previous = {}
 
-  def install(self):
-    if jax.process_count() > 1:
-      if (signal.SIGINT in self._signals and _in_main_thread()
-          and signal.getsignal(signal.SIGINT) not in (None, signal.SIG_IGN)):
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_as_sigterm)
+  def __enter__(self):
+    several = jax.process_count() > 1
+    if threading.current_thread() is not threading.main_thread():
+      if not several:
+        logging.warning('PreemptionFlag: signal handlers can only be set from the main thread; '
+                        'SIGTERM will not trigger a final checkpoint.')
       return self
-    if not _in_main_thread():
-      logging.warning('PreemptionFlag: signal handlers can only be set from the main thread; '
-                      'SIGTERM will not trigger a final checkpoint.')
-      return self
-    for sig in self._signals:
-      if signal.getsignal(sig) in (None, signal.SIG_IGN):
-        # None: set outside Python (jax's notifier; `check` covers it). SIG_IGN: the launcher's
-        # choice (a shell's for SIGINT of `cmd &`).
-        continue
-      self._previous[sig] = signal.signal(sig, self._handle)
+    for sig in (signal.SIGINT,) if several else (signal.SIGTERM, signal.SIGINT):
+      # None: set outside Python (jax's notifier; `check` covers it). SIG_IGN: the launcher's
+      # choice (a shell's for SIGINT of `cmd &`).
+      if signal.getsignal(sig) not in (None, signal.SIG_IGN):
+        handler = self._forward_as_sigterm if several else self._handle
+        self._previous[sig] = signal.signal(sig, handler)
     return self
 
-  def uninstall(self):
+  def __exit__(self, *exc):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous.clear()
@@ -85,21 +82,9 @@ class PreemptionFlag:
     e.exit_code = 128 + int(self.signum or signal.SIGTERM)
     return e
 
-  def __enter__(self):
-    return self.install()
-
-  def __exit__(self, *exc):
-    self.uninstall()
-
-
-def _in_main_thread():
-  return threading.current_thread() is threading.main_thread()
-
 
 def _reached_preemption_sync_point(step):
-  """jax's multi-host preemption agreement; False where there is none."""
   try:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-  except (ImportError, AttributeError, RuntimeError):
+  except RuntimeError:  # no preemption service in this process
     return False

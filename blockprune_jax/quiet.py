@@ -41,17 +41,17 @@ class _OrbaxFilter(logging.Filter):
     if self.muted or record.levelno < logging.WARNING:
       return False
     message = record.getMessage()
-    if any(text in message for text in _ORBAX_CHATTER):
-      return False
-    return not (files.no_space_reason(record.exc_info[1] if record.exc_info else None)
+    return not (any(text in message for text in _ORBAX_CHATTER)
+                or files.no_space_reason(record.exc_info[1] if record.exc_info else None)
                 or files.no_space_reason(Exception(message)))
 
 
-class _AsyncioFilter(logging.Filter):
-  """A failed Orbax write leaves tasks whose error nobody retrieves."""
+_ORBAX = _OrbaxFilter()
 
-  def filter(self, record):
-    return "exception was never retrieved" not in record.getMessage()
+
+def _not_unretrieved(record):
+  """A failed Orbax write leaves asyncio tasks whose error nobody retrieves."""
+  return "exception was never retrieved" not in record.getMessage()
 
 
 def _closed_loop_noise(unraisable):
@@ -61,31 +61,21 @@ def _closed_loop_noise(unraisable):
   return "Event loop is closed" in text or "Python is likely shutting down" in text
 
 
-def _filter(logger_name, kind):
-  logger = logging.getLogger(logger_name)
-  found = next((f for f in logger.filters if isinstance(f, kind)), None)
-  if found is None:
-    found = kind()
-    logger.addFilter(found)
-  return found
-
-
 def orbax():
-  """Installs the Orbax, asyncio and closed-loop filters (once)."""
-  _filter("absl", _OrbaxFilter)
-  _filter("asyncio", _AsyncioFilter)
+  """Installs the Orbax, asyncio and closed-loop filters (once: addFilter skips a known one)."""
+  logging.getLogger("absl").addFilter(_ORBAX)
+  logging.getLogger("asyncio").addFilter(_not_unretrieved)
   chain(sys, "unraisablehook", _closed_loop_noise)
 
 
 @contextlib.contextmanager
 def orbax_muted():
   """Orbax logs nothing in the body."""
-  f = _filter("absl", _OrbaxFilter)
-  f.muted += 1
+  _ORBAX.muted += 1
   try:
     yield
   finally:
-    f.muted -= 1
+    _ORBAX.muted -= 1
 
 
 def console():

@@ -1,5 +1,6 @@
 """Checkpointer and PreemptionFlag: exact round trip, retention, atomicity, SIGTERM, NaN refusal."""
 
+import json
 import os
 import signal
 
@@ -143,6 +144,25 @@ def test_restore_picks_latest_and_ignores_incomplete(tmp_path):
     assert ckpt.save(3, make_state(seed=3), force=True)
     ckpt.wait()
     assert ckpt.latest_step() == 3
+
+
+def test_a_step_saved_before_file_lists_restores_its_checksum_checked(tmp_path, caplog):
+  """Such a step has no files.json; its meta holds the state's checksum instead."""
+  with checkpoint.Checkpointer(tmp_path, keep=2, every_steps=1) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, make_state(seed=step), {'step': step})
+  for step in (1, 2):
+    os.remove(tmp_path / str(step) / checkpoint.FILE_LIST)
+    meta_file = tmp_path / str(step) / checkpoint.META_FILE
+    meta = dict(json.loads(meta_file.read_text()), step=step)
+    meta[checkpoint.CHECKSUM] = checkpoint.state_checksum(make_state(seed=step))
+    meta[checkpoint.CHECKSUM][0] ^= int(step == 2)  # step 2: as if an array changed silently
+    meta_file.write_text(json.dumps(meta))
+  with checkpoint.Checkpointer(tmp_path, keep=2, every_steps=1) as ckpt:
+    state, meta = ckpt.restore(zeros_like_state(make_state()))
+  assert meta == {'step': 1}
+  assert_trees_identical(state, make_state(seed=1))
+  assert any('checksum does not match' in r.getMessage() for r in caplog.records)
 
 
 def test_restore_without_checkpoint_raises(tmp_path):
