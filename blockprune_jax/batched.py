@@ -1,13 +1,10 @@
 """Runs side by side (sweep.batch_runs): K runs of a sweep as one program, around the one-run core.
 
-Runs that differ only in what a program takes as input (masks, pruning ratios and method, seeds,
-learning rates) share a program: every leaf of the state gains a leading run axis and the
-one-run update is mapped over it (`over_runs`), and the group compiles once. Training is
-train.loop with a stacked state, a mapped step and hooks (`Runs`) that fan out to each run's
-train.Run: its log, metrics and checkpoints (the one-run format: a group's run resumes alone,
-and the other way round). A run's results.json times are its own preparation plus its share of
-the group's (`runtime.seconds` add up to the wall time; `runtime.batch` names the group);
-throughputs (`tokens_per_s`) are the program's, all runs' tokens counted.
+Runs that differ only in a program's inputs (masks, ratios, seeds, learning rates) share it: the
+state gains a leading run axis and the one-run update is mapped over it (`over_runs`). Training
+is train.loop with a stacked state and hooks (`Runs`) that fan out to each run's train.Run (its
+log and one-run checkpoints: a group's run resumes alone, and the other way round). A run's
+times are its preparation plus its share of the group's; throughputs count all runs' tokens.
 """
 import dataclasses
 import functools
@@ -30,12 +27,9 @@ from blockprune_jax import train
 from blockprune_jax import trees
 from blockprune_jax.errors import UserError
 
-# Keys whose values a batched program takes as inputs: runs may differ in them. Every other key
-# (model, data, batch, optimizer structure, step count, evaluation) must agree within a group.
+# Keys whose values a batched program takes as inputs: every other key must agree in a group.
 FREE_KEYS = keys.where(group=True)
 
-
-# --- which runs can share a program ------------------------------------------------------
 
 def alone_reason(config) -> str | None:
   """Why this run cannot train side by side with others, or None when it can."""
@@ -58,9 +52,8 @@ def _shared(config) -> dict:
 
 
 def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[int, str]]:
-  """(groups of at most `size` run indices that agree on every key outside FREE_KEYS, in run
-  order; for each run alone although size > 1, one line why, naming the most similar other run
-  by `names`, default "run <index + 1>")."""
+  """(groups of at most `size` run indices that agree outside FREE_KEYS, in run order; for each
+  run alone, one line why, naming the most similar other run by `names` or "run <index + 1>")."""
   buckets, why = {}, {}
   for i, config in enumerate(configs):
     reason = alone_reason(config)
@@ -77,18 +70,13 @@ def plan_groups(configs, size: int, names=None) -> tuple[list[list[int]], dict[i
     if len(group) == 1 and group[0] not in why and len(shared) > 1:
       i = group[0]
       others = [j for j in shared if j != i]
-      nearest = min(others, key=lambda j: _n_diff(shared[i], shared[j]))
-      differ = sorted(k for k in set(shared[i]) | set(shared[nearest])
-                      if shared[i].get(k) != shared[nearest].get(k))
+      nearest = min(others, key=lambda j: len(train.changed_keys(shared[i], shared[j])))
+      differ = train.changed_keys(shared[i], shared[nearest])
       other = names[nearest] if names else f"run {nearest + 1}"
       why[i] = (f"no other run shares its program ({', '.join(differ[:3])} differ from {other})"
                 if differ else "its group of the same shape was full")
   groups.sort(key=lambda g: g[0])
   return groups, why
-
-
-def _n_diff(a: dict, b: dict) -> int:
-  return sum(a.get(k) != b.get(k) for k in set(a) | set(b))
 
 
 def by_shape(preps) -> list:
@@ -105,10 +93,7 @@ def by_shape(preps) -> list:
   return [[x] for x in alone] + [same]
 
 
-# --- stacked pytrees and mapped steps ----------------------------------------------------
-
 def mode(config) -> str:
-  """sweep.side_by_side resolved for this backend: auto is map on a CPU, vmap elsewhere."""
   setting = config.sweep.side_by_side
   if setting != "auto":
     return setting
@@ -116,11 +101,9 @@ def mode(config) -> str:
 
 
 def over_runs(fn, in_axes, how: str):
-  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
-  shared), as one program. "vmap" fills an accelerator that one small run leaves half idle;
-  "map" (jax.lax.map) runs them one after another inside the program: on a CPU, whose cores one
-  run keeps busy, batched matmuls are slower (README, "Runs side by side"), while one dispatch
-  per step for all runs still saves time."""
+  """`fn` mapped over a leading run axis of the arguments whose `in_axes` entry is 0, as one
+  program. "vmap" fills an accelerator one small run leaves idle; "map" (jax.lax.map) runs them
+  one after another: on a CPU batched matmuls are slower, one dispatch per step still helps."""
   if how == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
   if how != "map":
@@ -155,7 +138,6 @@ def make_eval_step(apply_fn, mesh, how: str):
 
 
 def stack(trees_):
-  """K pytrees of one structure -> one pytree with a leading run axis (on the host)."""
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees_)
 
 
@@ -166,8 +148,8 @@ def take(tree, k):
 
 
 def union_masks(masks_list, params) -> list:
-  """Masks of every path any run prunes; a run that does not prune a path gets all-True there
-  (multiplying by 1 is exact), so that every run's state has one structure."""
+  """Each run's masks over every path any run prunes (all-True where it does not: exact), so that
+  every run's state has one structure."""
   paths = []
   for masks in masks_list:
     paths += [p for p in trees.leaf_paths(masks) if p not in paths]
@@ -181,16 +163,6 @@ def union_masks(masks_list, params) -> list:
     out.append(full)
   return out
 
-
-def own_masks(masks, template) -> dict:
-  """The paths of `template` (a run's own masks) taken from `masks` (the group's structure)."""
-  out = {}
-  for path in trees.leaf_paths(template):
-    trees.set_path(out, path, trees.get_path(masks, path))
-  return out
-
-
-# --- training: train.loop with a stacked state -------------------------------------------
 
 class Runs:
   """train.loop's hooks for K runs as one program: each hook fans out to the runs' train.Run."""
@@ -228,24 +200,20 @@ class Runs:
   def periodic_eval(self, state, step):
     if not self.runs[0].eval_due(step) or self.stopped():
       return None
-    first = self.runs[0]
-    results = eval_lib.periodic_validation(self.config, first.apply_fn, state["params"],
-                                           first.streams, self.mesh, self.eval_step)
+    results = self.runs[0].validation(state["params"], self.eval_step)
     for r, result in zip(self.runs, results):
       r.evaluated(step, result)
     return [result["perplexity"] for result in results]
-
-  def own(self, state, i):
-    one = dict(take(state, i))
-    one["masks"] = own_masks(one["masks"], self.masks[i])
-    return one
 
   def save(self, state, step, *, force, metric=None) -> bool:
     saved = False
     for i, r in enumerate(self.runs):
       if not r.stopped():
-        saved |= r.save(self.own(state, i), step, force=force,
-                        metric=None if metric is None else metric[i])
+        one, masks = dict(take(state, i)), {}
+        for path in trees.leaf_paths(self.masks[i]):  # the run's own masks, not the union's
+          trees.set_path(masks, path, trees.get_path(one["masks"], path))
+        one["masks"] = masks
+        saved |= r.save(one, step, force=force, metric=None if metric is None else metric[i])
     return saved
 
   def preempted(self, preemption, step) -> Exception:
@@ -256,8 +224,7 @@ class Runs:
 
 def fit(preps, *, total, mesh) -> list:
   """train.fit of K prepared runs as one program: per run (params, masks, train summary) or its
-  Diverged error (the others go on). Checkpoints at different steps (a kill between two runs'
-  saves): the runs train one at a time."""
+  Diverged error. Checkpoints at different steps (a kill between two saves): one at a time."""
   first = preps[0]
   sequences = train.train_sequences(first.config, first.streams, mesh)
   ckpts = [train.checkpointer(p.config, p.workdir) for p in preps]
@@ -271,7 +238,14 @@ def fit(preps, *, total, mesh) -> list:
              "one at a time from each run's own")
       for p in preps:
         p.log.event("batch", why, alone=why)
-      return [_alone(p, total, mesh) for p in preps]
+      out = []
+      for p in preps:
+        try:
+          out.append(train.fit(p.config, p.model_cfg, p.params, p.masks, p.plan, p.streams,
+                               p.workdir, p.log, total=total, mesh=mesh))
+        except train.Diverged as e:
+          out.append(e)
+      return out
     runs = [train.Run(p.config, p.model_cfg, first.streams, sequences, p.workdir, p.log, c,
                       total, mesh, p.plan) for p, c in zip(preps, ckpts)]
     hooks = Runs(runs, [p.masks for p in preps], mesh)
@@ -290,63 +264,47 @@ def fit(preps, *, total, mesh) -> list:
       c.close()  # waits for pending saves
 
 
-def _alone(prep, total, mesh):
-  try:
-    return train.fit(prep.config, prep.model_cfg, prep.params, prep.masks, prep.plan,
-                     prep.streams, prep.workdir, prep.log, total=total, mesh=mesh)
-  except train.Diverged as e:
-    return e
-
-
-# --- the group's phases ------------------------------------------------------------------
-
 def complete(preps) -> list:
-  """lifecycle.fine_tune of K prepared runs as one program: per run finish's arguments, or the
-  error that ended its training."""
+  """lifecycle.fine_tune of K runs as one program: per run finish's arguments, or its error."""
   mesh = parallel.train_mesh(preps[0].config.mesh.fsdp)
   splits = lifecycle.eval_splits(preps[0].config)
-  oneshot = [None] * len(preps)
   # What fine-tuning recovers: the first split's perplexity right after pruning.
-  wants = [i for i, p in enumerate(preps) if lifecycle.wants_oneshot(p)]
-  for i, evals in zip(wants, evaluate([preps[i] for i in wants], [preps[i].params for i in wants],
-                                      mesh, splits[:1], label="one-shot")):
-    oneshot[i] = evals
+  oneshot = evaluate(preps, [p.params if lifecycle.wants_oneshot(p) else None for p in preps],
+                     mesh, splits[:1], label="one-shot")
   trained = [(p.params, p.masks, dict(lifecycle.NO_TRAINING)) for p in preps]
   if preps[0].steps > 0:
     trained = fit(preps, total=preps[0].steps, mesh=mesh)
-  out = list(trained)
-  live = [i for i, t in enumerate(trained) if not isinstance(t, Exception)]
-  for i, evals in zip(live, evaluate([preps[i] for i in live], [trained[i][0] for i in live],
-                                     mesh, splits)):
-    params, _, summary = trained[i]
-    out[i] = (params, summary, evals, oneshot[i], None)
-  return out
+  live = [None if isinstance(t, Exception) else t[0] for t in trained]
+  return [t if isinstance(t, Exception) else (t[0], t[2], evals, before, None)
+          for t, evals, before in zip(trained, evaluate(preps, live, mesh, splits), oneshot)]
 
 
 def evaluate(preps, params, mesh, splits, label="") -> list:
-  """[{split: evaluate.evaluate result}] per run, K runs scored as one program (each result
-  holds its share of the time)."""
-  if len(preps) <= 1:
-    return [lifecycle.evaluate_splits(p, x, mesh, splits=splits, label=label)
-            for p, x in zip(preps, params)]
-  config, n = preps[0].config, len(preps)
-  apply_fn = model_lib.logits_fn(preps[0].model_cfg)
-  step = make_eval_step(apply_fn, mesh, mode(config))
-  params = stack(params)
-  out = [{} for _ in preps]
+  """[{split: evaluate.evaluate result}] per run (None where its params are None), the runs
+  scored as one program."""
+  some = [i for i, x in enumerate(params) if x is not None]
+  out = [None if x is None else {} for x in params]
+  if len(some) <= 1:
+    for i in some:
+      out[i] = lifecycle.evaluate_splits(preps[i], params[i], mesh, splits, label=label)
+    return out
+  n, first = len(some), preps[some[0]]
+  apply_fn = model_lib.logits_fn(first.model_cfg)
+  step = make_eval_step(apply_fn, mesh, mode(first.config))
+  stacked = stack([params[i] for i in some])
   for split in splits:
-    results = eval_lib.evaluate(apply_fn, params, preps[0].streams.get(split), mesh=mesh,
-                                desc=split, step_fn=step, **lifecycle.eval_args(config))
-    for evals, prep, r in zip(out, preps, results):
-      evals[split] = r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
-      lifecycle.log_eval(prep.log, split, r, label,
+    results = eval_lib.evaluate(apply_fn, stacked, first.streams.get(split), mesh=mesh,
+                                desc=split, step_fn=step, **lifecycle.eval_args(first.config))
+    for i, r in zip(some, results):
+      out[i][split] = r = dict(r, seconds=r["seconds"] / n, first_batch_s=r["first_batch_s"] / n)
+      lifecycle.log_eval(preps[i].log, split, r, label,
                          beside=f"side by side with {n - 1} other run(s), ")
   return out
 
 
 def share(i, preps, own, shared_s, shared_compiled) -> dict:
-  """lifecycle.finish's times of run i: its own preparation (`own`: seconds, compilations) plus
-  its share of the group's (whose compilations count in its first run)."""
+  """lifecycle.finish's times of run i: its own (seconds, compilations) plus its share of the
+  group's (whose compilations count in its first run)."""
   own_s, own_compiled = own
   n = len(preps)
   return {"seconds": own_s + shared_s / n,

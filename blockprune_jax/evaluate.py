@@ -23,12 +23,7 @@ def eval_windows(stream: np.ndarray, seq_len: int, stride: int):
   n, L, S = len(stream), seq_len, stride
   if not 0 < S <= L:
     raise ValueError(f"eval.stride must be in [1, seq_len={L}], got {S}")
-  starts, s = [], 0
-  while True:
-    starts.append(s)
-    if s + L >= n:
-      break
-    s += S
+  starts = range(0, max(n - L, 0) + S, S)  # the last one reaches the end
   inputs = np.zeros((len(starts), L), np.int32)
   labels = np.zeros((len(starts), L), np.int32)
   weights = np.zeros((len(starts), L), np.float32)
@@ -50,29 +45,23 @@ def token_nll(logits, labels):
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def per_token_nll(apply_fn, params, inputs, labels):
-  """[B, T] NLL of the labels: without full logits when apply_fn is a model.ModelFn (its .nll),
-  else from the logits apply_fn returns."""
-  if hasattr(apply_fn, "nll"):
-    return apply_fn.nll(params, inputs, labels)
-  return token_nll(apply_fn(params, inputs), labels)
-
-
 @functools.lru_cache(maxsize=None)
 def make_eval_step(apply_fn, mesh):
-  """(params, inputs, labels, weights) -> (sum NLL, tokens), inputs sharded over every device.
-  apply_fn: model.logits_fn's. Kept per (apply_fn, mesh): one compiled step per model shape."""
+  """(params, inputs, labels, weights) -> (sum NLL, tokens), inputs sharded over every device;
+  cached per (apply_fn (model.logits_fn's), mesh)."""
   spec = P(parallel.batch_axes(mesh))
   return jax.jit(parallel.shard_map(device_eval_step(apply_fn, mesh), mesh,
                                     (P(), spec, spec, spec), (P(), P())))
 
 
 def device_eval_step(apply_fn, mesh):
-  """The step on one device: its windows' sums, psum'ed over every device of `mesh`."""
   axes = parallel.batch_axes(mesh)
 
   def eval_step(params, inputs, labels, weights):
-    nll = per_token_nll(apply_fn, params, inputs, labels)
+    if hasattr(apply_fn, "nll"):  # a model.ModelFn: without the full logits
+      nll = apply_fn.nll(params, inputs, labels)
+    else:
+      nll = token_nll(apply_fn(params, inputs), labels)
     return jax.lax.psum(jnp.sum(nll * weights), axes), jax.lax.psum(jnp.sum(weights), axes)
   return eval_step
 
@@ -80,22 +69,18 @@ def device_eval_step(apply_fn, mesh):
 def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None,
              desc="eval", progress=True, step_fn=None):
   """Perplexity of `stream` (1-D int array): {loss, perplexity, tokens_scored, tokens_per_s
-  (after the first, compiling, batch), ...}. Pass one `step_fn` (make_eval_step) to repeated
-  calls. A step_fn whose sums are [K] (K models mapped over) gives K dicts, with the program's
-  times (tokens_per_s counts the windows' tokens once per model)."""
+  (after the first, compiling, batch), ...}. A step_fn whose sums are [K] (K models mapped over)
+  gives K dicts, with the program's times (tokens_per_s counts every model's tokens)."""
   mesh = mesh or parallel.data_mesh()
   if len(stream) < 2:
     raise UserError(f"{desc}: {len(stream)} token(s) to evaluate, at least 2 are needed: check "
                     "the split's text or raise eval.max_tokens")
   inputs, labels, weights = eval_windows(np.asarray(stream), seq_len, stride)
-  n_dev = mesh.devices.size
-  batch = parallel.round_up(max(1, min(batch_size, len(inputs))), n_dev)
   n_win = len(inputs)
+  batch = parallel.round_up(max(1, min(batch_size, n_win)), mesh.devices.size)
   total = parallel.round_up(n_win, batch)
-  pad = total - n_win
-  if pad:  # padded windows carry weight 0, so they add nothing to either sum
-    inputs, labels, weights = (np.concatenate([a, np.zeros((pad, seq_len), a.dtype)])
-                               for a in (inputs, labels, weights))
+  pad = ((0, total - n_win), (0, 0))  # padded windows carry weight 0: they add nothing
+  inputs, labels, weights = (np.pad(a, pad) for a in (inputs, labels, weights))
   step = step_fn or make_eval_step(apply_fn, mesh)
   params = parallel.replicate(params, mesh)
 
@@ -107,7 +92,7 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
   t_start = time.time()
   nll_sum, count = _add(step(params, *shard(0)), 0.0, 0.0)  # [K] each for K models
   t_first = time.time() - t_start
-  bar = _progress(total // batch, desc, progress)
+  bar = progress_bar(total // batch, desc, progress)
   bar.update(1)
   t0 = time.time()
   pending = []
@@ -130,38 +115,20 @@ def evaluate(apply_fn, params, stream, *, seq_len, stride, batch_size, mesh=None
 
   def result(nll_sum, count, n_models):
     loss = nll_sum / max(count, 1.0)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "tokens_scored": int(round(count)),
-        "tokens": int(len(stream)),
-        "windows": n_win,
-        "tokens_per_s": tokens_per_s * n_models,
-        "seconds": seconds,
-        "first_batch_s": t_first,
-    }
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "tokens_scored": int(round(count)), "tokens": int(len(stream)), "windows": n_win,
+            "tokens_per_s": tokens_per_s * n_models, "seconds": seconds, "first_batch_s": t_first}
   if np.ndim(nll_sum) == 0:
     return result(float(nll_sum), float(count), 1)
   return [result(float(s), float(c), len(nll_sum)) for s, c in zip(nll_sum, count)]
 
 
-def periodic_validation(config, apply_fn, params, streams, mesh, eval_step):
-  """Validation perplexity during training: the first train.eval_max_tokens tokens."""
-  stream = streams.get("validation")
-  if config.train.eval_max_tokens:
-    stream = stream[:config.train.eval_max_tokens]
-  return evaluate(apply_fn, params, stream, seq_len=config.data.seq_len,
-                  stride=config.data.seq_len, batch_size=config.eval.batch_size, mesh=mesh,
-                  progress=False, step_fn=eval_step)
-
-
 def _add(result, nll_sum, count):
-  """Adds a step's sums (scalars, or [K]) in float64 on the host."""
   s, c = jax.device_get(result)
   return nll_sum + np.asarray(s, np.float64), count + np.asarray(c, np.float64)
 
 
-def _progress(total, desc, enabled):
+def progress_bar(total, desc, enabled):
   """A progress bar on a terminal; none in log files (tqdm's disable=None: off without a TTY)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   off = not enabled or jax.process_index() != 0 or total < 2

@@ -44,7 +44,7 @@ class Prepared:
   masks: dict  # {} = dense
   plan: plan_lib.Plan  # a no-op Plan for prune.method=none (and until late pruning)
   steps: int  # fine-tuning steps
-  late: bool  # prune.when=after_finetune: pruned after fine-tuning (prune_late)
+  late: bool  # prune.when=after_finetune: pruned after fine-tuning
   prune_s: float  # what pruning itself took (calibration, allocation, masks, SparseGPT)
   n_params: int
   compiled_before: dict  # compile_stats.snapshot() once the base was done
@@ -90,8 +90,7 @@ def prepare(config, workdir, log, t_start) -> Prepared:
 
 
 def checkpointed_allocation(config, workdir):
-  """The measured allocation in the run's newest checkpoint, if any: a resumed run prunes with
-  it instead of measuring again."""
+  """The measured allocation in the newest checkpoint: a resumed run does not measure again."""
   if config.prune.allocation not in allocation.MEASURED:
     return None
   directory = os.path.join(workdir, "checkpoints")
@@ -102,7 +101,7 @@ def checkpointed_allocation(config, workdir):
 
 
 def wants_oneshot(prep: Prepared) -> bool:
-  """Whether the run evaluates right after pruning, before fine-tuning (eval.oneshot)."""
+  """eval.oneshot: whether the run evaluates right after pruning, before fine-tuning."""
   c = prep.config
   return (prep.plan.active and c.prune.schedule == "oneshot" and not prep.late
           and prep.steps > 0 and c.eval.oneshot)
@@ -118,53 +117,38 @@ def fine_tune(prep: Prepared) -> tuple:
   mesh = parallel.train_mesh(config.mesh.fsdp)  # 'data', plus 'fsdp' where mesh.fsdp != 1
   splits = eval_splits(config)
   # What fine-tuning recovers: the first split's perplexity right after pruning.
-  oneshot = None
-  if wants_oneshot(prep):
-    oneshot = evaluate_splits(prep, prep.params, mesh, splits=splits[:1], label="one-shot")
+  oneshot = (evaluate_splits(prep, prep.params, mesh, splits[:1], label="one-shot")
+             if wants_oneshot(prep) else None)
   params, masks, summary = prep.params, prep.masks, dict(NO_TRAINING)
   if prep.steps > 0:
     params, masks, summary = train.fit(config, prep.model_cfg, prep.params, prep.masks,
                                        prep.plan, prep.streams, prep.workdir, prep.log,
                                        total=prep.steps, mesh=mesh)
-  if prep.late:
-    params, masks = prune_late(prep, params)
-  if compacts(prep):
-    evals, widths = evaluate_compacted(prep, params, masks, mesh)
-    return params, summary, evals, oneshot, widths
-  return params, summary, evaluate_splits(prep, params, mesh, splits=splits), oneshot, None
-
-
-def prune_late(prep: Prepared, params):
-  """prune.when=after_finetune: (params, masks) pruned by a plan of the fine-tuned weights."""
-  t_prune = time.time()
-  prep.plan = plan_lib.compute(prep.config, prep.model_cfg, jax.device_get(params),
-                               prep.streams, prep.log)
-  params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
-  prep.prune_s = time.time() - t_prune
-  return params, masks
-
-
-def compacts(prep: Prepared) -> bool:
-  """Whether the run is evaluated as a smaller model (a compactable method, prune.compact)."""
-  return (prep.plan.active and pruning.criterion(prep.config.prune.method).compactable
-          and prep.config.prune.compact)
-
-
-def evaluate_compacted(prep: Prepared, params, masks, mesh):
-  """(evaluations of the compacted MLPs, their widths): structured pruning really shrinks the
-  model. Results and the export describe the masked dense parameters (the same outputs)."""
+  if prep.late:  # prune.when=after_finetune: a plan of the fine-tuned weights
+    t_prune = time.time()
+    prep.plan = plan_lib.compute(config, prep.model_cfg, jax.device_get(params), prep.streams,
+                                 prep.log)
+    params, masks = prep.plan.prune(params, prep.plan.ratios_per_layer)
+    prep.prune_s = time.time() - t_prune
+  compacts = (prep.plan.active and pruning.criterion(config.prune.method).compactable
+              and config.prune.compact)
+  if not compacts:
+    return params, summary, evaluate_splits(prep, params, mesh, splits), oneshot, None
+  # Structured pruning really shrinks the model: it is evaluated compacted. Results and the
+  # export describe the masked dense parameters (the same outputs).
   eval_params, widths = pruning.compact_mlp(jax.device_get(params), masks)
   apply_fn = model_lib.logits_fn(pruning.compacted_config(prep.model_cfg, widths))
   prep.log.event("compact", f"evaluating with MLP widths {list(widths)}", widths=list(widths))
-  return evaluate_splits(prep, eval_params, mesh, apply_fn=apply_fn), widths
+  evals = evaluate_splits(prep, eval_params, mesh, splits, apply_fn=apply_fn)
+  return params, summary, evals, oneshot, widths
 
 
-def evaluate_splits(prep: Prepared, params, mesh, *, splits=None, label="", apply_fn=None):
-  """{split: evaluate.evaluate(...) result} of `splits` (default: eval.splits), each logged."""
+def evaluate_splits(prep: Prepared, params, mesh, splits, *, label="", apply_fn=None):
+  """{split: evaluate.evaluate(...) result}, each logged."""
   apply_fn = apply_fn or model_lib.logits_fn(prep.model_cfg)
   step = eval_lib.make_eval_step(apply_fn, mesh)
   out = {}
-  for split in splits or eval_splits(prep.config):
+  for split in splits:
     out[split] = eval_lib.evaluate(apply_fn, params, prep.streams.get(split), mesh=mesh,
                                    desc=split, step_fn=step, **eval_args(prep.config))
     log_eval(prep.log, split, out[split], label)
@@ -190,14 +174,12 @@ def eval_splits(config):
 def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths=None, *,
            seconds=None, compiled=None, batch=None) -> dict:
   """Writes results.json (and the Hugging Face export) of a run; returns the results dict.
-  seconds / compiled: the run's time and compilations (default: since it started), or its share
-  of a group's, which `batch` (runtime.batch) names."""
+  seconds / compiled: the run's (default: since it started), or its share of a group's (batch)."""
   config, log = prep.config, prep.log
   results_path = os.path.join(prep.workdir, files.RESULTS)
-  # Zero-shot tasks (eval.tasks), like perplexity: final and, for one-shot pruned runs, before
-  # fine-tuning (prep.params are the pruned weights).
   scored = tasks_lib.score_run(prep, params, oneshot=wants_oneshot(prep))
   dev = jax.devices()[0]
+  compiled = compiled or compile_stats.since(prep.compiled_before)
   results = {
       "role": config.role,
       "config": config.to_dict(),
@@ -214,7 +196,9 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths
       "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                   "processes": jax.process_count(), "device_kind": dev.device_kind,
                   "seconds": time.time() - prep.t_start if seconds is None else seconds,
-                  **_compile_summary(compiled or compile_stats.since(prep.compiled_before))},
+                  "compile_s": round(compiled["compile_s"], 3),
+                  "compilations": compiled["compilations"],
+                  "compile_cache_hits": compiled["cache_hits"], "compiled": compiled["by_name"]},
   }
   results.update(scored)
   if batch is not None:
@@ -237,12 +221,6 @@ def finish(prep: Prepared, params, train_summary, evals, oneshot, compact_widths
   return results
 
 
-def _compile_summary(compiled: dict) -> dict:
-  """results.json runtime fields: XLA compilations this run caused and the seconds they took."""
-  return {"compile_s": round(compiled["compile_s"], 3), "compilations": compiled["compilations"],
-          "compile_cache_hits": compiled["cache_hits"], "compiled": compiled["by_name"]}
-
-
 def load_model(config, ckpt_dir, vocab_size):
   """(GPT2Config, params): ckpt_dir's checkpoint, or a random model.* (model.init=scratch)."""
   m = config.model
@@ -254,19 +232,17 @@ def load_model(config, ckpt_dir, vocab_size):
       raise UserError(f"the tokenizer has {vocab_size} tokens, the model at {ckpt_dir} only "
                       f"{model_cfg.vocab_size}: check data.tokenizer")
     return model_cfg, params
-  if m.n_embd % m.n_head:
-    raise UserError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
   model_cfg = model_lib.GPT2Config(vocab_size=vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                    n_head=m.n_head, n_positions=m.n_positions, **overrides)
   return model_cfg, model_lib.init_params(model_cfg, config.seed)
 
 
-_CHECKPOINTS = {}  # files.dir_stamp + overrides -> (GPT2Config, params): the last one read
+_CHECKPOINTS = {}  # (files.dir_stamp, overrides) -> (GPT2Config, params)
 
 
 def _checkpoint(ckpt_dir, overrides):
   """hf_io.load_config + load_params, read once while the files stay the same (a sweep's runs
-  start from one base). One is kept (GPT-2 124M: 0.5 GB), read-only: no run changes another's."""
+  start from one base). The last one is kept, read-only: no run changes another's."""
   key = (files.dir_stamp(ckpt_dir), tuple(sorted(overrides.items())))
   if key not in _CHECKPOINTS:
     _CHECKPOINTS.clear()
@@ -294,7 +270,6 @@ class Streams:
 
 
 def train_steps(config, streams) -> int:
-  """train.steps if > 0, else epochs over the train split's sequences, else 0."""
   t = config.train
   if t.steps > 0:
     return int(t.steps)

@@ -1,15 +1,15 @@
 """Data parallelism: one mesh axis named 'data' over every device, and per-device steps.
 
 Evaluation and training write their step for ONE device and map it over the mesh with
-`shard_map`, reducing with explicit collectives (`psum` of metric sums, `pmean` of gradients):
-JAX implements pmap on top of shard_map and recommends it for new code, and the same function
-runs on a multi-host pod slice.
+`shard_map`, reducing with explicit collectives (`psum` of metric sums, `pmean` of gradients);
+the same function runs on a multi-host pod slice. Sharded state (mesh.fsdp) below.
 """
 import contextlib
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockprune_jax import files
@@ -21,29 +21,20 @@ AXIS = "data"
 def maybe_initialize_distributed() -> None:
   """`jax.distributed.initialize()` in a multi-process job: BLOCKPRUNE_DISTRIBUTED=1 (the TPU
   pod launcher), SLURM / Open MPI reporting more than one task, or JAX_COORDINATOR_ADDRESS set
-  (elsewhere, e.g. several processes on one machine, give it with JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID; jax itself reads only the first). BLOCKPRUNE_DISTRIBUTED=0 turns it off. On
-  CPU the processes exchange collectives over gloo. Must run before anything uses JAX."""
+  (with JAX_NUM_PROCESSES and JAX_PROCESS_ID; jax itself reads only the first).
+  BLOCKPRUNE_DISTRIBUTED=0 turns it off. Must run before anything uses JAX."""
   flag = os.environ.get("BLOCKPRUNE_DISTRIBUTED", "")
   if flag == "0":
     return
-  def _count(*names):
-    for n in names:
-      try:
-        return int(os.environ[n])
-      except (KeyError, ValueError):
-        continue
-    return 1
-  multi = (flag == "1" or _count("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") > 1
-           or _count("OMPI_COMM_WORLD_SIZE") > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ)
+  multi = (flag == "1" or _tasks("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") > 1
+           or _tasks("OMPI_COMM_WORLD_SIZE") > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ)
   if not multi or jax.distributed.is_initialized():
     return
   kwargs = _explicit_cluster()
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    # jax raises ValueError / RuntimeError / XlaRuntimeError for a missing setting, a
-    # coordinator that never answered, ...: all fixed by the environment the user gave.
+    # A missing setting, a coordinator that never answered, ...: the user's environment.
     where = os.environ.get("JAX_COORDINATOR_ADDRESS", "autodetected cluster")
     raise UserError(f"jax.distributed.initialize failed (coordinator {where}, "
                     f"{kwargs or 'cluster autodetection'}): {one_line(e, 200)}; check "
@@ -51,8 +42,16 @@ def maybe_initialize_distributed() -> None:
                     "BLOCKPRUNE_DISTRIBUTED=0 for one process") from None
 
 
+def _tasks(*names) -> int:
+  for n in names:
+    try:
+      return int(os.environ[n])
+    except (KeyError, ValueError):
+      continue
+  return 1
+
+
 def _explicit_cluster() -> dict:
-  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID, where given."""
   kwargs = {}
   for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
     if env in os.environ:
@@ -69,8 +68,7 @@ def _explicit_cluster() -> dict:
 
 
 def processes() -> tuple[int, int]:
-  """(process_index, process_count); (0, 1) unless jax.distributed is up (checked without
-  starting a backend)."""
+  """(process_index, process_count); (0, 1) before jax.distributed is up (no backend started)."""
   if not jax.distributed.is_initialized():
     return 0, 1
   return jax.process_index(), jax.process_count()
@@ -80,7 +78,6 @@ def agree(flag: bool) -> bool:
   """Process 0's `flag` on every process (one process: `flag`)."""
   if processes()[1] == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
@@ -88,7 +85,6 @@ def all_ok(ok: bool) -> bool:
   """Whether `ok` holds on every process (one process: `ok`)."""
   if processes()[1] == 1:
     return bool(ok)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(np.min(multihost_utils.process_allgather(np.int32(bool(ok)))))
 
 
@@ -109,16 +105,14 @@ def workdir_lock(workdir: str):
 
 
 def data_mesh() -> Mesh:
-  """All devices of the job on one 'data' axis."""
   return Mesh(np.array(jax.devices()), (AXIS,))
 
 
 # --- sharded state (mesh.fsdp) ------------------------------------------------------------
 #
 # FSDP / ZeRO-3 as big_vision's `fsdp` rule does it: every tensor of at least FSDP_MIN_SIZE
-# elements is split along its largest dimension that the 'fsdp' axis divides; smaller ones
-# (biases, LayerNorms, step counters) stay replicated. The batch is split over every device
-# (both axes), so the 'data' axis holds the devices left over by the 'fsdp' one.
+# elements is split along its largest dimension that the 'fsdp' axis divides; smaller ones stay
+# replicated. The batch is split over every device (both axes).
 FSDP = "fsdp"
 FSDP_MIN_SIZE = 2**14
 
@@ -175,8 +169,7 @@ def place_state(tree, mesh: Mesh, donatable=False):
   def put(x, sharding):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return jax.device_put(x, sharding)
-    x = np.array(x, copy=True) if donatable else np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return _from_host(np.array(x, copy=True) if donatable else x, sharding)
   return jax.tree.map(put, tree, state_shardings(mesh, tree))
 
 
@@ -188,13 +181,9 @@ def gather(tree, mesh: Mesh):
 
 
 def shard_map(fn, mesh, in_specs, out_specs):
-  """jax.shard_map (or the older experimental one) with replication checking off: with it
-  on, JAX sums a replicated input's gradient over devices implicitly; we want the per-device
-  gradient and an explicit `pmean`, so that the step reads as the math does."""
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  from jax.experimental.shard_map import shard_map as old  # pylint: disable=import-outside-toplevel
-  return old(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+  """jax.shard_map with replication checking off: with it on, JAX sums a replicated input's
+  gradient over devices implicitly; an explicit `pmean` makes the step read as the math does."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def replicate(tree, mesh, donatable=False):
@@ -209,17 +198,17 @@ def shard_batch(batch, mesh, axis=0):
   """Host arrays split along their batch `axis` over every device (batch_axes). Every process
   holds the whole global batch (data is cheap to recompute): each device takes its own rows."""
   sharding = NamedSharding(mesh, P(*([None] * axis), batch_axes(mesh)))
+  return jax.tree.map(lambda x: _from_host(x, sharding), batch)
 
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, batch)
+
+def _from_host(x, sharding):
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def sync(name: str):
   """Waits for every process (no-op on one host), e.g. until process 0 has written a file."""
   if processes()[1] > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 

@@ -1,10 +1,10 @@
 """One experiment, top to bottom: config -> data -> model -> pruning -> fine-tuning -> evaluation
 -> results.json (-> Hugging Face export).
 
-`run(config, workdir)` (main.py and tests call it) is idempotent: a finished workdir is only
-reported, an interrupted one resumes. It is `run_group` of one run: the harness around a run's
-phases (lifecycle.py) that checks the config, locks the workdir, trains a base model once and
-keeps a failed run from stopping the others; a sweep's groups go through batched.py.
+`run(config, workdir)` is idempotent: a finished workdir is only reported, an interrupted one
+resumes. It is `run_group` of one run: the harness around a run's phases (lifecycle.py) that
+checks the config, locks the workdir, trains a base model once and keeps a failed run from
+stopping the others; a sweep's groups go through batched.py.
 """
 import contextlib
 import os
@@ -43,11 +43,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, echo: bool = True,
 
 
 def run_group(configs, workdirs, echo: bool = False) -> list:
-  """Runs `configs`, each in its workdir, side by side as one program (batched.py); per run its
-  results dict or the exception that ended it. A finished run is only read. Ctrl-C / SIGTERM
-  propagate, every run's step saved: the same call resumes."""
+  """Runs `configs`, each in its workdir, side by side (batched.py); per run its results dict or
+  the exception that ended it. Ctrl-C / SIGTERM propagate, every run's step saved."""
   paths = [os.path.join(w, files.RESULTS) for w in workdirs]
-  outcomes = [finished(p, echo=False) for p in paths]
+  outcomes = [finished(p) for p in paths]
   for config, outcome in zip(configs, outcomes):
     if outcome is None:
       validate.validate(config)  # a finished run is not validated again
@@ -60,7 +59,7 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
       if outcomes[k] is None:
         stack.enter_context(parallel.workdir_lock(workdir))  # a second process is refused
         files.check_workdir_layout(workdir)
-        outcomes[k] = finished(paths[k], echo=False)  # the lock's holder may just have finished
+        outcomes[k] = finished(paths[k])  # the lock's holder may just have finished
         todo += [k] if outcomes[k] is None else []
     if todo:
       compile_stats.enable_persistent_cache(
@@ -83,14 +82,9 @@ def run_group(configs, workdirs, echo: bool = False) -> list:
   return outcomes
 
 
-def finished(results_path, echo=True):
-  """A finished run's results (its table printed), else None (files.read_results)."""
-  # Before jax.distributed starts, asking jax for the process index would start a backend.
-  primary = not jax.distributed.is_initialized() or jax.process_index() == 0
-  results = files.read_results(results_path, primary=primary)
-  if results is not None and echo:
-    print(summary_table(results))
-  return results
+def finished(results_path):
+  """A finished run's results, else None."""
+  return files.read_results(results_path, primary=parallel.processes()[0] == 0)
 
 
 class _Closing:
@@ -121,8 +115,7 @@ def _attempt(logs, fn, *args, **kwargs):
 
 
 def _prepare(config, workdir, log, t_start) -> lifecycle.Prepared:
-  """The start line, the base model (offline studies train one from scratch, once), then
-  lifecycle.prepare."""
+  """The start line, the base model (trained from scratch once), then lifecycle.prepare."""
   tasks_lib.load_tasks(config)  # eval.tasks' datasets: one that cannot load fails before training
   dev = jax.devices()[0]
   log.event("start", f"{workdir}: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), "
@@ -189,15 +182,13 @@ def check_base(base, base_dir):
 
 
 def summary_table(results) -> str:
-  """A short human-readable table of a results dict."""
-  lines = []
   pr = results.get("pruning", {})
   sp = results.get("sparsity", {})
-  lines.append(f"method {pr.get('method', 'none')}  allocation {pr.get('allocation', '-')}  "
-               f"ratios/block {_fmt_list(pr.get('ratios_per_block'))}")
-  lines.append(f"sparsity overall {sp.get('overall', 0):.4f}  per block "
-               f"{_fmt_list(sp.get('per_block'))}")
-  lines.append(f"{'split':<12}{'perplexity':>12}{'tokens':>10}{'tokens/s':>12}")
+  lines = [f"method {pr.get('method', 'none')}  allocation {pr.get('allocation', '-')}  "
+           f"ratios/block {_fmt_list(pr.get('ratios_per_block'))}",
+           f"sparsity overall {sp.get('overall', 0):.4f}  per block "
+           f"{_fmt_list(sp.get('per_block'))}",
+           f"{'split':<12}{'perplexity':>12}{'tokens':>10}{'tokens/s':>12}"]
   for split, r in results.get("eval", {}).items():
     lines.append(f"{split:<12}{r['perplexity']:>12.3f}{r['tokens_scored']:>10d}"
                  f"{r['tokens_per_s']:>12,.0f}")

@@ -135,7 +135,7 @@ class FlaxLM(TemplateLM):
     """Yields (row indices, padded length) per batch, longest rows first, under a progress bar."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     starts = range(0, len(order), self.batch)
-    bar = eval_lib._progress(len(starts), desc, self.progress)  # pylint: disable=protected-access
+    bar = eval_lib.progress_bar(len(starts), desc, self.progress)
     for s in starts:
       yield order[s:s + self.batch], bucket(lengths[order[s]], self.max_length)
       bar.update(1)

@@ -1,6 +1,5 @@
-"""Masked fine-tuning of one run: optimizer, the update (one jitted shard_map'd function, state
-donated, gradients pmean'ed over 'data'; pruned weights stay exactly 0.0 because gradients,
-updates and parameters are all masked), the loop (`fit`), resume rules."""
+"""Masked fine-tuning of one run: optimizer, the jitted step (state donated), the loop (`fit`),
+resume rules. Pruned weights stay exactly 0.0: gradients, updates and parameters are masked."""
 import dataclasses
 import functools
 import math
@@ -30,8 +29,6 @@ from blockprune_jax.errors import UserError
 class Diverged(UserError):
   """The loss became NaN or Inf."""
 
-
-# --- optimizer ---------------------------------------------------------------------------
 
 def learning_rate_schedule(t_cfg, total_steps: int):
   """Linear warmup, then cosine / linear decay to 0 (or constant)."""
@@ -71,21 +68,16 @@ def optimizer_settings(t_cfg) -> OptimizerSettings:
 
 
 def build_optimizer(settings: OptimizerSettings, learning_rate):
-  """AdamW (decoupled decay on matrices only), after global-norm clipping if grad_clip > 0."""
+  """AdamW (decoupled decay on matrices only), after global-norm clipping if grad_clip > 0.
+  Inside a step the learning rate is `lambda count: lr`: the state keeps a schedule's structure,
+  so every checkpoint restores."""
   parts = [optax.clip_by_global_norm(settings.grad_clip)] if settings.grad_clip > 0 else []
   parts.append(optax.adamw(learning_rate, b1=settings.b1, b2=settings.b2,
                            weight_decay=settings.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
-def step_optimizer(settings: OptimizerSettings, learning_rate):
-  """The optimizer inside a step, the learning rate its input (its state keeps a schedule's
-  structure, so every checkpoint restores)."""
-  return build_optimizer(settings, lambda count: learning_rate)
-
-
 def make_optimizer(t_cfg, total_steps: int):
-  """(optimizer with the run's schedule, schedule): for initialising the optimizer state."""
   schedule = learning_rate_schedule(t_cfg, total_steps)
   return build_optimizer(optimizer_settings(t_cfg), schedule), schedule
 
@@ -96,9 +88,8 @@ def learning_rates(schedule, total_steps: int) -> np.ndarray:
 
 
 def init_state(params, optimizer, masks, seed: int) -> dict:
-  """The state a step takes and returns (and a checkpoint holds). masks: {} = dense;
-  data_position: micro-batches consumed (the checkpoint format's; the loop knows it from the
-  step); rng: raw uint32 key data (Orbax stores plain arrays)."""
+  """The state a step takes and returns (and a checkpoint holds). masks: {} = dense; rng: raw
+  uint32 key data (Orbax stores plain arrays)."""
   return {
       "params": params, "opt_state": optimizer.init(params), "masks": masks,
       "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32),
@@ -120,34 +111,29 @@ class Clock:
       self.t_first, self.step_first = time.time(), step
 
   def since_last(self, step: int) -> tuple[float, float]:
-    """(tokens/s, seconds per step) since the previous call (a log line)."""
+    """(tokens/s, seconds per step) since the previous call."""
     now = time.time()
     steps, seconds = step - self.step_last, now - self.t_last
     self.t_last, self.step_last = now, step
     return steps * self.tokens_per_step / max(seconds, 1e-9), seconds / max(steps, 1)
 
-  def overall(self, step: int):
-    """tokens/s after the first step (None when no step followed it)."""
+  def overall(self, step: int):  # None when no step followed the first
     if self.t_first is None or step <= self.step_first:
       return None
     return (step - self.step_first) * self.tokens_per_step / (time.time() - self.t_first)
 
 
 def steady_state_guard():
-  """No implicit device-to-host transfer in a steady-state step: reading its output on the host
-  would wait for it, and the next step could not be queued meanwhile. JAX enforces it on GPU /
-  TPU, not on CPU (tests add their own check by replacing this function)."""
+  """No implicit device-to-host transfer in a steady-state step: it would wait for the step instead
+  of queueing the next. Enforced on GPU / TPU, not on CPU (tests replace this function)."""
   return jax.transfer_guard_device_to_host("disallow")
 
-
-# --- the update --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None, alpha=0.0,
                     temperature=1.0):
-  """step(state, batch [accum, B, T + 1] int32 sharded over B, teacher_params or {}, learning
-  rate) -> (state, {loss, ce, kl, grad_norm}), state donated; kept per setting (a sweep's later
-  runs reuse it). A mesh with an 'fsdp' axis: make_fsdp_train_step's same update."""
+  """step(state, batch [accum, B, T + 1] sharded over B, teacher_params or {}, learning rate) ->
+  (state, {loss, ce, kl, grad_norm}), state donated; cached (a sweep's later runs reuse it)."""
   if parallel.FSDP in mesh.axis_names:
     return make_fsdp_train_step(model_cfg, settings, mesh, teacher_cfg=teacher_cfg, alpha=alpha,
                                 temperature=temperature)
@@ -162,33 +148,28 @@ def device_train_step(model_cfg, settings, teacher_cfg=None, alpha=0.0, temperat
   loss_fn = update.make_loss_fn(model_cfg, teacher_cfg, alpha, temperature)
 
   def train_step(state, batch, teacher_params, learning_rate):
-    # Different dropout on every device and micro-batch, derived from the step: a resumed run
-    # replays the same dropout.
     key = jax.random.fold_in(update.step_key(state), jax.lax.axis_index(parallel.AXIS))
     grads, sums = update.accumulate_grads(
         lambda p, seq, k: loss_fn(p, teacher_params, seq, k), state["params"], batch, key)
-    grads = jax.lax.pmean(grads, parallel.AXIS)
-    return update.apply_update(state, grads, jax.lax.pmean(sums, parallel.AXIS),
-                               step_optimizer(settings, learning_rate), batch.shape[0])
+    grads, sums = jax.lax.pmean(grads, parallel.AXIS), jax.lax.pmean(sums, parallel.AXIS)
+    optimizer = build_optimizer(settings, lambda count: learning_rate)
+    return update.apply_update(state, grads, sums, optimizer, batch.shape[0])
   return train_step
 
 
-@functools.lru_cache(maxsize=None)
 def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teacher_cfg=None,
                          alpha=0.0, temperature=1.0):
-  """make_train_step's update of a state sharded by parallel.state_shardings (FSDP / ZeRO-3):
-  one jit over global arrays; XLA gathers each weight where it is used and reduce-scatters its
-  gradient. The batch is cut into one group per device, with the dropout key the replicated step
-  gives that device, and the groups' losses averaged as its pmean does: the same update
-  (tests/test_fsdp.py), only the order of the sums differs."""
+  """make_train_step's update of a state sharded by parallel.state_shardings (FSDP / ZeRO-3), one
+  jit over global arrays. The batch is cut into one group per device, each with the dropout key
+  the replicated step gives that device: the same update (tests/test_fsdp.py), summed in another
+  order."""
   n, axes = mesh.devices.size, parallel.batch_axes(mesh)
   groups = NamedSharding(mesh, P(None, axes))
   replicated = NamedSharding(mesh, P())
-  # Each weight is gathered where the model uses it (per block when it scans), in the dtype its
-  # matmul reads (bf16 kernels: half the bytes); left to itself, XLA's sharding propagation
-  # would split the activations along the weights' sharded dimension instead of the batch.
+  # Each weight is gathered where it is used, in its matmul's dtype; left to itself, XLA would
+  # split the activations along the weights' sharded dimension instead of the batch.
   loss_fn = update.make_loss_fn(model_cfg, teacher_cfg, alpha, temperature,
-                                  gather=lambda t: jax.lax.with_sharding_constraint(t, replicated))
+                                gather=lambda t: jax.lax.with_sharding_constraint(t, replicated))
 
   def train_step(state, batch, teacher_params, learning_rate):
     accum, b = batch.shape[:2]
@@ -208,8 +189,8 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
     grads, sums = update.accumulate_grads(
         loss_of_groups, state["params"], batch, keys, fold=fold,
         constrain=lambda g: jax.lax.with_sharding_constraint(g, param_shardings))
-    new_state, metrics = update.apply_update(state, grads, sums,
-                                             step_optimizer(settings, learning_rate), accum)
+    optimizer = build_optimizer(settings, lambda count: learning_rate)
+    new_state, metrics = update.apply_update(state, grads, sums, optimizer, accum)
     new_state = jax.lax.with_sharding_constraint(
         new_state, parallel.state_shardings(mesh, new_state))
     return new_state, metrics
@@ -217,12 +198,9 @@ def make_fsdp_train_step(model_cfg, settings: OptimizerSettings, mesh, *, teache
   return jax.jit(train_step, donate_argnums=0)
 
 
-# --- the loop ----------------------------------------------------------------------------
-
 def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total, mesh):
-  """Fine-tunes one run for `total` steps, its pruned weights held at 0 (gradual pruning where
-  its plan says so), resuming from workdir/checkpoints. params / masks ({} = dense): host
-  pytrees. Returns (params, masks, train summary) on the host; raises Diverged."""
+  """Fine-tunes one run for `total` steps, resuming from workdir/checkpoints. params / masks ({} =
+  dense): host pytrees. Returns (params, masks, train summary) on the host; raises Diverged."""
   sequences = train_sequences(config, streams, mesh)
   with checkpointer(config, workdir) as ckpt:  # closing waits for pending saves
     run = Run(config, model_cfg, streams, sequences, workdir, log, ckpt, total, mesh, plan)
@@ -233,7 +211,6 @@ def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total,
                               alpha=float(config.distill.alpha),
                               temperature=float(config.distill.temperature))
     teacher = parallel.replicate(teacher_params, mesh) if teacher_params is not None else {}
-    # Sharded where mesh.fsdp > 1 (parallel.state_shardings), else replicated.
     state, clock = loop(run, parallel.place_state(state, mesh, donatable=True), step_fn, teacher)
     if run.failed:
       raise run.failed
@@ -244,7 +221,7 @@ def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total,
 
 def loop(run, state, step_fn, teacher):
   """Step, log, validation perplexity, checkpoint, until run.total steps; (state, Clock).
-  run: a Run, or anything with its hooks (inputs; where metrics, evaluations, checkpoints go)."""
+  run: a Run, or anything with its hooks (batched.Runs)."""
   step = run.step
   clock = Clock(step, run.tokens_per_step)
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
@@ -265,9 +242,8 @@ def loop(run, state, step_fn, teacher):
         run.logged(step, means, *clock.since_last(step))
         window, window_steps = None, 0
       metric = run.periodic_eval(state, step)
-      # A step with a validation metric is saved (the best one is kept). The last step only if
-      # redoing the steps since the last save would cost more than checkpoint.final_after_s:
-      # results.json follows moments later. Process 0's clock decides for every process.
+      # A step with a validation metric is saved (the best is kept); the last one only when
+      # redoing it would cost more than checkpoint.final_after_s. Process 0's clock decides.
       last = step == run.total and parallel.agree(
           time.time() - t_saved > run.config.checkpoint.final_after_s)
       if run.save(state, step, force=last or metric is not None, metric=metric):
@@ -294,13 +270,13 @@ class Run:
     self.step, self.meta, self.lrs = 0, None, None
 
   def start(self, params, masks) -> dict:
-    """The start state on the host, or its newest checkpoint's; sets step, lrs and meta."""
+    """The start state on the host, or its newest checkpoint's."""
     optimizer, schedule = make_optimizer(self.config.train, self.total)
     self.lrs = learning_rates(schedule, self.total)
     if self.plan.gradual and not masks:
       masks = self.plan.full_masks(params)  # all ones: the checkpoint tree has its final shape
     state = init_state(params, optimizer, masks, self.config.seed + 1)
-    self.ckpt.check_free_space(state)  # one warning line when the disk cannot hold the checkpoints
+    self.ckpt.check_free_space(state)
     self.meta = {"best_perplexity": None, "final_loss": None, "config": resume_keys(self.config),
                  "allocation": plan_lib.stored_allocation(self.plan)}
     if self.ckpt.latest_step() is not None:
@@ -321,8 +297,7 @@ class Run:
                                     old_masks=state["masks"])
     return dict(state, params=params, masks=masks)
 
-  def batch(self, step) -> np.ndarray:
-    """[accum, B, T + 1] of `step`, a function of the step and seed (no need to ask the device)."""
+  def batch(self, step) -> np.ndarray:  # [accum, B, T + 1]: a function of the step and seed
     t = self.config.train
     return data_lib.step_batch(self.sequences, step, t.grad_accum, t.batch_size,
                                self.config.seed)
@@ -336,8 +311,11 @@ class Run:
       self.failed = diverged(step, self.ckpt.latest_step())
       self.log.event("diverged", str(self.failed))
       return
-    log_train(self.log, m, step=step, total=self.total, lr=float(self.lrs[step - 1]),
-              tok_s=tok_s, seconds_per_step=seconds_per_step)
+    lr = float(self.lrs[step - 1])
+    self.log.metric(step, "train", loss=m["loss"], ce=m["ce"], kl=m["kl"],
+                    grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s)
+    self.log.event("train", f"step {step}/{self.total}  loss {m['loss']:.4f}  lr {lr:.2e}  "
+                   f"{tok_s:,.0f} tok/s  eta {(self.total - step) * seconds_per_step:,.0f}s")
     self.meta["final_loss"] = m["loss"]
 
   def eval_due(self, step) -> bool:
@@ -348,10 +326,17 @@ class Run:
   def periodic_eval(self, state, step):
     if self.stopped() or not self.eval_due(step):
       return None
-    result = eval_lib.periodic_validation(self.config, self.apply_fn, state["params"], self.streams,
-                                 self.mesh, self.eval_step)
+    result = self.validation(state["params"], self.eval_step)
     self.evaluated(step, result)
     return result["perplexity"]
+
+  def validation(self, params, eval_step):
+    """Validation perplexity during training: the first train.eval_max_tokens tokens."""
+    c = self.config
+    stream = self.streams.get("validation")[:c.train.eval_max_tokens or None]
+    return eval_lib.evaluate(self.apply_fn, params, stream, seq_len=c.data.seq_len,
+                             stride=c.data.seq_len, batch_size=c.eval.batch_size, mesh=self.mesh,
+                             progress=False, step_fn=eval_step)
 
   def evaluated(self, step, result):
     ppl = result["perplexity"]
@@ -397,16 +382,7 @@ def train_sequences(config, streams, mesh):
   return sequences
 
 
-def log_train(log, m, *, step, total, lr, tok_s, seconds_per_step):
-  """The train metrics (means since the last line) to metrics.jsonl and one console line."""
-  log.metric(step, "train", loss=m["loss"], ce=m["ce"], kl=m["kl"], grad_norm=m["grad_norm"],
-             learning_rate=lr, tokens_per_s=tok_s)
-  log.event("train", f"step {step}/{total}  loss {m['loss']:.4f}  lr {lr:.2e}  "
-            f"{tok_s:,.0f} tok/s  eta {(total - step) * seconds_per_step:,.0f}s")
-
-
 def diverged(step, saved_step) -> Diverged:
-  """The line of a loss no longer finite at `step`; saved_step: the newest checkpoint or None."""
   fix = "lower train.learning_rate or raise train.warmup_steps"
   if saved_step is None:
     return Diverged(f"non-finite loss at step {step}, before the first checkpoint: nothing is "
@@ -421,20 +397,20 @@ def preempted_error(preemption, step, workdirs) -> Exception:
                           "run the same command to resume")
 
 
-# Keys that may change between a run and its resumption: they do not alter the trajectory.
-_FREE_TO_CHANGE = keys_lib.where(resume=True)
-
-
 def resume_keys(config) -> dict:
   """The flattened config entries that a checkpoint's trajectory depends on."""
   flat = {k: list(v) if isinstance(v, tuple) else v
           for k, v in config_lib.flatten(config).items()}
-  free = set(_FREE_TO_CHANGE)
+  free = set(keys_lib.where(resume=True))  # keys that do not alter the trajectory
   if flat.get("prune.method") == "none":
     free |= keys_lib.where(needs="pruning")
   if not flat.get("distill.teacher"):
     free |= keys_lib.where(needs="distillation")
   return {k: v for k, v in flat.items() if k not in free}
+
+
+def changed_keys(a: dict, b: dict) -> list:
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def check_resumable(saved: dict, current: dict, workdir: str):
@@ -443,7 +419,7 @@ def check_resumable(saved: dict, current: dict, workdir: str):
     return
   # A checkpoint from before some keys existed ran with their legacy values (keys.py).
   saved = {**keys_lib.legacy_values(saved, current), **saved}
-  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  diff = changed_keys(saved, current)
   if diff:
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
     raise UserError(f"{workdir} holds a checkpoint of a run with other settings ({shown}"

@@ -23,7 +23,7 @@ def make_loss_fn(model_cfg, teacher_cfg=None, alpha=0.0, temperature=1.0, gather
     wte = gather(params["wte"]["embedding"])
     logits = None
     if labels.shape[1] <= model_lib.LOSS_CHUNK:
-      # One chunk: the plain program holds no more and is faster (on a CPU, 1.45x: bench train).
+      # One chunk: the plain program holds no more and is faster (bench train).
       logits = model_lib.head_logits(x, wte, model_cfg.dtype)
       ce = jnp.mean(eval_lib.token_nll(logits, labels))
     else:  # the LM head's loss without the [B, T, V] logits
@@ -85,6 +85,6 @@ def apply_update(state, grads, sums, optimizer, accum):
 
 
 def _global_norm(tree):
-  """optax.tree.norm where it exists (optax >= 0.2.5), else the older optax.global_norm."""
+  """optax.tree.norm, or optax.global_norm where the installed optax has no optax.tree.norm."""
   tree_api = getattr(optax, "tree", None)
   return tree_api.norm(tree) if hasattr(tree_api, "norm") else optax.global_norm(tree)
