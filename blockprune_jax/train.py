@@ -17,6 +17,7 @@ from blockprune_jax import checkpoint as ckpt_lib
 from blockprune_jax import config_lib
 from blockprune_jax import data as data_lib
 from blockprune_jax import evaluate as eval_lib
+from blockprune_jax import flops
 from blockprune_jax import hf_io
 from blockprune_jax import keys as keys_lib
 from blockprune_jax import update
@@ -264,6 +265,7 @@ class Run:
     self.log, self.ckpt, self.total, self.mesh, self.plan = log, ckpt, total, mesh, plan
     t = config.train
     self.tokens_per_step = t.batch_size * t.grad_accum * config.data.seq_len
+    self.model_cfg = model_cfg
     self.apply_fn = model_lib.logits_fn(model_cfg)
     self.eval_step = eval_lib.make_eval_step(self.apply_fn, mesh)
     self.failed = None  # the Diverged error once the loss is no longer finite
@@ -312,10 +314,13 @@ class Run:
       self.log.event("diverged", str(self.failed))
       return
     lr = float(self.lrs[step - 1])
+    # Utilisation of the devices' peak where it is known (not on a CPU: the line stays as is).
+    mfu = flops.mfu(self.model_cfg, self.config.data.seq_len, tok_s, self.mesh.devices.flat)
+    extra, util = ({}, "") if mfu is None else ({"mfu": mfu}, f"  mfu {mfu:.1%}")
     self.log.metric(step, "train", loss=m["loss"], ce=m["ce"], kl=m["kl"],
-                    grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s)
+                    grad_norm=m["grad_norm"], learning_rate=lr, tokens_per_s=tok_s, **extra)
     self.log.event("train", f"step {step}/{self.total}  loss {m['loss']:.4f}  lr {lr:.2e}  "
-                   f"{tok_s:,.0f} tok/s  eta {(self.total - step) * seconds_per_step:,.0f}s")
+                   f"{tok_s:,.0f} tok/s{util}  eta {(self.total - step) * seconds_per_step:,.0f}s")
     self.meta["final_loss"] = m["loss"]
 
   def eval_due(self, step) -> bool:

@@ -11,6 +11,7 @@ import pytest
 
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax import flops
 from blockprune_jax import pipeline
 from blockprune_jax import update
 from blockprune_jax import train
@@ -73,6 +74,23 @@ def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
   assert len(entered) == 9 and r["train"]["steps"] == 9
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [l["step"] for l in lines if l["split"] == "train"] == [3, 6, 9]
+  assert not any("mfu" in l for l in lines)  # a CPU's peak is unknown: the lines stay as they were
+
+
+def test_step_lines_report_mfu_where_the_device_peak_is_known(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(flops.PEAK_FLOPS, "cpu", 1e9)  # a fake peak for the CPU devices
+  r = pipeline.run(tiny_config(train__steps=4, train__log_every=2), str(tmp_path / "run"))
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  train_lines = [l for l in lines if l["split"] == "train"]
+  # Hand count of the tiny model (2 blocks, d = 32, 257 tokens): 12 d^2 + 13 d weights per block,
+  # the token table and the final layer norm; 6 N + 12 L d T per trained token at T = 32.
+  d, n_dev = 32, r["runtime"]["devices"]
+  n = 2 * (12 * d * d + 13 * d) + 257 * d + 2 * d
+  per_token = 6 * n + 12 * 2 * d * 32
+  for l in train_lines:
+    assert l["mfu"] == pytest.approx(l["tokens_per_s"] * per_token / (n_dev * 1e9), rel=1e-9)
+  steps = [l for l in capsys.readouterr().err.splitlines() if "] step " in l]
+  assert len(steps) == 2 and all(" tok/s  mfu " in l for l in steps), steps
 
 
 # Seed 0's GPT-2 init has an MLP unit in layer 0 whose first gradients are ~0: Adam's
