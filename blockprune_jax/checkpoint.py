@@ -30,7 +30,6 @@ from blockprune_jax import files
 from blockprune_jax import parallel
 from blockprune_jax import quiet
 from blockprune_jax.errors import UserError, one_line
-from blockprune_jax.preemption import PreemptionFlag  # pylint: disable=unused-import  (train's)
 
 METRIC = 'perplexity'  # the best-keeping metric's name in Orbax (lower is better)
 # Orbax writes it last: a step without it is an interrupted copy, never restored.

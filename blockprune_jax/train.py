@@ -23,6 +23,7 @@ from blockprune_jax import keys as keys_lib
 from blockprune_jax import update
 from blockprune_jax import model as model_lib
 from blockprune_jax import parallel
+from blockprune_jax import preemption as preemption_lib
 from blockprune_jax.prune import plan as plan_lib
 from blockprune_jax.errors import UserError
 
@@ -227,7 +228,7 @@ def loop(run, state, step_fn, teacher):
   clock = Clock(step, run.tokens_per_step)
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
   t_saved = time.time()  # when the last checkpoint was started (or the loop, before any)
-  with ckpt_lib.PreemptionFlag() as preemption:
+  with preemption_lib.PreemptionFlag() as preemption:
     while step < run.total and not run.stopped():
       state = run.before_step(state, step)
       with steady_state_guard():

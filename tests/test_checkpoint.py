@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from blockprune_jax import checkpoint
+from blockprune_jax import preemption
 
 
 def make_state(seed=0):
@@ -193,7 +194,7 @@ def test_sigterm_sets_flag_and_restores_handler():
   previous = lambda signum, frame: calls.append(signum)
   old = signal.signal(signal.SIGTERM, previous)
   try:
-    with checkpoint.PreemptionFlag() as flag:
+    with preemption.PreemptionFlag() as flag:
       assert not flag.requested and not flag.check(0)
       os.kill(os.getpid(), signal.SIGTERM)
       assert flag.requested and flag.check(1)

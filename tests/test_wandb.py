@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 
-from blockprune_jax import checkpoint
+from blockprune_jax import preemption
 from blockprune_jax import pipeline
 from blockprune_jax import wandb_log
 from blockprune_jax.errors import Preempted, UserError
@@ -143,7 +143,7 @@ def resumed_run(tmp_path_factory, offline_env):  # pylint: disable=unused-argume
                        wandb__project="bp-test", eval__max_tokens=500)
   with pytest.MonkeyPatch.context() as mp:
     # The real SIGTERM path of train.fit: save the step, log "preempted", raise Preempted.
-    mp.setattr(checkpoint.PreemptionFlag, "check", lambda self, step: step == 2)
+    mp.setattr(preemption.PreemptionFlag, "check", lambda self, step: step == 2)
     with pytest.raises(Preempted):
       pipeline.run(config, workdir)
   with open(os.path.join(workdir, wandb_log.ID_FILE)) as f:

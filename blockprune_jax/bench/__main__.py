@@ -14,25 +14,8 @@
     python -m blockprune_jax.bench fit --fsdp=-1 --remat=block --scan_layers  # largest batch per
         # chip of every preset on v5e-8, v4-8, v6e-8 (docs/scale.md, "Will it fit?")
 
-stdout carries JSON lines only, one per figure (logs and warnings go to stderr); `--json=FILE`
-also appends them to FILE. Every record names the bench, the shape, the backend, the device kind,
-the JAX version and the date. Speed records add tokens_per_s, step_ms, compile_s (ahead-of-time
-compilation of the step, excluded from the timing), mfu (None where the chip's peak is unknown),
-attention_impl (what the compiled step really runs: cudnn or xla), program_memory_gb (XLA's
-figure for the compiled step: arguments + outputs + temporaries) and peak_memory_gb (the
-device's high-water mark of this process so far, from `device.memory_stats()`; None on CPU; in
-`all` it covers the earlier figures too, so `all` runs the evaluations before the training).
-mask_overhead is dense / masked training speed - 1; compact_speedup is compacted / dense
-evaluation speed. A figure that fails becomes {"bench": ..., "error": ...} and `all` goes on.
-
-`all` shares the dense train and eval figures with mask and compact (4 compilations instead of
-6) and starts JAX once: on 2 CPU cores with the tiny preset it takes 9 s where the four commands
-take 20-25 s. Separate commands give each figure its own peak memory. `--vocab_size` shrinks the
-vocabulary for quick CPU smoke runs (launch/gpu_bench.sh --tiny).
-
-Random weights and tokens (speed does not depend on them). Timing: `--warmup` untimed calls,
-then `--steps` calls, waited for with `jax.block_until_ready`. FLOPs follow PaLM's count
-(flops.py): for GPT-2 124M at T = 1024 ~0.86 GFLOP per trained token (README, "Speed").
+JSON lines on stdout, one per figure (`--json=FILE` appends them too); what each field means, and
+how the timing is done: docs/speed.md.
 """
 import dataclasses
 import datetime
