@@ -32,7 +32,7 @@ _TEXT_DIR = "a folder with wiki.{train,valid,test}.{raw,tokens} or {train,valida
 
 _CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
 _PIECE_CHARS = 1 << 20  # the train split is tokenized in pieces of about 1 MB of text
-_PIECES_PER_CALL = 16  # pieces per batched tokenizer call (the Rust side runs them in parallel)
+_PIECES_PER_CALL = 16  # pieces per tokenizer call (the Rust side runs them in parallel)
 
 
 def _check_split(split):
@@ -183,7 +183,7 @@ def _tokenize(text, split, tok):
   if split in EVAL_SPLITS:
     # One string, so the token count is exactly the tokenizer's (README, "What is computed, exactly").
     return tokenizer_lib.encode(tok, text)
-  # Train: batched pieces are much faster on large corpora (the tokenizer parallelizes a batch)
+  # Train: many pieces per call are much faster on large corpora (the tokenizer parallelizes a batch)
   # and need less memory; for GPT-2 the tokens are the same (see _SAFE_CUT).
   pieces = text_pieces(text)
   arrays = [a for i in range(0, len(pieces), _PIECES_PER_CALL)

@@ -264,7 +264,7 @@ def encode(tok, text: str) -> np.ndarray:
 
 
 def encode_many(tok, texts: list[str]) -> list[np.ndarray]:
-  """`encode` of each string in `texts`, in one batched (multi-threaded Rust) call."""
+  """`encode` of each string in `texts`, in one (multi-threaded Rust) call."""
   if not texts:
     return []
   out = tok(list(texts), add_special_tokens=False, verbose=False, return_attention_mask=False)

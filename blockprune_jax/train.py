@@ -223,7 +223,7 @@ def fit(config, model_cfg, params, masks, plan, streams, workdir, log, *, total,
 
 def loop(run, state, step_fn, teacher):
   """Step, log, validation perplexity, checkpoint, until run.total steps; (state, Clock).
-  run: a Run, or anything with its hooks (batched.Runs)."""
+  run: a Run, or any object with the same hooks (several runs driven as one)."""
   step = run.step
   clock = Clock(step, run.tokens_per_step)
   window, window_steps = None, 0  # metric sums since the last log line, still on the device
