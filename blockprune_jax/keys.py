@@ -1,8 +1,8 @@
 """Every config key with its facts, from its one declaration in configs/base.py (rules.Key).
 
 The lists other modules would keep by hand derive from here: validate.RULES, train's resumable
-and legacy keys, the keys runs trained together may differ in, report's allocation keys and the keys sweep's dense controls
-drop. `python -m blockprune_jax.keys > docs/config.md` writes the reference of every key.
+and legacy keys, the keys runs trained together may differ in, report's allocation keys and the
+keys sweep's dense controls drop. `python -m blockprune_jax.keys > docs/config.md` writes the reference of every key.
 """
 import dataclasses
 import functools
