@@ -2,7 +2,8 @@
 
 The lists other modules would keep by hand derive from here: validate.RULES, train's resumable
 and legacy keys, the keys runs trained together may differ in, report's allocation keys and the
-keys sweep's dense controls drop. `python -m blockprune_jax.keys > docs/config.md` writes the reference of every key.
+keys sweep's dense controls drop. `python -m blockprune_jax.keys > docs/config.md` writes the
+reference of every key.
 """
 import dataclasses
 import functools
