@@ -107,11 +107,12 @@ def test_the_fit_check_command_reaches_bench_aot():
 
 
 def test_without_drive_the_study_workdir_is_local_and_one_line_says_so(tmp_path, capsys):
-  cell = _exec("def study_workdir(", os=os, RUNS=str(tmp_path), SETTINGS={"dtype": "float32"})
-  assert cell["STUDY_DIR"] == str(tmp_path / "alloc_study")
+  t4 = {"dtype": "float32", "batch": 2, "grad_accum": 4}
+  cell = _exec("def study_workdir(", os=os, RUNS=str(tmp_path), SETTINGS=t4)
+  assert cell["STUDY_DIR"] == str(tmp_path / "alloc_study_float32_2x4")  # named by its settings
   out = capsys.readouterr().out
   assert out.startswith("Google Drive is not mounted: results in ") and out.count("\n") == 1
-  assert _exec("def study_workdir(", os=os, RUNS="", SETTINGS={"dtype": None})["STUDY_DIR"] is None
+  assert "STUDY_DIR" not in _exec("def study_workdir(", os=os, SETTINGS={"dtype": None})
   assert capsys.readouterr().out == ""
 
 
@@ -146,4 +147,4 @@ def test_the_notebook_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
   section = text[text.index("No GPU or TPU"):]
   assert section.rstrip("\n") == ("No GPU or TPU on this runtime: the GPT-2 study is skipped "
                                   "(Runtime > Change runtime type picks one).")
-  assert not os.path.exists(tmp_path / "runs" / "alloc_study")
+  assert os.listdir(tmp_path / "runs") == ["quickstart"]
