@@ -99,7 +99,9 @@ class Checkpointer(contextlib.AbstractContextManager):
         raise UserError(f'checkpoint step {step} in {self.directory} does not restore ({error})')
       return state, meta
     for step in sorted(self._incomplete, reverse=True):
-      self._set_aside(step, f'no {STEP_METADATA_FILE}: its save or copy did not finish')
+      # Older than every complete step: Orbax was deleting it (keep) when the run was killed.
+      self._set_aside(step, f'no {STEP_METADATA_FILE}: its save or copy did not finish',
+                      quietly=step < min(self.all_steps(), default=-1))
     if self.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint to restore in {self.directory}')
     while (step := self.latest_step()) is not None:
@@ -139,7 +141,7 @@ class Checkpointer(contextlib.AbstractContextManager):
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return state, _own_keys_removed(meta), None
 
-  def _set_aside(self, step, reason):
+  def _set_aside(self, step, reason, quietly=False):
     aside = os.path.join(self._root + '.unreadable', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(aside), exist_ok=True)
@@ -147,21 +149,19 @@ class Checkpointer(contextlib.AbstractContextManager):
     parallel.sync(f'checkpoint step {step} set aside')
     self._incomplete.discard(step)
     self._manager.reload()
-    logging.warning('Checkpoint step %d in %s does not restore (%s); moved it to %s and '
-                    'falling back to the previous step.', step, self.directory, reason, aside)
+    if not quietly:
+      logging.warning('Checkpoint step %d in %s does not restore (%s); moved it to %s and '
+                      'falling back to the previous step.', step, self.directory, reason, aside)
 
   def _list_files(self):
     """Writes FILE_LIST (Orbax calls this on process 0 before it renames the step into place)."""
     tmp = sorted(glob.glob(os.path.join(self._root, f'{self._writing_step}{TMP_MARKER}*')),
                  key=os.path.getmtime)
     root = tmp[-1] if tmp else os.path.join(self._root, str(self._writing_step))
-    listed = {}
-    for where, _, names in os.walk(root):
-      for name in names:
-        path = os.path.join(where, name)
-        # Orbax rewrites its step metadata after this (it must stay JSON, that is all).
-        listed[os.path.relpath(path, root)] = (
-            None if name == STEP_METADATA_FILE else [os.path.getsize(path), _crc32(path)])
+    paths = [os.path.join(where, name) for where, _, names in os.walk(root) for name in names]
+    # Orbax rewrites its step metadata after this (it must stay JSON, that is all).
+    listed = {os.path.relpath(p, root): None if os.path.basename(p) == STEP_METADATA_FILE
+              else [os.path.getsize(p), _crc32(p)] for p in paths}
     with open(os.path.join(root, FILE_LIST), 'w') as f:
       json.dump(listed, f)
 

@@ -147,6 +147,21 @@ def test_restore_picks_latest_and_ignores_incomplete(tmp_path):
     assert ckpt.latest_step() == 3
 
 
+def test_an_old_step_cut_short_while_being_deleted_is_set_aside_without_a_line(tmp_path, caplog):
+  # A run killed while Orbax deleted its oldest step (checkpoint.keep) leaves that step without
+  # its final metadata file: nothing to warn about, but nothing is removed either.
+  directory = tmp_path / 'checkpoints'
+  with checkpoint.Checkpointer(directory, keep=3, every_steps=1) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, make_state(seed=step), {'step': step})
+  (directory / '1' / '_CHECKPOINT_METADATA').unlink()
+  with checkpoint.Checkpointer(directory, keep=3, every_steps=1) as ckpt:
+    _, meta = ckpt.restore(zeros_like_state(make_state()))
+  assert meta == {'step': 3} and not (directory / '1').exists()
+  assert len(os.listdir(tmp_path / 'checkpoints.unreadable')) == 1
+  assert not [r for r in caplog.records if r.levelname == 'WARNING'], caplog.records
+
+
 def test_a_step_saved_before_file_lists_restores_its_checksum_checked(tmp_path, caplog):
   """Such a step has no files.json; its meta holds the state's checksum instead."""
   with checkpoint.Checkpointer(tmp_path, keep=2, every_steps=1) as ckpt:
